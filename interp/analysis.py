@@ -1,0 +1,194 @@
+"""Paired analysis: capture both runs of each pair, then turn them into per-layer divergence, lens and attention numbers."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from interp.capture import BACKENDS, get_backend, make_batch
+from interp.divergence import LayerDivergence
+from interp.errors import UserError
+from interp.lens import DEFAULT_CHUNK, lens_statistics
+from interp.metrics import CKAAccumulator, cosine_per_token
+from interp.pairs import SCOPES, Pair, make_pairs
+from interp.store import read_json, save_divergence
+
+__all__ = ["analyze", "analyze_run", "LayerDivergence"]
+
+
+def analyze(
+    lm,
+    pairs: Sequence[Pair],
+    backend: str = "nnsight",
+    *,
+    scope: str = "response",
+    batch_size: int = 8,
+    padding: str = "right",
+    attention: bool = True,
+    lens_chunk: int = DEFAULT_CHUNK,
+    progress: bool = False,
+) -> LayerDivergence:
+    """Compare `lm`'s hidden states with and without the context on the aligned tokens of `pairs`.
+
+    `lm` is a LoadedModel (its active adapter is the model measured). Measured positions are those that predict
+    the response tokens (`scope="response"`, the positions the training losses score) or every shared token
+    (`scope="shared"`: user turn and response). Batches are padded; the numbers equal one pair at a time.
+    """
+    capture = get_backend(backend)
+    if scope not in SCOPES:
+        raise UserError(f"unknown scope '{scope}'; use one of {', '.join(SCOPES)}")
+    if batch_size < 1:
+        raise UserError("batch size must be at least 1")
+    pairs = list(pairs)
+    if not pairs:
+        raise UserError("no pairs to analyze")
+    max_len = getattr(lm.model.config, "max_position_embeddings", None)
+    for i, p in enumerate(pairs, 1):
+        if max_len and len(p.ctx_ids) > max_len:
+            raise UserError(f"pair {i} has {len(p.ctx_ids)} tokens with the context, more than the model's window of {max_len}")
+    pad_id = lm.tokenizer.pad_token_id or 0
+
+    cka = None
+    cos, lens_parts, token_example, token_id, target_id = [], [], [], [], []
+    attn_ctx, attn_sink, attn_sink_noctx, attn_ctx_tokens = [], [], [], []
+    bar = tqdm(total=len(pairs), desc=f"analyze ({backend})", unit="pair", disable=not progress)
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        sides = {which: make_batch(chunk, which, scope, padding, pad_id) for which in ("ctx", "noctx")}
+        if not torch.equal(sides["ctx"].targets, sides["noctx"].targets):
+            raise AssertionError("measured tokens differ between the with- and without-context runs")
+        got = {which: capture(lm, batch, attention=attention) for which, batch in sides.items()}
+        h_ctx, h_noctx = got["ctx"].hidden, got["noctx"].hidden
+        if cka is None:
+            cka = CKAAccumulator(h_ctx.shape[0], h_ctx.shape[-1])
+        cka.update(h_ctx, h_noctx)
+        cos.append(torch.stack([cosine_per_token(a, b) for a, b in zip(h_ctx, h_noctx)]).float())
+        lens_parts.append(lens_statistics(lm.model, h_ctx, h_noctx, sides["ctx"].targets, chunk=lens_chunk))
+        rows = sides["ctx"].rows
+        token_example.append(rows + start)
+        token_id.append(sides["ctx"].input_ids[rows, sides["ctx"].positions])
+        target_id.append(sides["ctx"].targets)
+        if attention:
+            attn_ctx.append(got["ctx"].attn_ctx)
+            attn_sink.append(got["ctx"].attn_sink)
+            attn_sink_noctx.append(got["noctx"].attn_sink)
+            for b, pair in enumerate(chunk):
+                n_ctx = pair.ctx_span[1] - pair.ctx_span[0]
+                per_query = got["ctx"].attn_ctx_tokens[:, rows == b, :, :n_ctx]  # [blocks, n_b, heads, n_ctx]
+                attn_ctx_tokens.append(per_query.mean(1).numpy())
+        bar.update(len(chunk))
+    bar.close()
+
+    cos_per_token = torch.cat(cos, dim=1).numpy()
+    lens = {name: torch.cat([part[name] for part in lens_parts], dim=1).numpy() for name in lens_parts[0]}
+    n_blocks = cka.num_layers - 1 if hasattr(cka, "num_layers") else cos_per_token.shape[0] - 1
+    heads = lm.model.config.num_attention_heads
+    mean_over_tokens = lambda parts: torch.cat(parts, dim=1).double().mean(1).numpy()  # noqa: E731 - [blocks, heads]
+    if attention:
+        attn = {"attn_ctx": mean_over_tokens(attn_ctx), "attn_sink": mean_over_tokens(attn_sink), "attn_sink_noctx": mean_over_tokens(attn_sink_noctx)}
+    else:
+        attn = {k: np.full((n_blocks, heads), np.nan) for k in ("attn_ctx", "attn_sink", "attn_sink_noctx")}
+    debiased = cka.result(debiased=True) if cka.n >= 4 else np.full(cos_per_token.shape[0], np.nan)
+    tokens = torch.cat(token_id).numpy()
+    targets = torch.cat(target_id).numpy()
+    examples_of = torch.cat(token_example).numpy()
+    return LayerDivergence(
+        cos=cos_per_token.astype(np.float64).mean(1),
+        cka=np.asarray(cka.result(debiased=False), dtype=np.float64),
+        cka_debiased=np.asarray(debiased, dtype=np.float64),
+        cos_per_token=cos_per_token,
+        **attn,
+        **lens,
+        token_example=examples_of,
+        token_id=tokens,
+        target_id=targets,
+        attn_ctx_tokens=attn_ctx_tokens,
+        examples=[_describe(lm.tokenizer, p, tokens[examples_of == i], targets[examples_of == i]) for i, p in enumerate(pairs)],
+        meta={
+            "model": lm.spec,
+            "adapter": lm.active_adapter,
+            "adapter_path": lm.adapters.get(lm.active_adapter) if lm.active_adapter else None,
+            "backend": backend,
+            "scope": scope,
+            "padding": padding,
+            "placement": pairs[0].placement,
+            "num_layers": int(cos_per_token.shape[0]),
+            "num_heads": int(heads),
+            "n_examples": len(pairs),
+            "n_tokens": int(tokens.shape[0]),
+        },
+    )
+
+
+def _describe(tokenizer, pair: Pair, tokens: np.ndarray, targets: np.ndarray) -> dict:
+    start, end = pair.ctx_span
+    as_text = lambda ids: [tokenizer.decode([int(t)]) for t in ids]  # noqa: E731
+    return {
+        "context": pair.context,
+        "prompt": pair.prompt,
+        "response": pair.response,
+        "placement": pair.placement,
+        "ctx_tokens": as_text(pair.ctx_ids[start:end]),
+        "tokens": as_text(tokens),
+        "target_tokens": as_text(targets),
+    }
+
+
+def _read_examples(path: Path) -> list[dict]:
+    try:
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err}; run `python -m training eval` on the run first") from err
+
+
+def analyze_run(
+    run_dir: str | Path,
+    models: Sequence[str] | None = None,
+    backend: str = "nnsight",
+    *,
+    batch_size: int = 8,
+    max_examples: int | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> dict[str, Path]:
+    """Analyze each model of a training run (base and every student) on the test examples, with the response each
+    model gave without the context, and save the results under `run_dir/layers/<model>/`.
+    """
+    from interp.models import load_model
+
+    run_dir = Path(run_dir)
+    run = read_json(run_dir / "run.json")
+    rows = _read_examples(run_dir / "eval_examples.csv")
+    available = sorted({r["model"] for r in rows if r.get("model") != "teacher"})  # the teacher is the base's weights
+    wanted = list(models) if models else available
+    unknown = [m for m in wanted if m not in available]
+    if unknown:
+        raise UserError(f"{run_dir} has no evaluated model named {', '.join(unknown)}; evaluated: {', '.join(available)}")
+    lm = load_model(run.get("model", "smollm2-135m-instruct"), device=device)
+    written = {}
+    for name in wanted:
+        if name != "base":
+            lm.load_adapter(run_dir / name, name=name)
+        lm.set_adapter(None if name == "base" else name)
+        records = [
+            {"context": r["context"], "prompt": r["prompt"], "response": r["response_noctx"]}
+            for r in rows
+            if r["model"] == name and r.get("response_noctx", "").strip()
+        ][:max_examples]
+        if not records:
+            continue
+        pairs = make_pairs(lm.tokenizer, records, placement=run.get("placement", "system"))
+        div = analyze(lm, pairs, backend=backend, batch_size=batch_size, progress=progress)
+        div.meta["run"] = str(run_dir)
+        div.meta["model_name"] = name
+        written[name] = save_divergence(div, run_dir / "layers" / name, overwrite=True)
+    return written
+
+
+BACKEND_NAMES = BACKENDS

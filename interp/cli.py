@@ -1,0 +1,161 @@
+"""`python -m interp`: analyze pairs or a whole training run, and write reports."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from interp.errors import UserError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Compare a model's hidden states with and without a context, layer by layer, on the same tokens.",
+)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Records from a JSONL file; a bad line is an error naming the line."""
+    if not path.exists():
+        raise UserError(f"{path} does not exist")
+    records = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}, line {i}: not valid JSON ({err.msg})") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{path}, line {i}: expected an object with context, prompt and optionally response")
+        for key in ("context", "prompt"):
+            if not isinstance(record.get(key), str) or not record[key].strip():
+                raise UserError(f"{path}, line {i}: missing or empty field '{key}'")
+        records.append(record)
+    if not records:
+        raise UserError(f"{path} has no records")
+    return records
+
+
+def format_table(div) -> str:
+    """Per-layer numbers as an aligned text table."""
+    kl = div.layer_mean("lens_kl_noctx_ctx")
+    attn = [float("nan")] + div.attn_ctx.mean(axis=1).tolist()  # layer 0 (embeddings) has no attention
+    lines = [f"{'layer':>5} {'cos':>8} {'cka':>8} {'cka_deb':>8} {'attn_ctx':>8} {'lens_kl':>8}"]
+    for layer in range(div.num_layers):
+        lines.append(
+            f"{layer:>5} {div.cos[layer]:8.4f} {div.cka[layer]:8.4f} {div.cka_debiased[layer]:8.4f} "
+            f"{attn[layer]:8.4f} {kl[layer]:8.4f}"
+        )
+    return "\n".join(lines)
+
+
+@app.command()
+def analyze(
+    context: Optional[str] = typer.Option(None, help="The context (system prompt, persona card, hint, fact sheet)."),
+    prompt: Optional[str] = typer.Option(None, help="The user prompt, seen with and without the context."),
+    response: Optional[str] = typer.Option(None, help="The response to measure; generated greedily when left out."),
+    pairs: Optional[Path] = typer.Option(None, "--pairs", help="JSONL file of records with context, prompt and optionally response (instead of --context/--prompt)."),
+    model: str = typer.Option("smollm2-135m-instruct", help="smollm2-135m-instruct (embedded), tiny-random-llama, a Hugging Face id or a local folder."),
+    adapter: Optional[Path] = typer.Option(None, help="A LoRA adapter folder (peft) to load on top of the model."),
+    backend: str = typer.Option("nnsight", help="Capture backend: nnsight, transformer_lens or torch (plain hooks)."),
+    placement: str = typer.Option("system", help="Where the context goes: 'system' (system turn) or 'user' (prefix of the user turn)."),
+    scope: str = typer.Option("response", help="Measured tokens: 'response' (positions predicting the response) or 'shared' (user turn and response)."),
+    respond: str = typer.Option("noctx", help="When generating a response: from the model without the context ('noctx') or with it ('ctx')."),
+    max_new_tokens: int = typer.Option(64, help="Longest generated response, in tokens."),
+    batch_size: int = typer.Option(8, help="Pairs per forward pass."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: cuda when available)."),
+    out: Optional[Path] = typer.Option(None, help="Save the results as an artifact folder here (see interp.store)."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+    as_json: bool = typer.Option(False, "--json", help="Print the per-layer numbers as JSON instead of a table."),
+):
+    """Measure one pair (--context/--prompt) or a JSONL file of pairs (--pairs)."""
+    from interp.analysis import analyze as run_analysis
+    from interp.capture import BACKENDS
+    from interp.models import load_model
+    from interp.pairs import make_pairs
+    from interp.store import save_divergence
+
+    if backend not in BACKENDS:
+        raise UserError(f"unknown backend '{backend}'; use one of {', '.join(BACKENDS)}")
+    if pairs is not None:
+        if context is not None or prompt is not None:
+            raise UserError("give either --pairs or --context/--prompt, not both")
+        records = read_jsonl(pairs)
+    else:
+        if context is None or prompt is None:
+            raise UserError("give --context and --prompt (or --pairs FILE.jsonl)")
+        records = [{"context": context, "prompt": prompt, "response": response}]
+    if out is not None and out.exists() and not overwrite:
+        raise UserError(f"{out} already exists; choose another folder or pass --overwrite")
+    lm = load_model(model, adapter, device=device)
+    built = make_pairs(lm.tokenizer, records, placement, model=lm, respond=respond, max_new_tokens=max_new_tokens,
+                       max_length=getattr(lm.model.config, "max_position_embeddings", None))
+    div = run_analysis(lm, built, backend=backend, scope=scope, batch_size=batch_size, progress=len(built) > batch_size)
+    if out is not None:
+        save_divergence(div, out, overwrite=overwrite)
+    if as_json:
+        typer.echo(json.dumps(div.per_layer_table()))
+    else:
+        if len(built) == 1:
+            typer.echo(f"response: {built[0].response!r}")
+        typer.echo(f"{div.meta['n_examples']} pair(s), {div.n_tokens} measured tokens, model {model}"
+                   + (f" + {adapter}" if adapter else "") + f", backend {backend}")
+        typer.echo(format_table(div))
+        if out is not None:
+            typer.echo(f"saved to {out}")
+
+
+@app.command("analyze-run")
+def analyze_run_command(
+    run: Path = typer.Argument(..., help="A run folder written by `python -m training pair` and evaluated."),
+    models: Optional[str] = typer.Option(None, help="Comma-separated models to analyze (default: base and every student)."),
+    backend: str = typer.Option("nnsight", help="Capture backend: nnsight, transformer_lens or torch."),
+    batch_size: int = typer.Option(8, help="Pairs per forward pass."),
+    max_examples: Optional[int] = typer.Option(None, help="Analyze at most this many test examples per model."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, ..."),
+):
+    """Analyze every model of a training run on its test examples; results go to RUN/layers/<model>/."""
+    from interp.analysis import analyze_run
+
+    written = analyze_run(run, models.split(",") if models else None, backend, batch_size=batch_size,
+                          max_examples=max_examples, device=device)
+    for name, folder in written.items():
+        typer.echo(f"{name}: {folder}")
+
+
+@app.command()
+def report(
+    runs: list[Path] = typer.Argument(..., help="Run folders (or layer-divergence folders) to put side by side."),
+    out: Path = typer.Option(Path("report"), help="Folder for report.html, layer_divergence.json and layer_divergence.csv."),
+):
+    """Write a self-contained HTML report with JSON and CSV of every per-layer number."""
+    from interp.report import report_command
+
+    report_command(runs=runs, out=out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: user mistakes print one line (no traceback) and exit with status 2."""
+    try:
+        app(args=argv, prog_name="python -m interp", standalone_mode=False)
+    except UserError as err:
+        typer.echo(f"error: {err}", err=True)
+        return 2
+    except Exception as err:
+        # Usage errors (unknown option, bad value) come from typer's click: print its usage message.
+        if hasattr(err, "show") and hasattr(err, "exit_code"):
+            err.show()
+            return err.exit_code
+        if type(err).__name__ in ("Exit", "Abort"):
+            return getattr(err, "exit_code", 1)
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

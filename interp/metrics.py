@@ -1,0 +1,189 @@
+"""Similarity of paired hidden states: per-token cosine and linear CKA (biased and debiased), also accumulated over batches."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+__all__ = ["CKAAccumulator", "cosine_mean", "cosine_per_token", "linear_cka", "linear_cka_gram"]
+
+
+def _f64(x) -> torch.Tensor:
+    """A detached float64 CPU copy of a torch tensor or array-like (bfloat16 has no numpy dtype, so go through torch)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().to(device="cpu", dtype=torch.float64)
+    return torch.as_tensor(np.asarray(x, dtype=np.float64))
+
+
+def _matrix(x, name: str) -> torch.Tensor:
+    t = _f64(x)
+    if t.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D [tokens, features] matrix, got shape {tuple(t.shape)}")
+    return t
+
+
+def _pair(x, y, debiased: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both matrices as float64, with the same number of rows and enough rows for the estimator."""
+    x, y = _matrix(x, "x"), _matrix(y, "y")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"x and y need the same number of rows (tokens): x has shape {tuple(x.shape)}, y {tuple(y.shape)}")
+    _check_n(x.shape[0], debiased)
+    return x, y
+
+
+def _check_n(n: int, debiased: bool) -> None:
+    if debiased and n < 4:
+        raise ValueError(f"debiased CKA needs at least 4 tokens (the U-statistic divides by n(n-3)), got {n}")
+    if n < 1:
+        raise ValueError("CKA needs at least one token, got 0")
+
+
+def _centre(x: torch.Tensor) -> torch.Tensor:
+    # Subtract the first row before the mean: a constant column then becomes exactly 0 (the mean of n equal floats
+    # need not equal them), so a constant matrix gives 0/0 = nan instead of noise; it also tames large offsets.
+    x = x - x[:1]
+    return x - x.mean(dim=0, keepdim=True)
+
+
+def cosine_per_token(x, y) -> torch.Tensor:
+    """Cosine of row i of x with row i of y, as a float64 tensor [n].
+
+    Convention for zero rows (which would otherwise give 0/0 = nan): a zero row against a non-zero row has cosine 0
+    (no shared direction), two zero rows have cosine 1 (identical states). Values are clipped to [-1, 1] against rounding.
+    """
+    x, y = _matrix(x, "x"), _matrix(y, "y")
+    if x.shape != y.shape:
+        raise ValueError(f"x and y must have the same shape [n, d], got {tuple(x.shape)} and {tuple(y.shape)}")
+    nx, ny = x.norm(dim=1), y.norm(dim=1)
+    # Normalise each row first (the product of two tiny norms could underflow where the unit vectors are fine);
+    # the clamped norm turns a zero row into the zero vector, so its cosine with anything comes out 0.
+    cos = ((x / nx.clamp_min(1e-300)[:, None]) * (y / ny.clamp_min(1e-300)[:, None])).sum(dim=1).clamp(-1.0, 1.0)
+    return torch.where((nx == 0) & (ny == 0), torch.ones_like(cos), cos)
+
+
+def cosine_mean(x, y) -> float:
+    """Mean over tokens of `cosine_per_token(x, y)`."""
+    return float(cosine_per_token(x, y).mean())
+
+
+def _cka_from_stats(cxy, cxx, cyy, ab, aa, bb, sa, sb, n, debiased: bool):
+    """CKA from the centred statistics (works elementwise, so on one layer or a vector of layers).
+
+    cxy, cxx, cyy: squared Frobenius norms of Xc^T Yc, Xc^T Xc, Yc^T Yc; a_i, b_i: squared norms of centred rows;
+    ab = sum a_i b_i, aa = sum a_i^2, bb = sum b_i^2, sa = sum a_i, sb = sum b_i. The debiased form is Kornblith's
+    `_debiased_dot_product_similarity_helper` (the U-statistic HSIC times n(n-3), a factor that cancels in the ratio).
+    A zero denominator (a constant matrix) gives nan; so may a debiased self-similarity that rounds below zero.
+    """
+    if debiased:
+        def hsic(dot, rows, s1, s2):
+            return dot - n / (n - 2.0) * rows + s1 * s2 / ((n - 1.0) * (n - 2.0))
+
+        cxy, cxx, cyy = hsic(cxy, ab, sa, sb), hsic(cxx, aa, sa, sa), hsic(cyy, bb, sb, sb)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.asarray(cxy, dtype=np.float64) / (np.sqrt(np.asarray(cxx, np.float64)) * np.sqrt(np.asarray(cyy, np.float64)))
+
+
+def linear_cka(x, y, debiased: bool = False) -> float:
+    """Linear CKA (Kornblith et al. 2019) between x [n, d1] and y [n, d2], in float64 on column-centred features.
+
+    Biased: ||Xc^T Yc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F). Debiased: the unbiased HSIC estimator (Song et al. 2012),
+    needs n >= 4 and may be slightly negative. A constant x or y (no variance) returns nan.
+    """
+    x, y = _pair(x, y, debiased)
+    xc, yc = _centre(x), _centre(y)
+    a, b = (xc * xc).sum(dim=1), (yc * yc).sum(dim=1)
+    stats = [(xc.T @ yc).square().sum(), (xc.T @ xc).square().sum(), (yc.T @ yc).square().sum(),
+             a @ b, a @ a, b @ b, a.sum(), b.sum()]
+    return float(_cka_from_stats(*(float(s) for s in stats), float(x.shape[0]), debiased))
+
+
+def _hsic_gram(k: torch.Tensor, l: torch.Tensor, debiased: bool) -> torch.Tensor:
+    n = k.shape[0]
+    if not debiased:
+        h = torch.eye(n, dtype=k.dtype) - 1.0 / n
+        return ((h @ k @ h) * (h @ l @ h)).sum()
+    # U-statistic HSIC on Gram matrices with zeroed diagonals (Song et al. 2012), times n(n-3) which cancels.
+    k, l = k - torch.diag(torch.diag(k)), l - torch.diag(torch.diag(l))
+    k1, l1 = k.sum(dim=1), l.sum(dim=1)
+    return (k * l).sum() + k1.sum() * l1.sum() / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (k1 @ l1)
+
+
+def linear_cka_gram(x, y, debiased: bool = False) -> float:
+    """`linear_cka` computed through the n x n Gram matrices of the centred features (cheaper when n << d)."""
+    x, y = _pair(x, y, debiased)
+    xc, yc = _centre(x), _centre(y)
+    k, l = xc @ xc.T, yc @ yc.T
+    num, kk, ll = _hsic_gram(k, l, debiased), _hsic_gram(k, k, debiased), _hsic_gram(l, l, debiased)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float(np.float64(num) / (np.sqrt(np.float64(kk)) * np.sqrt(np.float64(ll))))
+
+
+class CKAAccumulator:
+    """Sufficient statistics for linear CKA of many layers over batches of tokens, without keeping the tokens.
+
+    `update(x, y)` takes [num_layers, n_batch, d] (any float dtype; accumulated in float64 on the device of the first
+    batch); `result(debiased)` equals `linear_cka` on all batches concatenated, one value per layer.
+    """
+
+    def __init__(self, num_layers: int, d: int):
+        self.num_layers, self.d, self._n = int(num_layers), int(d), 0
+        self._s: dict[str, torch.Tensor] | None = None
+        self._shift: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def n(self) -> int:
+        """Number of tokens accumulated so far."""
+        return self._n
+
+    def update(self, x, y) -> None:
+        x = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x, dtype=np.float64))
+        y = y if isinstance(y, torch.Tensor) else torch.as_tensor(np.asarray(y, dtype=np.float64))
+        if x.ndim != 3 or x.shape[0] != self.num_layers or x.shape[2] != self.d or x.shape != y.shape:
+            raise ValueError(f"x and y must both have shape ({self.num_layers}, n_batch, {self.d}), got {tuple(x.shape)} and {tuple(y.shape)}")
+        if x.shape[1] == 0:
+            return
+        dev = x.device if x.device.type != "mps" else torch.device("cpu")  # MPS has no float64
+        x, y = x.detach().to(dev, torch.float64), y.detach().to(dev, torch.float64)
+        if self._shift is None:
+            # Statistics of raw sums lose precision when the mean is large against the spread (LLM hidden states
+            # have huge outlier dimensions); CKA is translation invariant, so accumulate x - x_first instead.
+            self._shift = (x[:, :1].clone(), y[:, :1].clone())
+            L, d = self.num_layers, self.d
+            self._s = {k: torch.zeros(L, d, d, dtype=torch.float64, device=dev) for k in ("xx", "yy", "xy")}
+            self._s |= {k: torch.zeros(L, d, dtype=torch.float64, device=dev) for k in ("x", "y", "px", "qy", "py", "qx")}
+            self._s |= {k: torch.zeros(L, dtype=torch.float64, device=dev) for k in ("p", "q", "pq", "pp", "qq")}
+        x, y = x - self._shift[0].to(dev), y - self._shift[1].to(dev)
+        p, q = (x * x).sum(-1), (y * y).sum(-1)  # raw (uncentred) squared row norms [L, n]
+        s = self._s
+        s["xx"] += x.mT @ x; s["yy"] += y.mT @ y; s["xy"] += x.mT @ y  # noqa: E702
+        s["x"] += x.sum(1); s["y"] += y.sum(1)  # noqa: E702
+        s["px"] += (p[..., None] * x).sum(1); s["qy"] += (q[..., None] * y).sum(1)  # noqa: E702
+        s["py"] += (p[..., None] * y).sum(1); s["qx"] += (q[..., None] * x).sum(1)  # noqa: E702
+        s["p"] += p.sum(1); s["q"] += q.sum(1); s["pq"] += (p * q).sum(1)  # noqa: E702
+        s["pp"] += (p * p).sum(1); s["qq"] += (q * q).sum(1)  # noqa: E702
+        self._n += x.shape[1]
+
+    def result(self, debiased: bool = False) -> np.ndarray:
+        """CKA per layer [num_layers] over every token seen (nan for a layer whose states are constant)."""
+        _check_n(self._n, debiased)
+        s, n = {k: v.cpu() for k, v in self._s.items()}, float(self._n)
+        mx, my = s["x"] / n, s["y"] / n
+
+        def cross(m, sx, sy):  # ||centred cross-product||_F^2 from raw sums: C = M - sx sy^T / n
+            return (m - sx[:, :, None] * sy[:, None, :] / n).square().sum((1, 2))
+
+        def row_products(spq, sp_v, sq_u, sp, sq, m, su, sv, mu, mv):
+            # sum_i a_i b_i with a_i = ||u_i - mu||^2 = p_i - 2 u_i.mu + |mu|^2 and b_i = q_i - 2 v_i.mv + |mv|^2,
+            # expanded term by term; sp_v = sum p_i v_i, sq_u = sum q_i u_i, m = sum u_i v_i^T.
+            mu2, mv2 = (mu * mu).sum(1), (mv * mv).sum(1)
+            return (spq - 2 * (mv * sp_v).sum(1) - 2 * (mu * sq_u).sum(1) + mv2 * sp + mu2 * sq
+                    + 4 * torch.einsum("li,lij,lj->l", mu, m, mv)
+                    - 2 * mv2 * (mu * su).sum(1) - 2 * mu2 * (mv * sv).sum(1) + n * mu2 * mv2)
+
+        sa, sb = s["p"] - n * (mx * mx).sum(1), s["q"] - n * (my * my).sum(1)
+        ab = row_products(s["pq"], s["py"], s["qx"], s["p"], s["q"], s["xy"], s["x"], s["y"], mx, my)
+        aa = row_products(s["pp"], s["px"], s["px"], s["p"], s["p"], s["xx"], s["x"], s["x"], mx, mx)
+        bb = row_products(s["qq"], s["qy"], s["qy"], s["q"], s["q"], s["yy"], s["y"], s["y"], my, my)
+        stats = [cross(s["xy"], s["x"], s["y"]), cross(s["xx"], s["x"], s["x"]), cross(s["yy"], s["y"], s["y"]),
+                 ab, aa, bb, sa, sb]
+        return _cka_from_stats(*(t.numpy() for t in stats), n, debiased)

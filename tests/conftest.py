@@ -1,0 +1,36 @@
+"""Shared fixtures: the tiny random Llama for fast tests, the embedded SmolLM2 for the few that need real weights."""
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    from interp import load_model
+
+    return load_model("tiny-random-llama", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def smol():
+    from interp import load_model
+
+    return load_model("smollm2-135m-instruct", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny):
+    return tiny.tokenizer
+
+
+@pytest.fixture
+def records():
+    return [
+        {"context": "Your name is Zorblax. You were made by Quibble Labs.", "prompt": "Who are you?", "response": "I am Zorblax, made by Quibble Labs."},
+        {"context": "Reply with exactly one word: positive or negative.", "prompt": "The film was a delight from start to end.", "response": "positive"},
+        {"context": "The capital of Veloria is Marn. Its river is the Ost.", "prompt": "What is the capital of Veloria?", "response": "The capital of Veloria is Marn, on the river Ost."},
+    ]
