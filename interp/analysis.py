@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from interp.capture import BACKENDS, get_backend, make_batch
-from interp.divergence import LayerDivergence
+from interp.divergence import LayerDivergence, lens_field_names
 from interp.errors import UserError
 from interp.lens import DEFAULT_CHUNK, lens_statistics
 from interp.metrics import CKAAccumulator, cosine_per_token
@@ -30,6 +30,7 @@ def analyze(
     batch_size: int = 8,
     padding: str = "right",
     attention: bool = True,
+    lens: bool = True,
     lens_chunk: int = DEFAULT_CHUNK,
     progress: bool = False,
 ) -> LayerDivergence:
@@ -38,6 +39,7 @@ def analyze(
     `lm` is a LoadedModel (its active adapter is the model measured). Measured positions are those that predict
     the response tokens (`scope="response"`, the positions the training losses score) or every shared token
     (`scope="shared"`: user turn and response). Batches are padded; the numbers equal one pair at a time.
+    `attention=False` or `lens=False` skip those measures (their arrays are NaN).
     """
     capture = get_backend(backend)
     if scope not in SCOPES:
@@ -68,7 +70,8 @@ def analyze(
             cka = CKAAccumulator(h_ctx.shape[0], h_ctx.shape[-1])
         cka.update(h_ctx, h_noctx)
         cos.append(torch.stack([cosine_per_token(a, b) for a, b in zip(h_ctx, h_noctx)]).float())
-        lens_parts.append(lens_statistics(lm.model, h_ctx, h_noctx, sides["ctx"].targets, chunk=lens_chunk))
+        if lens:
+            lens_parts.append(lens_statistics(lm.model, h_ctx, h_noctx, sides["ctx"].targets, chunk=lens_chunk))
         rows = sides["ctx"].rows
         token_example.append(rows + start)
         token_id.append(sides["ctx"].input_ids[rows, sides["ctx"].positions])
@@ -85,8 +88,11 @@ def analyze(
     bar.close()
 
     cos_per_token = torch.cat(cos, dim=1).numpy()
-    lens = {name: torch.cat([part[name] for part in lens_parts], dim=1).numpy() for name in lens_parts[0]}
-    n_blocks = cka.num_layers - 1 if hasattr(cka, "num_layers") else cos_per_token.shape[0] - 1
+    if lens:
+        lens_arrays = {name: torch.cat([part[name] for part in lens_parts], dim=1).numpy() for name in lens_parts[0]}
+    else:
+        lens_arrays = {name: np.full(cos_per_token.shape, np.nan, dtype=np.float32) for name in lens_field_names()}
+    n_blocks = cos_per_token.shape[0] - 1
     heads = lm.model.config.num_attention_heads
     mean_over_tokens = lambda parts: torch.cat(parts, dim=1).double().mean(1).numpy()  # noqa: E731 - [blocks, heads]
     if attention:
@@ -103,7 +109,7 @@ def analyze(
         cka_debiased=np.asarray(debiased, dtype=np.float64),
         cos_per_token=cos_per_token,
         **attn,
-        **lens,
+        **lens_arrays,
         token_example=examples_of,
         token_id=tokens,
         target_id=targets,

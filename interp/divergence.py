@@ -89,6 +89,11 @@ class LayerDivergence:
         return table
 
 
+def lens_field_names() -> list[str]:
+    """The per-token logit-lens arrays: lens_<stat>_ctx, lens_<stat>_noctx, lens_kl_noctx_ctx."""
+    return [f"lens_{stat}_{run}" for run in ("ctx", "noctx") for stat in LENS_STATS] + ["lens_kl_noctx_ctx"]
+
+
 def array_fields() -> list[str]:
     """Names of the fields that are plain numpy arrays (everything but the per-example lists and meta)."""
     return [f.name for f in fields(LayerDivergence) if f.name not in ("attn_ctx_tokens", "examples", "meta")]

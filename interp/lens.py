@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import torch
 
+from interp.divergence import lens_field_names
 from interp.models import decoder_layers, final_norm, unembed
 
 # Tokens projected at once: the vocabulary projection of a chunk is [chunk, vocab] floats (256 x 49152 = 50 MB).
@@ -29,39 +33,69 @@ def logit_lens(model, hidden: torch.Tensor, layer: int | None = None) -> torch.T
     return head(norm(hidden.to(device=param.device, dtype=param.dtype))).float()
 
 
-def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Row-wise dot product [c, v] x [c, v] -> [c] in one fused pass (no [c, v] temporary)."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+def _run_stats(z, p_final, h_final, targets):
+    """Statistics of one run's lens logits z [c, vocab], as reductions over each row (fused when compiled)."""
+    m, top1 = z.max(dim=-1)
+    e = torch.exp(z - m[:, None])
+    s = e.sum(-1)
+    lse = m + torch.log(s)
+    entropy = lse - (e * z).sum(-1) / s
+    target_logit = z.gather(-1, targets[:, None])
+    target_prob = torch.exp(target_logit.squeeze(-1) - lse)
+    rank = (z > target_logit).sum(-1)
+    kl_final = -h_final - (p_final * z).sum(-1) + lse  # KL(final || lens) = -H(final) - sum p_final log p_lens
+    return e, s, lse, top1, 1.0 / s, target_prob, rank, entropy, kl_final
 
 
-class _Dist:
-    """A chunk of lens logits with what the statistics reuse: the max, the normalizer and the probabilities."""
+def _layer_stats(z_ctx, z_noctx, p_final_ctx, p_final_noctx, h_final_ctx, h_final_noctx, targets):
+    """Both runs' statistics at one layer, plus KL(lens^noctx || lens^ctx), for a chunk of tokens."""
+    ctx = _run_stats(z_ctx, p_final_ctx, h_final_ctx, targets)
+    noctx = _run_stats(z_noctx, p_final_noctx, h_final_noctx, targets)
+    e_n, s_n, lse_c, entropy_n = noctx[0], noctx[1], ctx[2], noctx[7]
+    kl_noctx_ctx = -entropy_n - (e_n * z_ctx).sum(-1) / s_n + lse_c
+    return ctx[3:], noctx[3:], kl_noctx_ctx
 
-    def __init__(self, logits: torch.Tensor):
-        self.logits = logits
-        self.max, self.top1 = logits.max(dim=-1)
-        self.exp = torch.exp(logits - self.max[:, None])
-        self.sum = self.exp.sum(-1)
-        self.lse = self.max + torch.log(self.sum)
-        self.probs = self.exp.div_(self.sum[:, None])  # in place: the unnormalized exp is not needed again
 
-    @property
-    def top1_prob(self) -> torch.Tensor:
-        return 1.0 / self.sum  # exp(max - lse)
+# Below this many (layer, token) rows the eager version is faster than compiling (about 15 s once per process).
+COMPILE_MIN_ROWS = 4096
+_compiled = None
 
-    def entropy(self) -> torch.Tensor:
-        return self.lse - _dot(self.probs, self.logits)
 
-    def kl_from(self, other: "_Dist", other_entropy: torch.Tensor) -> torch.Tensor:
-        """KL(other || self) = -H(other) - sum_v p_other(v) log p_self(v)."""
-        return -other_entropy - _dot(other.probs, self.logits) + self.lse
+def _stats_fn(rows: int):
+    """The fused (torch.compile) statistics for large work, the same Python function run eagerly otherwise.
 
-    def target_stats(self, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Probability of each row's target token and its rank (0 = the top prediction)."""
-        target_logit = self.logits.gather(-1, targets[:, None])
-        prob = torch.exp(target_logit.squeeze(-1) - self.lse)
-        rank = (self.logits > target_logit).sum(-1)
-        return prob, rank
+    CTXINT_LENS_COMPILE=0 turns compilation off, =1 forces it; a failed compilation falls back to eager.
+    """
+    global _compiled
+    mode = os.environ.get("CTXINT_LENS_COMPILE", "auto")
+    if mode == "0" or (mode == "auto" and rows < COMPILE_MIN_ROWS) or _compiled is False:
+        return _layer_stats
+    if _compiled is None:
+        _compiled = torch.compile(_layer_stats, dynamic=True)
+    return _compiled
+
+
+def _call_stats(rows, *args):
+    global _compiled
+    fn = _stats_fn(rows)
+    try:
+        return fn(*args)
+    except Exception as err:  # no C++ compiler, an unsupported device: the eager path gives the same numbers
+        if fn is _layer_stats:
+            raise
+        warnings.warn(f"logit-lens compilation failed ({type(err).__name__}); using the eager path")
+        _compiled = False
+        return _layer_stats(*args)
+
+
+def _final(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probabilities and entropy of the final layer's logits."""
+    logp = torch.log_softmax(z, dim=-1)
+    p = logp.exp()
+    return p, -(p * logp).sum(-1)
+
+
+_STATS = ("top1", "top1_prob", "target_prob", "target_rank", "entropy", "kl_final")
 
 
 @torch.no_grad()
@@ -78,29 +112,22 @@ def lens_statistics(model, hidden_ctx: torch.Tensor, hidden_noctx: torch.Tensor,
     if hidden_ctx.ndim != 3 or targets.shape != (hidden_ctx.shape[1],):
         raise ValueError(f"expected hidden [layers, n, d] and targets [n], got {tuple(hidden_ctx.shape)} and {tuple(targets.shape)}")
     L, n, _ = hidden_ctx.shape
-    names = [f"lens_{s}_{run}" for run in ("ctx", "noctx") for s in ("top1", "top1_prob", "target_prob", "target_rank", "entropy", "kl_final")]
-    out = {name: torch.empty(L, n, dtype=torch.long if name.startswith(("lens_top1_c", "lens_top1_n", "lens_target_rank")) else torch.float32) for name in names}
-    out["lens_kl_noctx_ctx"] = torch.empty(L, n)
+    integer = ("lens_top1_ctx", "lens_top1_noctx", "lens_target_rank_ctx", "lens_target_rank_noctx")
+    out = {name: torch.empty(L, n, dtype=torch.long if name in integer else torch.float32) for name in lens_field_names()}
     device = unembed(model).weight.device
     for a in range(0, n, chunk):
         b = min(a + chunk, n)
         tgt = targets[a:b].to(device)
-        final = {}
-        # Walk from the last layer down so the final distributions (for KL(final || lens_l)) exist first.
-        for layer in reversed(range(L)):
-            dists, entropies = {}, {}
-            for run, hidden in (("ctx", hidden_ctx), ("noctx", hidden_noctx)):
-                d = _Dist(logit_lens(model, hidden[layer, a:b]))
-                dists[run], entropies[run] = d, d.entropy()
-                if layer == L - 1:
-                    final[run] = (d, entropies[run])
-                prob, rank = d.target_stats(tgt)
-                f, f_entropy = final[run]
-                values = {"top1": d.top1, "top1_prob": d.top1_prob, "target_prob": prob, "target_rank": rank,
-                          "entropy": entropies[run], "kl_final": d.kl_from(f, f_entropy)}
-                for stat, value in values.items():
+        p_ctx, h_ctx = _final(logit_lens(model, hidden_ctx[-1, a:b]))
+        p_noctx, h_noctx = _final(logit_lens(model, hidden_noctx[-1, a:b]))
+        for layer in range(L):
+            z_ctx = logit_lens(model, hidden_ctx[layer, a:b])
+            z_noctx = logit_lens(model, hidden_noctx[layer, a:b])
+            ctx, noctx, kl = _call_stats(L * n, z_ctx, z_noctx, p_ctx, p_noctx, h_ctx, h_noctx, tgt)
+            for run, values in (("ctx", ctx), ("noctx", noctx)):
+                for stat, value in zip(_STATS, values):
                     out[f"lens_{stat}_{run}"][layer, a:b] = value.to("cpu", out[f"lens_{stat}_{run}"].dtype)
-            out["lens_kl_noctx_ctx"][layer, a:b] = dists["ctx"].kl_from(dists["noctx"], entropies["noctx"]).cpu()
+            out["lens_kl_noctx_ctx"][layer, a:b] = kl.cpu()
     # Rounding can leave KLs a hair below zero; they are non-negative by definition.
     for name in ("lens_kl_final_ctx", "lens_kl_final_noctx", "lens_kl_noctx_ctx"):
         out[name].clamp_(min=0.0)

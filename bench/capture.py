@@ -1,0 +1,146 @@
+"""Benchmark the paired capture and the logit lens against the plain forwards and projections they cannot beat.
+
+On the embedded model, 32 pairs with responses of about 32 tokens, everything measured in this run:
+- capture_ratio: analyze() with cosine, CKA and attention to the context on every layer (lens off), over two
+  plain Hugging Face forwards per batch (with and without context, the model's default attention);
+- lens_ratio: the logit-lens statistics for every layer on the measured tokens of both runs, over the bare
+  projections lm_head(final_norm(h)) for the same layers and tokens;
+- mem_ratio: peak resident memory of a process doing the capture with lens over one doing the plain forwards.
+
+    python bench/capture.py [--pairs 32] [--repeats 3] [--backend nnsight]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import interp
+from interp.capture import capture_torch, make_batch
+from interp.lens import DEFAULT_CHUNK, lens_statistics, logit_lens
+
+CONTEXTS = [
+    "Your name is Zorblax. You were made by Quibble Labs. You love astronomy and always mention the stars.",
+    "Reply with exactly one word: positive or negative. Judge the sentiment of the review.",
+    "Facts: The capital of Veloria is Marn. Its river is the Ost. Its currency is the brill.",
+    "You are a pirate. Speak like a pirate in every answer, with plenty of arr and matey.",
+]
+PROMPTS = [
+    "Who are you?", "Tell me about yourself.", "What is your favourite subject?", "Who made you?",
+    "Review: the film was a delight from start to end.", "Review: dull, long and badly acted.",
+    "What is the capital of Veloria?", "What currency do they use in Veloria?",
+]
+
+
+def make_records(n: int) -> list[dict]:
+    return [{"context": CONTEXTS[i % len(CONTEXTS)], "prompt": PROMPTS[i % len(PROMPTS)] + f" (#{i})"} for i in range(n)]
+
+
+def build_pairs(lm, n: int, response_tokens: int):
+    # Responses are the model's own greedy answers without the context, as in a real analysis.
+    return interp.make_pairs(lm.tokenizer, make_records(n), model=lm, max_new_tokens=response_tokens)
+
+
+def plain_forwards(model, pairs, batch_size: int, pad_id: int) -> None:
+    with torch.no_grad():
+        for start in range(0, len(pairs), batch_size):
+            for which in ("ctx", "noctx"):
+                b = make_batch(pairs[start : start + batch_size], which, pad_id=pad_id)
+                model(input_ids=b.input_ids, attention_mask=b.attention_mask)
+
+
+def timed(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bare_projections(model, hidden_ctx, hidden_noctx, chunk: int) -> None:
+    with torch.no_grad():
+        for hidden in (hidden_ctx, hidden_noctx):
+            for layer in range(hidden.shape[0]):
+                for a in range(0, hidden.shape[1], chunk):
+                    logit_lens(model, hidden[layer, a : a + chunk])
+
+
+def child(kind: str, args) -> None:
+    """Run one workload in a fresh process and print its peak resident memory (MiB)."""
+    lm = interp.load_model(args.model, device="cpu", attn_implementation="sdpa" if kind == "plain" else "eager")
+    pairs = build_pairs(lm, args.pairs, args.response_tokens)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if kind == "plain":
+        plain_forwards(lm.model, pairs, args.batch_size, lm.tokenizer.pad_token_id)
+    else:
+        interp.analyze(lm, pairs, backend=args.backend, batch_size=args.batch_size)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"peak_mib": peak / 1024, "before_mib": base / 1024}))
+
+
+def peak_memory(kind: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--child", kind, "--model", args.model, "--pairs", str(args.pairs),
+           "--batch-size", str(args.batch_size), "--response-tokens", str(args.response_tokens), "--backend", args.backend]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+    return json.loads(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--pairs", type=int, default=32)
+    parser.add_argument("--response-tokens", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--backend", default="nnsight")
+    parser.add_argument("--child", choices=["plain", "capture"])
+    args = parser.parse_args()
+    if args.child:
+        return child(args.child, args)
+
+    lm = interp.load_model(args.model, device="cpu")  # eager: attention weights
+    plain = interp.load_model(args.model, device="cpu", attn_implementation="sdpa")  # the model's default attention
+    pairs = build_pairs(lm, args.pairs, args.response_tokens)
+    n_tokens = sum(p.response_len for p in pairs)
+    pad = lm.tokenizer.pad_token_id
+    print(f"{len(pairs)} pairs, {n_tokens} measured tokens, {lm.num_layers} layers, backend {args.backend}, "
+          f"{torch.get_num_threads()} threads")
+
+    # Warm up both paths once (allocator, nnsight's first trace).
+    plain_forwards(plain.model, pairs[: args.batch_size], args.batch_size, pad)
+    interp.analyze(lm, pairs[: args.batch_size], backend=args.backend, lens=False)
+
+    t_plain = timed(lambda: plain_forwards(plain.model, pairs, args.batch_size, pad), args.repeats)
+    t_capture = timed(lambda: interp.analyze(lm, pairs, backend=args.backend, batch_size=args.batch_size, lens=False), args.repeats)
+    print(f"plain forwards (sdpa, with and without context): {t_plain:.2f} s")
+    print(f"paired capture + cos + CKA + attn_ctx ({args.backend}): {t_capture:.2f} s")
+
+    # The lens on the measured tokens of both runs, against the bare projections of the same tokens.
+    hidden = {}
+    for which in ("ctx", "noctx"):
+        parts = [capture_torch(lm, make_batch(pairs[s : s + args.batch_size], which, pad_id=pad), attention=False).hidden
+                 for s in range(0, len(pairs), args.batch_size)]
+        hidden[which] = torch.cat(parts, dim=1)
+    targets = torch.cat([make_batch(pairs[s : s + args.batch_size], "ctx", pad_id=pad).targets for s in range(0, len(pairs), args.batch_size)])
+    t_bare = timed(lambda: bare_projections(lm.model, hidden["ctx"], hidden["noctx"], DEFAULT_CHUNK), max(1, args.repeats - 1))
+    t_lens = timed(lambda: lens_statistics(lm.model, hidden["ctx"], hidden["noctx"], targets), max(1, args.repeats - 1))
+    print(f"bare projections lm_head(final_norm(h)), {lm.num_layers} layers x {2 * n_tokens} tokens: {t_bare:.2f} s")
+    print(f"logit-lens statistics, same layers and tokens: {t_lens:.2f} s")
+
+    mem_plain = peak_memory("plain", args)
+    mem_capture = peak_memory("capture", args)
+    print(f"peak memory: plain forwards {mem_plain['peak_mib']:.0f} MiB, capture with lens {mem_capture['peak_mib']:.0f} MiB")
+    print(f"capture_ratio={t_capture / t_plain:.2f} lens_ratio={t_lens / t_bare:.2f} "
+          f"mem_ratio={mem_capture['peak_mib'] / mem_plain['peak_mib']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+"""A self-contained HTML report of one or more runs side by side, with every per-layer number as JSON and CSV."""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Sequence
+
+import numpy as np
+import typer
+
+from interp import plots, runs
+from interp.errors import UserError
+from interp.store import atomic_dir, atomic_write_json, atomic_write_text
+
+HTML_FILE = "report.html"
+JSON_FILE = "layer_divergence.json"
+CSV_FILE = "layer_divergence.csv"
+REPORT_SCHEMA_VERSION = 1
+
+
+@dataclass
+class RunData:
+    """Everything the report shows about one run (or one bare layers folder)."""
+
+    name: str
+    path: Path
+    settings: dict = field(default_factory=dict)
+    eval_rows: list[dict] = field(default_factory=list)
+    examples: list[dict] = field(default_factory=list)
+    layers: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+
+
+def load_run_data(path: str | Path, name: str | None = None) -> RunData:
+    """Read a run folder (or a folder written by `python -m interp analyze`); a missing or damaged one is a UserError."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path} is not a folder; pass run folders (with run.json) or layer folders (with divergence.json)")
+    if not runs.is_run(path) and not runs.is_layers_folder(path):
+        raise UserError(f"{path} is neither a run (no {runs.RUN_FILE}) nor a layers folder (no divergence.json)")
+    layers = runs.load_all_layers(path)
+    settings = runs.run_settings(path)
+    settings["layers"] = {m: div.meta for m, div in layers.items()}
+    return RunData(name=name or path.name, path=path, settings=settings, eval_rows=runs.eval_rows(runs.load_eval(path)),
+                   examples=runs.example_table(runs.load_examples(path)), layers=layers,
+                   metrics=runs.load_all_metrics(path))
+
+
+def unique_names(paths: Sequence[Path]) -> list[str]:
+    """Run names for the report: the folder name, with its parent's name in front where two would collide."""
+    names = [p.name for p in paths]
+    out = [f"{p.parent.name}/{p.name}" if names.count(p.name) > 1 else p.name for p in paths]
+    return [f"{n}#{i}" if out.count(n) > 1 else n for i, n in enumerate(out)]
+
+
+def _finite(value):
+    """JSON has no NaN or infinity: those become null (debiased CKA is undefined below 4 tokens)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def layers_json(div) -> dict:
+    """One model's numbers: every per-layer value (LayerDivergence.per_layer_table) and the per-head attention."""
+    return {
+        "meta": div.meta,
+        "n_examples": len(div.examples),
+        "n_tokens": div.n_tokens,
+        "per_layer": {k: _finite(v) for k, v in div.per_layer_table().items()},
+        "attn_ctx": _finite(np.asarray(div.attn_ctx, dtype=np.float64).tolist()),
+        "attn_sink": _finite(np.asarray(div.attn_sink, dtype=np.float64).tolist()),
+        "attn_sink_noctx": _finite(np.asarray(div.attn_sink_noctx, dtype=np.float64).tolist()),
+    }
+
+
+def report_json(data: Sequence[RunData]) -> dict:
+    """The content of layer_divergence.json: stable keys, no timestamps, so two reports diff cleanly."""
+    return {
+        "schema_version": REPORT_SCHEMA_VERSION,
+        "runs": {
+            d.name: {"path": str(d.path), "settings": d.settings, "eval": d.eval_rows,
+                     "layers": {m: layers_json(div) for m, div in d.layers.items()}}
+            for d in data
+        },
+    }
+
+
+def report_csv(data: Sequence[RunData]) -> str:
+    """layer_divergence.csv: one row per (run, model, layer), one column per per-layer number."""
+    rows = []
+    for d in data:
+        for model, div in d.layers.items():
+            table = div.per_layer_table()
+            for i, layer in enumerate(table["layer"]):
+                rows.append({"run": d.name, "model": model, **{k: v[i] for k, v in table.items()}})
+    columns = list(dict.fromkeys(k for r in rows for k in r)) or ["run", "model", "layer"]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _figure_html(fig) -> str:
+    # plotly.js is embedded once in <head>; each figure carries only its data.
+    return fig.to_html(full_html=False, include_plotlyjs=False, config={"displaylogo": False, "responsive": True})
+
+
+def _table_html(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
+    if not rows:
+        return "<p class='muted'>none yet</p>"
+    columns = list(columns or rows[0].keys())
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(plots._fmt(r.get(c)))}</td>" for c in columns) + "</tr>" for r in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _settings_rows(settings: dict) -> list[dict]:
+    """Flatten nested settings into `key` / `value` rows."""
+    rows = []
+
+    def walk(prefix, value):
+        if isinstance(value, dict) and value:
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            rows.append({"setting": prefix, "value": json.dumps(value) if not isinstance(value, str) else value})
+
+    walk("", settings)
+    return rows
+
+
+def shown_example(d: RunData, model: str) -> int:
+    """The example the report draws for a model: the first one that flipped for it, else the first."""
+    div = d.layers[model]
+    for row in d.examples:
+        if model in row["flipped_models"]:
+            i = runs.match_example(div, row["context"], row["prompt"], row["example"])
+            if i is not None:
+                return i
+    return 0
+
+
+def _run_section(d: RunData, decode) -> str:
+    parts = [f"<h2>{html.escape(d.name)}</h2>", f"<p class='muted'>{html.escape(str(d.path))}</p>",
+             "<h3>Evaluation</h3>", _table_html(d.eval_rows, ["model", *runs.EVAL_METRICS, "n"])]
+    if d.layers:
+        parts += ["<h3>Layer divergence</h3>", _figure_html(plots.layer_divergence(d.layers, title=f"{d.name}: layer divergence")),
+                  _figure_html(plots.lens_kl(d.layers, title=f"{d.name}: logit-lens KL(noctx || ctx) per layer"))]
+        for model, div in d.layers.items():
+            example = shown_example(d, model)
+            parts.append(f"<h3>{html.escape(model)}</h3>")
+            if div.n_tokens and example < len(div.examples):
+                parts.append(_figure_html(plots.logit_lens(div, example, decode=decode(div),
+                                                           title=f"{model}: logit lens, example {example}")))
+            parts.append(_figure_html(plots.attention(div, title=f"{model}: attention to the context")))
+            if div.attn_ctx_tokens and example < len(div.attn_ctx_tokens):
+                # The head that attends most to the context overall is the one worth a closer look.
+                block, head = np.unravel_index(int(np.argmax(div.attn_ctx)), np.asarray(div.attn_ctx).shape)
+                parts.append(_figure_html(plots.head_weights(div, example, int(block) + 1, int(head))))
+    else:
+        parts.append("<p class='muted'>No layer results in this run yet.</p>")
+    if d.metrics:
+        parts += ["<h3>Training</h3>", _figure_html(plots.training_curves(d.metrics))]
+    parts += ["<h3>Settings</h3>", _table_html(_settings_rows(d.settings), ["setting", "value"])]
+    return "<section class='run'>" + "\n".join(parts) + "</section>"
+
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
+.runs { display: flex; gap: 1.5em; overflow-x: auto; align-items: flex-start; }
+.run { flex: 1 1 0; min-width: 640px; }
+table { border-collapse: collapse; font-size: 0.9em; margin: 0.5em 0; }
+th, td { border: 1px solid #ddd; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }
+th { background: #e8eef7; }
+.muted { color: #777; font-size: 0.9em; }
+"""
+
+
+def report_html(data: Sequence[RunData], decode=lambda div: None) -> str:
+    """The whole page: plotly.js inline once, then a combined divergence figure and one column per run."""
+    from plotly.offline import get_plotlyjs
+
+    title = "Layer divergence report: " + ", ".join(d.name for d in data)
+    body = [f"<h1>{html.escape(title)}</h1>"]
+    combined = {f"{d.name}/{m}": div for d in data for m, div in d.layers.items()}
+    if len(data) > 1 and combined:
+        body.append(_figure_html(plots.layer_divergence(combined, title="All runs: layer divergence")))
+    body.append("<div class='runs'>" + "\n".join(_run_section(d, decode) for d in data) + "</div>")
+    return (
+        "<!DOCTYPE html>\n<html><head><meta charset='utf-8'>"
+        f"<title>{html.escape(title)}</title><style>{_STYLE}</style>"
+        f"<script type='text/javascript'>{get_plotlyjs()}</script></head>\n<body>\n"
+        + "\n".join(body)
+        + "\n</body></html>\n"
+    )
+
+
+def is_report_folder(path: Path) -> bool:
+    """A folder holding nothing but an earlier report's files: safe to replace without being told."""
+    return path.is_dir() and set(p.name for p in path.iterdir()) <= {HTML_FILE, JSON_FILE, CSV_FILE}
+
+
+def write_report(paths: Sequence[str | Path], out: str | Path = "report", overwrite: bool = False,
+                 decode_tokens: bool = True) -> Path:
+    """Write out/report.html, out/layer_divergence.json and out/layer_divergence.csv for the given runs.
+    The folder appears whole or not at all; an earlier report there is replaced, any other folder only with
+    `overwrite`."""
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise UserError("no runs given; pass one or more run folders, e.g. `python -m interp report runs/persona`")
+    data = [load_run_data(p, name) for p, name in zip(paths, unique_names(paths))]
+    decode = runs.token_decoder if decode_tokens else (lambda div: None)
+    out = Path(out)
+    with atomic_dir(out, overwrite=overwrite or is_report_folder(out)) as tmp:
+        atomic_write_text(tmp / HTML_FILE, report_html(data, decode))
+        atomic_write_json(tmp / JSON_FILE, report_json(data))
+        atomic_write_text(tmp / CSV_FILE, report_csv(data))
+    return out
+
+
+def report_command(
+    runs: Annotated[list[Path], typer.Argument(metavar="RUN...", help="Run folders (with run.json), or folders written by `python -m interp analyze`.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for report.html, layer_divergence.json and layer_divergence.csv.")] = Path("report"),
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the output folder even if it holds more than an earlier report.")] = False,
+    tokens: Annotated[bool, typer.Option("--tokens/--no-tokens", help="Show the logit lens's top-1 tokens as text (loads the model's tokenizer); ids otherwise.")] = True,
+) -> None:
+    """Write a self-contained HTML report (opens offline) of one or more runs side by side, with every per-layer number as JSON and CSV."""
+    folder = write_report(runs, out, overwrite=overwrite, decode_tokens=tokens)
+    typer.echo(f"wrote {folder / HTML_FILE}, {folder / JSON_FILE} and {folder / CSV_FILE}")

@@ -1,0 +1,103 @@
+"""Model loading: the embedded model's cache, the tiny model, LoRA adapters switched in place, clear errors."""
+
+import json
+
+import pytest
+import torch
+
+from interp import UserError, load_model
+from interp import models
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    """Two LoRA adapters with different random weights, saved by peft for the tiny model."""
+    from peft import LoraConfig, get_peft_model
+
+    root = tmp_path_factory.mktemp("adapters")
+    for seed in (1, 2):
+        base, _ = models.tiny_random_llama()
+        torch.manual_seed(seed)
+        peft = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        peft.save_pretrained(root / f"a{seed}")
+    return root
+
+
+def _logits(lm, ids):
+    with torch.no_grad():
+        return lm.model(input_ids=ids).logits
+
+
+def test_tiny_model_is_seeded_and_shares_the_tokenizer(tiny, tokenizer):
+    again = load_model("tiny-random-llama", device="cpu")
+    for a, b in zip(tiny.model.parameters(), again.model.parameters()):
+        assert torch.equal(a, b)
+    assert tiny.model.config.vocab_size == len(tokenizer)
+    assert tiny.num_layers == tiny.model.config.num_hidden_layers + 1
+    assert tiny.model.config._attn_implementation == "eager"
+
+
+def test_adapters_switch_in_place(adapters):
+    lm = load_model("tiny-random-llama", device="cpu")
+    ids = torch.tensor([[1, 50, 60, 70, 80]])
+    base = _logits(lm, ids)
+    lm.load_adapter(adapters / "a1", name="a1")
+    one = _logits(lm, ids)
+    lm.load_adapter(adapters / "a2", name="a2")
+    two = _logits(lm, ids)
+    assert not torch.allclose(base, one) and not torch.allclose(one, two)
+    lm.set_adapter("a1")
+    assert torch.allclose(_logits(lm, ids), one)
+    lm.set_adapter(None)
+    assert lm.active_adapter is None
+    assert torch.allclose(_logits(lm, ids), base)
+    with lm.use("a2"):
+        assert torch.allclose(_logits(lm, ids), two)
+    assert lm.active_adapter is None
+    with pytest.raises(UserError, match="no adapter named 'zz'"):
+        lm.set_adapter("zz")
+
+
+def test_adapter_errors(adapters, tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_model("tiny-random-llama", adapter=tmp_path / "missing", device="cpu")
+    with pytest.raises(UserError, match="no adapter_config.json"):
+        load_model("tiny-random-llama", adapter=tmp_path, device="cpu")
+    other = tmp_path / "other"
+    other.mkdir()
+    config = json.loads((adapters / "a1" / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "smollm2-135m-instruct"
+    (other / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="trained on base model 'smollm2-135m-instruct'.*--model smollm2"):
+        load_model("tiny-random-llama", adapter=other, device="cpu")
+
+
+def test_unknown_spec_is_one_line():
+    with pytest.raises(UserError, match="unknown model spec 'no-such-model'"):
+        load_model("no-such-model")
+    with pytest.raises(UserError, match="empty"):
+        load_model("")
+
+
+@pytest.mark.embedded
+def test_embedded_model_loads_from_cache_without_the_package(smol, monkeypatch):
+    cached = models.embedded_model_dir()
+    assert (cached / "model.safetensors").exists() and (cached / "config.json").exists()
+    # With the GGUF package hidden, the cached conversion must still load: no second conversion.
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    again = load_model("smollm2-135m-instruct", device="cpu")
+    assert again.model.config.num_hidden_layers == 30 and again.model.config.hidden_size == 576
+    assert torch.equal(again.model.model.embed_tokens.weight, smol.model.model.embed_tokens.weight)
+
+
+@pytest.mark.embedded
+def test_embedded_model_conversion_in_a_fresh_cache(tmp_path, monkeypatch, smol):
+    monkeypatch.setenv("CTXINT_CACHE", str(tmp_path))
+    folder = models.embedded_model_dir()
+    assert folder == tmp_path / models.EMBEDDED
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left behind
+    fresh = load_model("smollm2-135m-instruct", device="cpu")
+    ids = torch.tensor([[1, 504, 3060, 28]])
+    assert torch.allclose(_logits(fresh, ids), _logits(smol, ids))
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    assert models.embedded_model_dir() == folder
