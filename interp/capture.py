@@ -8,6 +8,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from interp.attention import reduce_attention
 from interp.errors import UserError
 from interp.models import decoder_layers, embeddings
 from interp.pairs import Pair
@@ -78,21 +79,6 @@ def make_batch(pairs: Sequence[Pair], which: str, scope: str = "response", paddi
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     as_long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
     return Batch(ids, mask, position_ids, as_long(rows), as_long(positions), as_long(targets), as_long(sink), ctx_mask, ctx_positions, ctx_valid)
-
-
-def reduce_attention(pattern: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """From one layer's attention weights [B, heads, T, T], the measured queries' mass on the context, on the
-    first token, and on each context token: [n, heads], [n, heads], [n, heads, C]. Every backend calls this.
-    """
-    B, H, T, _ = pattern.shape
-    if B != batch.input_ids.shape[0] or T != batch.input_ids.shape[1]:
-        raise ValueError(f"attention pattern {tuple(pattern.shape)} does not match the batch {tuple(batch.input_ids.shape)}")
-    queries = pattern[batch.rows, :, batch.positions, :].float()  # [n, H, T]
-    ctx_mass = (queries * batch.ctx_mask[batch.rows][:, None, :]).sum(-1)
-    sink = queries.gather(-1, batch.sink[batch.rows][:, None, None].expand(-1, H, 1)).squeeze(-1)
-    index = batch.ctx_positions[batch.rows][:, None, :].expand(-1, H, -1)
-    per_token = queries.gather(-1, index) * batch.ctx_valid[batch.rows][:, None, :]
-    return ctx_mass, sink, per_token
 
 
 def gather_tokens(hidden: torch.Tensor, batch: Batch) -> torch.Tensor:

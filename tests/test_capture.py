@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from interp import UserError, analyze, make_pairs
-from interp.capture import BACKENDS, get_backend, make_batch, reduce_attention
+from interp.attention import reduce_attention
+from interp.capture import BACKENDS, get_backend, make_batch
 
 
 def hf_reference(lm, batch):
