@@ -5,19 +5,22 @@ On the embedded model, 32 pairs with responses of about 32 tokens, everything me
   plain Hugging Face forwards per batch (with and without context, the model's default attention);
 - lens_ratio: the logit-lens statistics for every layer on the measured tokens of both runs, over the bare
   projections lm_head(final_norm(h)) for the same layers and tokens;
-- mem_ratio: peak resident memory of a process doing the capture with lens over one doing the plain forwards.
+- mem_ratio: peak resident memory of a process during the capture with lens, over one during the plain forwards.
 
-    python bench/capture.py [--pairs 32] [--repeats 3] [--backend nnsight]
+    python bench/capture.py [--pairs 32] [--repeats 3] [--backend nnsight] [--memory-only]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
+import pickle
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 
 import torch
@@ -73,22 +76,51 @@ def bare_projections(model, hidden_ctx, hidden_noctx, chunk: int) -> None:
                     logit_lens(model, hidden[layer, a : a + chunk])
 
 
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class PeakRSS(threading.Thread):
+    """Samples this process's resident memory every few milliseconds while a workload runs."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.peak, self.running = _rss_mib(), True
+
+    def run(self):
+        while self.running:
+            self.peak = max(self.peak, _rss_mib())
+            time.sleep(0.005)
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.join()
+
+
 def child(kind: str, args) -> None:
-    """Run one workload in a fresh process and print its peak resident memory (MiB)."""
+    """Run one workload in a fresh process on pairs saved by the parent; print its peak memory during the workload."""
+    import pickle
+
     lm = interp.load_model(args.model, device="cpu", attn_implementation="sdpa" if kind == "plain" else "eager")
-    pairs = build_pairs(lm, args.pairs, args.response_tokens)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if kind == "plain":
-        plain_forwards(lm.model, pairs, args.batch_size, lm.tokenizer.pad_token_id)
-    else:
-        interp.analyze(lm, pairs, backend=args.backend, batch_size=args.batch_size)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_mib": peak / 1024, "before_mib": base / 1024}))
+    with open(args.pairs_file, "rb") as f:
+        pairs = pickle.load(f)
+    before = _rss_mib()
+    with PeakRSS() as peak:
+        if kind == "plain":
+            plain_forwards(lm.model, pairs, args.batch_size, lm.tokenizer.pad_token_id)
+        else:
+            interp.analyze(lm, pairs, backend=args.backend, batch_size=args.batch_size)
+    print(json.dumps({"peak_mib": peak.peak, "before_mib": before}))
 
 
-def peak_memory(kind: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--child", kind, "--model", args.model, "--pairs", str(args.pairs),
-           "--batch-size", str(args.batch_size), "--response-tokens", str(args.response_tokens), "--backend", args.backend]
+def peak_memory(kind: str, args, pairs_file: str) -> dict:
+    cmd = [sys.executable, __file__, "--child", kind, "--model", args.model, "--pairs-file", pairs_file,
+           "--batch-size", str(args.batch_size), "--backend", args.backend]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
     return json.loads(out)
 
@@ -102,6 +134,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--backend", default="nnsight")
     parser.add_argument("--child", choices=["plain", "capture"])
+    parser.add_argument("--pairs-file", help=argparse.SUPPRESS)
+    parser.add_argument("--memory-only", action="store_true", help="Measure only mem_ratio.")
     args = parser.parse_args()
     if args.child:
         return child(args.child, args)
@@ -114,7 +148,21 @@ def main() -> None:
     print(f"{len(pairs)} pairs, {n_tokens} measured tokens, {lm.num_layers} layers, backend {args.backend}, "
           f"{torch.get_num_threads()} threads")
 
-    # Warm up both paths once (allocator, nnsight's first trace).
+    pairs_file = tempfile.NamedTemporaryFile(suffix=".pkl", delete=False).name
+    with open(pairs_file, "wb") as f:
+        pickle.dump(pairs, f)
+    mem_plain = peak_memory("plain", args, pairs_file)
+    mem_capture = peak_memory("capture", args, pairs_file)
+    os.unlink(pairs_file)
+    print(f"peak memory during the work: plain forwards {mem_plain['peak_mib']:.0f} MiB "
+          f"(+{mem_plain['peak_mib'] - mem_plain['before_mib']:.0f} over the loaded model), capture with lens "
+          f"{mem_capture['peak_mib']:.0f} MiB (+{mem_capture['peak_mib'] - mem_capture['before_mib']:.0f})")
+    mem_ratio = mem_capture["peak_mib"] / mem_plain["peak_mib"]
+    if args.memory_only:
+        print(f"mem_ratio={mem_ratio:.2f}")
+        return
+
+    # Warm up both paths once (allocator, nnsight's first trace, the lens kernels' compilation).
     plain_forwards(plain.model, pairs[: args.batch_size], args.batch_size, pad)
     interp.analyze(lm, pairs[: args.batch_size], backend=args.backend, lens=False)
 
@@ -135,11 +183,8 @@ def main() -> None:
     print(f"bare projections lm_head(final_norm(h)), {lm.num_layers} layers x {2 * n_tokens} tokens: {t_bare:.2f} s")
     print(f"logit-lens statistics, same layers and tokens: {t_lens:.2f} s")
 
-    mem_plain = peak_memory("plain", args)
-    mem_capture = peak_memory("capture", args)
-    print(f"peak memory: plain forwards {mem_plain['peak_mib']:.0f} MiB, capture with lens {mem_capture['peak_mib']:.0f} MiB")
     print(f"capture_ratio={t_capture / t_plain:.2f} lens_ratio={t_lens / t_bare:.2f} "
-          f"mem_ratio={mem_capture['peak_mib'] / mem_plain['peak_mib']:.2f}")
+          f"mem_ratio={mem_ratio:.2f}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 from pathlib import Path
 from typing import Sequence
 
@@ -33,15 +34,21 @@ def analyze(
     lens: bool = True,
     lens_chunk: int = DEFAULT_CHUNK,
     progress: bool = False,
+    remote: bool = False,
 ) -> LayerDivergence:
     """Compare `lm`'s hidden states with and without the context on the aligned tokens of `pairs`.
 
     `lm` is a LoadedModel (its active adapter is the model measured). Measured positions are those that predict
     the response tokens (`scope="response"`, the positions the training losses score) or every shared token
     (`scope="shared"`: user turn and response). Batches are padded; the numbers equal one pair at a time.
-    `attention=False` or `lens=False` skip those measures (their arrays are NaN).
+    `attention=False` or `lens=False` skip those measures (their arrays are NaN). `remote=True` (nnsight only)
+    runs the traces on NDIF.
     """
     capture = get_backend(backend)
+    if remote:
+        if backend != "nnsight":
+            raise UserError(f"remote execution needs the nnsight backend, not '{backend}'")
+        capture = functools.partial(capture, remote=True)
     if scope not in SCOPES:
         raise UserError(f"unknown scope '{scope}'; use one of {', '.join(SCOPES)}")
     if batch_size < 1:

@@ -144,8 +144,12 @@ def _tensor(output):
 
 
 @torch.no_grad()
-def capture_nnsight(lm, batch: Batch, attention: bool = True) -> Captured:
-    """nnsight tracing: reads the same module outputs as the torch backend, through an nnsight envoy."""
+def capture_nnsight(lm, batch: Batch, attention: bool = True, remote: bool = False) -> Captured:
+    """nnsight tracing: reads the same module outputs as the torch backend, through an nnsight envoy.
+
+    `remote=True` runs the trace on NDIF (nnsight's hosted models) instead of locally: the path for models that
+    outgrow one machine. It needs an NDIF API key and a model NDIF serves; everything else stays the same.
+    """
     model = lm.model
     _check_attention(model, attention)
     traced = _nnsight_model(lm)
@@ -153,7 +157,7 @@ def capture_nnsight(lm, batch: Batch, attention: bool = True) -> Captured:
     hidden, attn = [], []
     # The trace body runs inside nnsight; values leave it through `.save()`, and module outputs must be
     # requested in the order the model computes them (attention before the block's own output).
-    with traced.trace(**_model_inputs(batch, lm.device), logits_to_keep=1, use_cache=False):
+    with traced.trace(**_model_inputs(batch, lm.device), logits_to_keep=1, use_cache=False, **({"remote": True} if remote else {})):
         hidden.append(gather_tokens(traced.model.embed_tokens.output, b).save())
         for layer in traced.model.layers:
             if attention:

@@ -10,35 +10,13 @@ from typing import Optional
 import typer
 
 from interp.errors import UserError
+from interp.store import read_jsonl
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="Compare a model's hidden states with and without a context, layer by layer, on the same tokens.",
 )
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """Records from a JSONL file; a bad line is an error naming the line."""
-    if not path.exists():
-        raise UserError(f"{path} does not exist")
-    records = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}, line {i}: not valid JSON ({err.msg})") from None
-        if not isinstance(record, dict):
-            raise UserError(f"{path}, line {i}: expected an object with context, prompt and optionally response")
-        for key in ("context", "prompt"):
-            if not isinstance(record.get(key), str) or not record[key].strip():
-                raise UserError(f"{path}, line {i}: missing or empty field '{key}'")
-        records.append(record)
-    if not records:
-        raise UserError(f"{path} has no records")
-    return records
 
 
 def format_table(div) -> str:
@@ -85,7 +63,7 @@ def analyze(
     if pairs is not None:
         if context is not None or prompt is not None:
             raise UserError("give either --pairs or --context/--prompt, not both")
-        records = read_jsonl(pairs)
+        records = read_jsonl(pairs, required=("context", "prompt"))
     else:
         if context is None or prompt is None:
             raise UserError("give --context and --prompt (or --pairs FILE.jsonl)")

@@ -19,7 +19,7 @@ LENS_STATS = {
     "entropy": "entropy (nats)",
     "kl_final": "KL(final || lens)",
 }
-TRAINING_KEYS = ("loss", "L_opd", "L_cons", "lam")
+TRAINING_KEYS = ("loss", "L_opd", "L_cons", "lam", "response_len")
 LAYER_AXIS = "layer (0 = embeddings)"
 _PALETTE = qualitative.Plotly
 
@@ -29,9 +29,10 @@ def model_colors(names: Sequence[str]) -> dict[str, str]:
     return {name: _PALETTE[i % len(_PALETTE)] for i, name in enumerate(names)}
 
 
-def token_label(text: str) -> str:
-    """A token as it can be read on an axis: whitespace made visible."""
-    return str(text).replace("\n", "⏎").replace("\t", "⇥").replace(" ", "·") or "∅"
+def token_label(text: str, max_len: int = 14) -> str:
+    """A token as it can be read on an axis: whitespace made visible, long runs cut (a token of 30 spaces exists)."""
+    label = str(text).replace("\n", "⏎").replace("\t", "⇥").replace(" ", "·") or "∅"
+    return label if len(label) <= max_len else label[: max_len - 1] + "…"
 
 
 def _layout(fig: go.Figure, title: str, height: int) -> go.Figure:
@@ -99,7 +100,7 @@ def logit_lens(div, example: int, stat: str = "target_prob", decode: Callable[[i
                         subplot_titles=("without context", "with context"))
     if show_text is None:
         # Thousands of SVG labels make the browser slow to draw; past this the top-1 token is in the hover only.
-        show_text = idx.size * div.num_layers <= 600
+        show_text = idx.size <= 24 and idx.size * div.num_layers <= 600
     for col, side in enumerate(("noctx", "ctx"), 1):
         z = np.round(np.asarray(getattr(div, f"lens_{stat}_{side}"), dtype=np.float64)[:, idx], 5)
         top1 = _decode_all(np.asarray(getattr(div, f"lens_top1_{side}"))[:, idx], decode)
@@ -193,7 +194,8 @@ def head_weights(div, example: int, layer: int, head: int, title: str | None = N
     return _layout(fig, title or f"Layer {layer}, head {head}: attention over the context tokens (example {example})", 380)
 
 
-def _fmt(value) -> str:
+def format_value(value) -> str:
+    """A table cell: three decimals for floats, a dash for a missing value."""
     if value is None:
         return "–"
     if isinstance(value, float):
@@ -204,7 +206,7 @@ def _fmt(value) -> str:
 def eval_table(rows: Sequence[Mapping], columns: Sequence[str] | None = None, title: str | None = None) -> go.Figure:
     """The evaluation table (one row per model) as a figure."""
     columns = list(columns or (rows[0].keys() if rows else ["model"]))
-    cells = [[_fmt(r.get(c)) for r in rows] for c in columns]
+    cells = [[format_value(r.get(c)) for r in rows] for c in columns]
     fig = go.Figure(go.Table(header=dict(values=columns, fill_color="#e8eef7", align="left"),
                              cells=dict(values=cells, align="left")))
     return _layout(fig, title or "Evaluation (test split)", 80 + 28 * (len(rows) + 1))

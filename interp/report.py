@@ -120,24 +120,32 @@ def _table_html(rows: Sequence[dict], columns: Sequence[str] | None = None) -> s
     columns = list(columns or rows[0].keys())
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
     body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(plots._fmt(r.get(c)))}</td>" for c in columns) + "</tr>" for r in rows
+        "<tr>" + "".join(f"<td>{html.escape(plots.format_value(r.get(c)))}</td>" for c in columns) + "</tr>" for r in rows
     )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _settings_rows(settings: dict) -> list[dict]:
-    """Flatten nested settings into `key` / `value` rows."""
-    rows = []
+def _value(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
 
-    def walk(prefix, value):
-        if isinstance(value, dict) and value:
-            for k, v in value.items():
-                walk(f"{prefix}.{k}" if prefix else str(k), v)
-        else:
-            rows.append({"setting": prefix, "value": json.dumps(value) if not isinstance(value, str) else value})
 
-    walk("", settings)
-    return rows
+def _settings_html(settings: dict) -> str:
+    """run.json as setting/value rows; the students' training settings and the analysis settings as one column per
+    student or model, with the rows where they differ in bold (usually λ and little else)."""
+    parts = [_table_html([{"setting": k, "value": _value(v)} for k, v in settings.get("run", {}).items()], ["setting", "value"])]
+    for title, columns in (("Training, per student", settings.get("students", {})), ("Analysis, per model", settings.get("layers", {}))):
+        if not columns:
+            continue
+        names = list(columns)
+        keys = list(dict.fromkeys(k for c in columns.values() for k in c))
+        head = "<th>setting</th>" + "".join(f"<th>{html.escape(n)}</th>" for n in names)
+        body = []
+        for k in keys:
+            values = [_value(columns[n].get(k)) if k in columns[n] else "–" for n in names]
+            style = " style='font-weight:bold'" if len(set(values)) > 1 else ""
+            body.append(f"<tr{style}><td>{html.escape(k)}</td>" + "".join(f"<td>{html.escape(v)}</td>" for v in values) + "</tr>")
+        parts.append(f"<h4>{title}</h4><table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>")
+    return "\n".join(parts)
 
 
 def shown_example(d: RunData, model: str) -> int:
@@ -172,7 +180,7 @@ def _run_section(d: RunData, decode) -> str:
         parts.append("<p class='muted'>No layer results in this run yet.</p>")
     if d.metrics:
         parts += ["<h3>Training</h3>", _figure_html(plots.training_curves(d.metrics))]
-    parts += ["<h3>Settings</h3>", _table_html(_settings_rows(d.settings), ["setting", "value"])]
+    parts += ["<h3>Settings</h3>", _settings_html(d.settings)]
     return "<section class='run'>" + "\n".join(parts) + "</section>"
 
 

@@ -209,7 +209,8 @@ def layer_models(path: str | os.PathLike) -> list[str]:
     folder = path / LAYERS_DIR
     if not folder.is_dir():
         return []
-    found = {p.name for p in folder.iterdir() if p.is_dir() and is_layers_folder(p)}
+    # Dot folders are atomic writes in progress (or set aside): not results.
+    found = {p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and is_layers_folder(p)}
     # The students in run.json's order (unreg before reg), then anything else found.
     students = [str(s) for s in load_run_info(path).get("students", [])] if is_run(path) else []
     return model_order([*(s for s in students if s in found), *sorted(found)])
@@ -304,14 +305,25 @@ def signature(path: str | os.PathLike) -> tuple:
 
 
 @functools.lru_cache(maxsize=8)
-def _tokenizer(spec: str):
-    from interp.models import BUILTIN_SPECS, load_tokenizer
+def _decode_fn(spec: str):
+    """Token id -> text for a model spec, from its tokenizer.json through the `tokenizers` library: a fraction of a
+    second, where loading transformers' tokenizer takes seconds. Falls back to transformers; None if neither works."""
+    from interp.models import BUILTIN_SPECS, embedded_model_dir
 
     # Only tokenizers at hand: a hub id would reach for the network, and ids are an acceptable fallback.
     if not spec or (spec not in BUILTIN_SPECS and not Path(spec).is_dir()):
         return None
     try:
-        return load_tokenizer(spec)
+        folder = embedded_model_dir() if spec in BUILTIN_SPECS else Path(spec)
+        if (folder / "tokenizer.json").exists():
+            from tokenizers import Tokenizer
+
+            fast = Tokenizer.from_file(str(folder / "tokenizer.json"))
+            return lambda i: fast.decode([int(i)], skip_special_tokens=False)
+        from interp.models import load_tokenizer
+
+        slow = load_tokenizer(spec)
+        return lambda i: slow.decode([int(i)])
     except Exception:  # noqa: BLE001 - a missing tokenizer only costs readable token text
         return None
 
@@ -319,10 +331,7 @@ def _tokenizer(spec: str):
 def token_decoder_for(spec: str):
     """A function from token id to text for a model spec, or None when its tokenizer is not available locally
     (figures then show ids)."""
-    tokenizer = _tokenizer(str(spec or ""))
-    if tokenizer is None:
-        return None
-    return lambda i: tokenizer.decode([int(i)])
+    return _decode_fn(str(spec or ""))
 
 
 def token_decoder(div):

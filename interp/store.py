@@ -82,6 +82,32 @@ def read_json(path: str | os.PathLike):
         raise UserError(f"{path} is damaged (not valid JSON: {err}); rerun the command that wrote it") from err
 
 
+def read_jsonl(path: str | os.PathLike, required: tuple[str, ...] = ()) -> list[dict]:
+    """Records from a JSONL file, each an object whose `required` fields are non-empty strings; a bad line is an
+    error naming the file and the line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist")
+    records = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}, line {i}: not valid JSON ({err.msg})") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{path}, line {i}: expected a JSON object with {', '.join(required) or 'fields'}")
+        for key in required:
+            if not isinstance(record.get(key), str) or not record[key].strip():
+                raise UserError(f"{path}, line {i}: missing or empty field '{key}'")
+        records.append(record)
+    if not records:
+        raise UserError(f"{path} has no records")
+    return records
+
+
 def save_divergence(div: LayerDivergence, folder: str | os.PathLike, overwrite: bool = False) -> Path:
     """Save as `folder/divergence.json` (settings, examples, schema version) and `folder/arrays.safetensors`."""
     from safetensors.numpy import save_file
