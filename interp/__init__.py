@@ -3,19 +3,25 @@
 import importlib
 
 from interp.errors import UserError
-from interp.models import LoadedModel, load_model
-from interp.pairs import Pair, make_pairs
 
 __all__ = ["LoadedModel", "LayerDivergence", "Pair", "UserError", "analyze", "load_model", "make_pairs"]
 
+# Everything but the error type is imported on first use: reading runs and drawing plots needs no torch.
+_LAZY = {
+    "load_model": "interp.models",
+    "LoadedModel": "interp.models",
+    "make_pairs": "interp.pairs",
+    "Pair": "interp.pairs",
+    "analyze": "interp.analysis",
+    "LayerDivergence": "interp.divergence",
+}
 _SUBMODULES = {"analysis", "attention", "capture", "cli", "divergence", "generate", "lens", "metrics", "models",
                "pairs", "plots", "report", "runs", "store"}
 
 
 def __getattr__(name):
-    # The capture backends, plotting and reports pull in heavy libraries: import them when first used.
-    if name in ("analyze", "LayerDivergence"):
-        return getattr(importlib.import_module("interp.analysis"), name)
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
     if name in _SUBMODULES:
         return importlib.import_module(f"interp.{name}")
     raise AttributeError(f"module 'interp' has no attribute '{name}'")

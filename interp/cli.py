@@ -106,15 +106,13 @@ def analyze_run_command(
         typer.echo(f"{name}: {folder}")
 
 
-@app.command()
-def report(
-    runs: list[Path] = typer.Argument(..., help="Run folders (or layer-divergence folders) to put side by side."),
-    out: Path = typer.Option(Path("report"), help="Folder for report.html, layer_divergence.json and layer_divergence.csv."),
-):
-    """Write a self-contained HTML report with JSON and CSV of every per-layer number."""
+def _register_report() -> None:
     from interp.report import report_command
 
-    report_command(runs=runs, out=out)
+    app.command("report")(report_command)
+
+
+_register_report()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,13 @@ META_FILE = "divergence.json"
 ARRAYS_FILE = "arrays.safetensors"
 
 
+def _default_mode(is_dir: bool) -> int:
+    """The permissions a plain open()/mkdir() would give under the current umask (mkstemp/mkdtemp give owner-only)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if is_dir else 0o666) & ~umask
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write a file so that readers see either the old content or the whole new one, never a part."""
     path = Path(path)
@@ -29,6 +36,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _default_mode(is_dir=False))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -57,6 +65,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False):
         raise UserError(f"{path} already exists; choose another folder or pass --overwrite")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    os.chmod(tmp, _default_mode(is_dir=True))
     try:
         yield tmp
         if path.exists():

@@ -1,0 +1,375 @@
+"""The layer-divergence app: training runs, their evaluation, and each layer with and without the context (`streamlit run apps/layers.py`)."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import threading
+import time
+from pathlib import Path
+
+import streamlit as st
+
+# `streamlit run apps/layers.py` puts apps/ on the path, not the repository root; an uninstalled checkout still works.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from interp import plots, runs  # noqa: E402
+from interp.errors import UserError  # noqa: E402
+
+VIEWS = ("Layer divergence", "Logit lens", "Attention", "Training")
+LIVE_DEFAULT_MODEL = "smollm2-135m-instruct"
+# Seconds the hidden views wait on a session's first page (see draw_first_view_first).
+FIRST_PAINT_S = float(os.environ.get("LAYERS_FIRST_PAINT_S", "1.5"))
+NO_ADAPTER = "none (base model)"
+OTHER_ADAPTER = "another adapter folder…"
+
+
+# ---------- cached reading: runs refresh when their files change, models load once per process ----------
+
+def _root_stamp(root: str) -> tuple:
+    path = Path(root)
+    if not path.is_dir():
+        return ()
+    return tuple((p.name, runs.signature(p)) for p in sorted(path.iterdir()) if p.is_dir())
+
+
+@st.cache_data(show_spinner=False)
+def cached_runs(root: str, stamp: tuple) -> list:
+    return runs.list_runs(root)
+
+
+@st.cache_data(show_spinner=False)
+def cached_eval(path: str, stamp: tuple) -> list[dict]:
+    return runs.eval_rows(runs.load_eval(path))
+
+
+@st.cache_data(show_spinner=False)
+def cached_example_rows(path: str, stamp: tuple) -> list[dict]:
+    return runs.load_examples(path) or []
+
+
+@st.cache_data(show_spinner=False)
+def cached_examples(path: str, stamp: tuple) -> list[dict]:
+    return runs.example_table(cached_example_rows(path, stamp))
+
+
+@st.cache_data(show_spinner=False)
+def cached_metrics(path: str, stamp: tuple) -> dict:
+    return runs.load_all_metrics(path)
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def cached_layers(path: str, stamp: tuple) -> dict:
+    # A resource, not data: the arrays are read-only here, and copying them on every rerun would cost the view switch.
+    return runs.load_all_layers(path)
+
+
+@st.cache_resource(show_spinner="Loading the model (once per app process)…")
+def cached_model(spec: str):
+    import interp
+
+    return interp.load_model(spec)
+
+
+@st.cache_resource
+def model_lock() -> threading.Lock:
+    # One model object serves every browser session; adapters are switched on it in place.
+    return threading.Lock()
+
+
+# ---------- shared views: both the run view and the live view call these ----------
+
+def show_layer_divergence(divs: dict, key: str) -> None:
+    c1, c2, c3 = st.columns([3, 3, 2])
+    chosen = c1.multiselect("Models", list(divs), default=list(divs), key=f"{key}_models")
+    measures = c2.multiselect("Measures", list(plots.MEASURES), default=list(plots.MEASURES), key=f"{key}_measures",
+                              format_func=lambda m: plots.MEASURE_LABELS[m])
+    divergence = c3.toggle("Show 1 − similarity", key=f"{key}_divergence")
+    shown = {m: divs[m] for m in chosen} or divs
+    st.plotly_chart(plots.layer_divergence(shown, measures or plots.MEASURES, divergence=divergence),
+                    key=f"fig_{key}_layer_divergence")
+    st.caption("Layer 0 is the embedding output, layer l the output of decoder block l. On aligned tokens the "
+               "embedding layer cannot see the context, so its similarity is 1.")
+
+
+def show_logit_lens(divs: dict, examples: dict, key: str, decode=None) -> None:
+    c1, c2, c3 = st.columns([3, 3, 2])
+    model = c1.selectbox("Model", list(divs), index=len(divs) - 1 if len(divs) > 1 else 0, key=f"{key}_lens_model")
+    stat = c2.selectbox("Colour", list(plots.LENS_STATS), format_func=lambda s: plots.LENS_STATS[s], key=f"{key}_lens_stat")
+    in_cells = c3.toggle("Top-1 tokens in every cell", key=f"{key}_lens_text",
+                         help="Always in the hover; written in the cells by default only when they are few.")
+    example = examples.get(model)
+    if example is None:
+        st.warning(f"The chosen example was not analyzed for model '{model}'; pick another example or model.")
+    else:
+        fig = plots.logit_lens(divs[model], example, stat=stat, decode=decode or runs.token_decoder(divs[model]),
+                               show_text=True if in_cells else None)
+        st.plotly_chart(fig, key=f"fig_{key}_logit_lens")
+    st.plotly_chart(plots.lens_kl(divs, {m: examples.get(m) for m in divs}), key=f"fig_{key}_lens_kl")
+    st.caption("KL per layer over the chosen example's tokens, for every model that has it (all tokens otherwise).")
+
+
+def _pick_head_from_click(key: str) -> None:
+    """A click on the attention heatmap sets the layer and head pickers below it."""
+    event = st.session_state.get(f"fig_{key}_attention")
+    points = event.get("selection", {}).get("points", []) if event else []
+    if points and "x" in points[0] and "y" in points[0]:
+        st.session_state[f"{key}_head"] = int(points[0]["x"])
+        st.session_state[f"{key}_layer"] = int(points[0]["y"])
+
+
+def show_attention(divs: dict, examples: dict, key: str) -> None:
+    model = st.selectbox("Model", list(divs), index=len(divs) - 1 if len(divs) > 1 else 0, key=f"{key}_attn_model")
+    div = divs[model]
+    st.plotly_chart(plots.attention(div, pickable=True), key=f"fig_{key}_attention", on_select=lambda: _pick_head_from_click(key),
+                    selection_mode="points")
+    blocks, heads = div.attn_ctx.shape
+    c1, c2 = st.columns(2)
+    layer = c1.selectbox("Layer (decoder block)", list(range(1, blocks + 1)), key=f"{key}_layer")
+    head = c2.selectbox("Head", list(range(heads)), key=f"{key}_head")
+    example = examples.get(model)
+    if example is None or example >= len(div.attn_ctx_tokens):
+        st.info("No per-token attention for the chosen example in this model's results.")
+    else:
+        st.plotly_chart(plots.head_weights(div, example, layer, head), key=f"fig_{key}_head")
+
+
+# ---------- a run ----------
+
+def example_label(row: dict) -> str:
+    flag = " ⚠ flipped" if row["flipped_any"] else ""
+    return f"#{row['example']}{flag}: {row['prompt'][:70]}"
+
+
+def select_example_from_table() -> None:
+    """The examples table's row selection picks the example every view shows."""
+    state = st.session_state.get("examples_table")
+    rows = state.selection.rows if state is not None else []
+    shown = st.session_state.get("_shown_examples", [])
+    if rows and rows[0] < len(shown):
+        st.session_state["example"] = shown[rows[0]]
+
+
+def show_examples_table(table: list[dict]) -> None:
+    import pandas as pd
+
+    st.subheader("Examples")
+    c1, c2 = st.columns([2, 3])
+    only_flipped = c1.checkbox("Only flipped ones (right without the context, wrong with it)", key="only_flipped")
+    models = runs.model_order(k[: -len(":ctx")] for row in table for k in row if k.endswith(":ctx"))
+    flipped_for = c2.multiselect("…flipped for", models, default=[], key="flipped_for",
+                                 help="Empty: flipped for any model.")
+    rows = [r for r in table if not only_flipped or
+            (r["flipped_any"] if not flipped_for else any(m in r["flipped_models"] for m in flipped_for))]
+    st.session_state["_shown_examples"] = [r["example"] for r in rows]
+    if not rows:
+        st.info("No example matches the filter.")
+        return
+    frame = pd.DataFrame([{"example": r["example"], "flipped": ", ".join(r["flipped_models"]), "prompt": r["prompt"],
+                           **{k: r.get(k) for m in models for k in (f"{m}:noctx", f"{m}:ctx")},
+                           "reference": r["reference"], "context": r["context"]} for r in rows])
+    styled = frame.style.apply(
+        lambda row: ["background-color: #ffe4e1" if row["flipped"] else ""] * len(row), axis=1)
+    st.dataframe(styled, key="examples_table", on_select=select_example_from_table, selection_mode="single-row",
+                 hide_index=True)
+    st.caption("Rows in red flipped: right without the context, wrong with it, for the models named. "
+               "Select a row to show that example above.")
+
+
+def show_run(summary) -> None:
+    if summary.error:
+        st.error(f"Run '{summary.name}' could not be read: {summary.error}")
+        return
+    path, stamp = str(summary.path), runs.signature(summary.path)
+    st.header(summary.name)
+    st.caption(f"task **{summary.task or '?'}** · model **{summary.model or '?'}** · students: "
+               f"{', '.join(summary.students) or 'none'} · `{path}`")
+    try:
+        eval_rows = cached_eval(path, stamp)
+        table = cached_examples(path, stamp)
+        divs = cached_layers(path, stamp)
+    except UserError as err:
+        st.error(f"Run '{summary.name}' is damaged: {err}")
+        return
+    if eval_rows:
+        st.dataframe(eval_rows, hide_index=True, column_order=["model", *runs.EVAL_METRICS, "n"],
+                     column_config={m: st.column_config.NumberColumn(format="%.3f") for m in runs.EVAL_METRICS})
+    else:
+        st.info(f"Not evaluated yet: `python -m training eval {path}` writes the evaluation table.")
+
+    by_id = {r["example"]: r for r in table}
+    if table:
+        if st.session_state.get("example") not in by_id:
+            st.session_state["example"] = table[0]["example"]
+        st.sidebar.selectbox("Example", list(by_id), key="example", format_func=lambda e: example_label(by_id[e]))
+    if not divs:
+        st.info(f"No layer results yet. Write them with `{runs.LAYERS_COMMAND.format(run=path)}`.")
+        if st.toggle("Show training curves", key="show_training"):
+            show_training(path, stamp)
+    else:
+        chosen = by_id.get(st.session_state.get("example"))
+        examples = {m: (runs.match_example(d, chosen["context"], chosen["prompt"], chosen["example"]) if chosen else 0)
+                    for m, d in divs.items()}
+        if chosen:
+            st.markdown(f"**Example #{chosen['example']}** · prompt: {chosen['prompt'][:200]}")
+            with st.expander("What each model answered on this example"):
+                st.dataframe(runs.example_responses(cached_example_rows(path, stamp), chosen["example"]), hide_index=True)
+        # Tabs, not a rerun per view: every view is drawn once, so a switch is instant in the browser. The first
+        # tab is filled before the examples table and the rest after it, so the first figure comes first.
+        tabs = st.tabs(VIEWS, key="view")
+        with tabs[0]:
+            show_layer_divergence(divs, "run")
+    if table:
+        show_examples_table(table)
+    if divs:
+        draw_first_view_first(tabs[1:])
+        with tabs[1]:
+            show_logit_lens(divs, examples, "run")
+        with tabs[2]:
+            show_attention(divs, examples, "run")
+        with tabs[3]:
+            show_training(path, stamp)
+
+
+def draw_first_view_first(hidden_tabs) -> None:
+    """On a session's first page, send the hidden tabs' figures a moment later (a rerun): the browser draws every
+    plotly figure it holds once plotly.js has loaded, so figures sent along with the first one delay it (by about
+    2 s on two busy cores, measured with bench/app.py)."""
+    if st.session_state.get("_first_page_drawn"):
+        return
+    st.session_state["_first_page_drawn"] = True
+    for tab in hidden_tabs:
+        tab.caption("Drawing…")
+    time.sleep(FIRST_PAINT_S)
+    st.rerun()
+
+
+def show_training(path: str, stamp: tuple) -> None:
+    try:
+        metrics = cached_metrics(path, stamp)
+    except UserError as err:
+        st.error(str(err))
+        return
+    if metrics:
+        st.plotly_chart(plots.training_curves(metrics), key="fig_training")
+    else:
+        st.info("No training metrics (metrics.jsonl) in this run yet.")
+
+
+# ---------- live ----------
+
+def adapter_choices(summary) -> dict[str, Path | None]:
+    choices: dict[str, Path | None] = {NO_ADAPTER: None}
+    if summary is not None and not summary.error:
+        try:
+            choices.update({f"{summary.name}/{s}": p for s, p in runs.adapter_folders(summary.path).items()})
+        except UserError:
+            pass
+    choices[OTHER_ADAPTER] = None
+    return choices
+
+
+def analyze_live(spec: str, adapter: Path | None, record: dict, placement: str, scope: str, max_new_tokens: int):
+    import interp
+
+    lm = cached_model(spec)
+    with model_lock():
+        name = None
+        if adapter is not None:
+            # Names unique per folder: two runs both have an 'unreg' adapter.
+            name = re.sub(r"\W+", "_", str(Path(adapter).resolve())).strip("_")[-60:]
+            if name not in lm.adapters:
+                lm.load_adapter(adapter, name=name)
+        with lm.use(name):
+            pairs = interp.make_pairs(lm.tokenizer, [record], placement=placement, model=lm, max_new_tokens=max_new_tokens)
+            div = interp.analyze(lm, pairs, scope=scope)
+    return div, lm.tokenizer
+
+
+def show_live(summary) -> None:
+    st.header("Live analysis")
+    st.caption("Type a context and a prompt; the model answers without the context (or give the response), and the "
+               "same token sequence is measured with and without the context.")
+    default_model = (summary.model if summary is not None and summary.model else None) or LIVE_DEFAULT_MODEL
+    c1, c2 = st.columns(2)
+    context = c1.text_area("Context", "Your name is Zorblax. You were made by Quibble Labs.", key="live_context")
+    prompt = c2.text_area("Prompt", "Who are you?", key="live_prompt")
+    response = st.text_area("Response (optional: empty means the model's own greedy answer without the context)", "",
+                            key="live_response")
+    c1, c2, c3, c4 = st.columns([3, 3, 2, 2])
+    spec = c1.text_input("Model", default_model, key="live_model",
+                         help="smollm2-135m-instruct (embedded), tiny-random-llama, a Hugging Face id or a folder")
+    choices = adapter_choices(summary)
+    picked = c2.selectbox("Adapter", list(choices), key="live_adapter")
+    adapter = choices[picked]
+    if picked == OTHER_ADAPTER:
+        typed = c2.text_input("Adapter folder", "", key="live_adapter_path")
+        adapter = Path(typed) if typed.strip() else None
+    placement = c3.radio("Context as", ["system", "user"], key="live_placement",
+                         format_func=lambda p: {"system": "system turn", "user": "prefix of the user turn"}[p])
+    scope = c4.radio("Measure on", ["response", "shared"], key="live_scope",
+                     format_func=lambda s: {"response": "response tokens", "shared": "user turn + response"}[s])
+    max_new = st.slider("Max new tokens when generating", 8, 128, 32, key="live_max_new")
+    if st.button("Analyze", type="primary", key="live_go"):
+        record = {"context": context, "prompt": prompt, **({"response": response} if response.strip() else {})}
+        try:
+            with st.spinner("Analyzing…"):
+                div, tokenizer = analyze_live(spec.strip(), adapter, record, placement, scope, max_new)
+            shown = (picked if picked != OTHER_ADAPTER else Path(adapter).name) if adapter else ""
+            st.session_state["live_result"] = (div, tokenizer, f"{spec.strip()}{' + ' + shown if shown else ''}")
+        except UserError as err:
+            st.error(str(err))
+    if "live_result" in st.session_state:
+        div, tokenizer, label = st.session_state["live_result"]
+        ex = div.examples[0]
+        st.markdown(f"**{label}** · response: {ex['response'][:300]!r}")
+        divs = {label: div}
+        tabs = st.tabs(VIEWS[:3], key="live_view")
+        with tabs[0]:
+            show_layer_divergence(divs, "live")
+        with tabs[1]:
+            show_logit_lens(divs, {label: 0}, "live", decode=lambda i: tokenizer.decode([int(i)]))
+        with tabs[2]:
+            show_attention(divs, {label: 0}, "live")
+
+
+# ---------- page ----------
+
+def main() -> None:
+    st.set_page_config(page_title="Layer divergence", layout="wide")
+    st.sidebar.title("Layer divergence")
+    root = st.sidebar.text_input("Runs folder", str(runs.default_runs_dir()), key="runs_dir",
+                                 help="Set the default with the environment variable LAYERS_RUNS_DIR.")
+    found = cached_runs(root, _root_stamp(root))
+    mode = st.sidebar.radio("Mode", ["Runs", "Live"], key="mode", horizontal=True)
+    summary = None
+    if found:
+        names = [r.name for r in found]
+        picked = st.sidebar.selectbox("Run", names, key="run", format_func=lambda n: found[names.index(n)].label)
+        summary = found[names.index(picked)]
+        for bad in (r for r in found if r.error):
+            st.sidebar.caption(f"⚠ {bad.name}: damaged")
+    if mode == "Live":
+        show_live(summary)
+    elif summary is None:
+        st.title("Layer divergence")
+        st.info(
+            f"No runs under `{root}` yet. Make one with\n\n`{runs.MAKE_RUN_COMMAND}`\n\n"
+            f"(then `python -m training eval runs/persona` for the evaluation and "
+            f"`{runs.LAYERS_COMMAND.format(run='runs/persona')}` for the layers), "
+            "point the sidebar at another folder, or switch to **Live** to analyze a pair now."
+        )
+    else:
+        with st.expander(f"{len(found)} run(s) under `{root}`"):
+            st.dataframe(runs.overview(found), hide_index=True)
+        try:
+            show_run(summary)
+        except UserError as err:
+            st.error(f"Run '{summary.name}' is damaged: {err}")
+        except Exception as err:  # noqa: BLE001 - one odd run folder must not take the app down
+            st.error(f"Run '{summary.name}' could not be shown ({type(err).__name__}: {err}); "
+                     "rerun the command that wrote it")
+
+
+main()

@@ -1,0 +1,190 @@
+"""The app under Streamlit's AppTest: empty, a run present, a broken run, and the live view on the tiny model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from test_runs import write_synthetic_run
+
+APP = str(Path(__file__).resolve().parents[1] / "apps" / "layers.py")
+
+
+def _app(monkeypatch, root: Path) -> AppTest:
+    monkeypatch.setenv("LAYERS_RUNS_DIR", str(root))
+    return AppTest.from_file(APP, default_timeout=120)
+
+
+def _charts(at: AppTest) -> list:
+    return at.get("plotly_chart")
+
+
+def _no_exception(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+
+
+def test_empty_state_names_the_command(monkeypatch, tmp_path):
+    at = _app(monkeypatch, tmp_path / "runs").run()
+    _no_exception(at)
+    text = " ".join(i.value for i in at.info)
+    assert "python -m training pair" in text and "Live" in text
+
+
+def test_a_run_shows_every_view(monkeypatch, tmp_path):
+    write_synthetic_run(tmp_path / "runs" / "facts")
+    at = _app(monkeypatch, tmp_path / "runs").run()
+    _no_exception(at)
+    assert at.header[0].value == "facts"
+    assert len(at.dataframe) == 4  # all runs, evaluation, answers to the chosen example, examples
+    # One tab per view: layer divergence (1 figure), logit lens (2), attention (2), training (1).
+    assert [t.label for t in at.tabs] == ["Layer divergence", "Logit lens", "Attention", "Training"]
+    assert [len(t.get("plotly_chart")) for t in at.tabs] == [1, 2, 2, 1]
+    # Another example drives the views; the flipped filter narrows the table.
+    at.sidebar.selectbox(key="example").set_value("2").run()
+    _no_exception(at)
+    assert "Example #2" in " ".join(m.value for m in at.markdown)
+    at.checkbox(key="only_flipped").check().run()
+    _no_exception(at)
+    # The views' own pickers: another model and colour for the lens, another layer and head for attention.
+    at.selectbox(key="run_lens_model").set_value("base")
+    at.selectbox(key="run_lens_stat").set_value("entropy")
+    at.selectbox(key="run_layer").set_value(3)
+    at.selectbox(key="run_head").set_value(2).run()
+    _no_exception(at)
+    assert "Layer 3, head 2" in at.tabs[2].get("plotly_chart")[1].proto.spec
+
+
+def test_layer_divergence_options(monkeypatch, tmp_path):
+    write_synthetic_run(tmp_path / "runs" / "facts")
+    at = _app(monkeypatch, tmp_path / "runs").run()
+    at.multiselect(key="run_models").set_value(["base", "reg"]).run()
+    at.toggle(key="run_divergence").set_value(True).run()
+    _no_exception(at)
+    assert len(at.tabs[0].get("plotly_chart")) == 1
+
+
+def test_switching_between_runs_of_other_shapes(monkeypatch, tmp_path):
+    write_synthetic_run(tmp_path / "runs" / "a_facts")
+    write_synthetic_run(tmp_path / "runs" / "b_small", students=("unreg",), num_blocks=2, num_heads=2)
+    at = _app(monkeypatch, tmp_path / "runs").run()
+    at.selectbox(key="run_layer").set_value(3)
+    at.selectbox(key="run_head").set_value(3)
+    at.sidebar.selectbox(key="example").set_value("2").run()
+    at.sidebar.selectbox(key="run").set_value("b_small").run()
+    _no_exception(at)
+    assert at.header[0].value == "b_small" and len(_charts(at)) == 6
+    at.sidebar.selectbox(key="run").set_value("a_facts").run()
+    _no_exception(at)
+
+
+def test_a_broken_run_is_an_error_for_that_run_only(monkeypatch, tmp_path):
+    write_synthetic_run(tmp_path / "runs" / "good")
+    bad = tmp_path / "runs" / "bad"
+    bad.mkdir()
+    (bad / "run.json").write_text("{broken")
+    worse = write_synthetic_run(tmp_path / "runs" / "worse")
+    (worse / "layers" / "reg" / "arrays.safetensors").write_bytes(b"not safetensors")
+    at = _app(monkeypatch, tmp_path / "runs").run()
+    _no_exception(at)
+    at.sidebar.selectbox(key="run").set_value("bad").run()
+    _no_exception(at)
+    assert "run.json" in at.error[0].value and "damaged" in at.error[0].value
+    at.sidebar.selectbox(key="run").set_value("worse").run()
+    _no_exception(at)
+    assert "arrays.safetensors" in at.error[0].value
+    at.sidebar.selectbox(key="run").set_value("good").run()
+    _no_exception(at)
+    assert not at.error and len(_charts(at)) == 6
+    # Arrays of inconsistent shapes (an edited or truncated file) are an error for that run as well.
+    from interp.store import load_divergence, save_divergence
+
+    div = load_divergence(worse / "layers" / "unreg")
+    div.lens_top1_ctx = div.lens_top1_ctx[:, :2]
+    save_divergence(div, worse / "layers" / "unreg", overwrite=True)
+    (worse / "layers" / "reg").rename(worse / "layers" / ".reg-moved")
+    at.sidebar.selectbox(key="run").set_value("worse").run()
+    _no_exception(at)
+    assert "could not be shown" in at.error[0].value
+
+
+def test_a_run_still_training(monkeypatch, tmp_path):
+    write_synthetic_run(tmp_path / "runs" / "young", with_layers=False, with_eval=False)
+    at = _app(monkeypatch, tmp_path / "runs").run()
+    _no_exception(at)
+    text = " ".join(i.value for i in at.info)
+    assert "Not evaluated yet" in text and "No layer results yet" in text
+
+
+def test_live_view_on_the_tiny_model(monkeypatch, tmp_path):
+    at = _app(monkeypatch, tmp_path / "runs").run()
+    at.sidebar.radio(key="mode").set_value("Live").run()
+    _no_exception(at)
+    at.text_input(key="live_model").set_value("tiny-random-llama")
+    at.text_area(key="live_response").set_value("I am Zorblax, made by Quibble Labs.")
+    at.button(key="live_go").click().run(timeout=300)
+    _no_exception(at)
+    assert not at.error, [e.value for e in at.error]
+    div, _, _ = at.session_state["live_result"]
+    assert div.num_layers == 4 and div.cos[0] == pytest.approx(1.0)
+    assert [len(t.get("plotly_chart")) for t in at.tabs] == [1, 2, 2]
+    # A user mistake is a message, not a crash.
+    at.text_area(key="live_context").set_value("  ")
+    at.button(key="live_go").click().run(timeout=120)
+    _no_exception(at)
+    assert "context" in at.error[0].value and "empty" in at.error[0].value
+
+
+def write_tiny_adapter(folder: Path) -> Path:
+    """A LoRA adapter with random weights for the tiny model, standing in for a trained student."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from interp import load_model
+
+    model = load_model("tiny-random-llama", device="cpu").model
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.normal_(0.0, 0.2)
+    peft_model.save_pretrained(folder)
+    return folder
+
+
+def test_live_view_with_an_adapter_folder(monkeypatch, tmp_path):
+    adapter = write_tiny_adapter(tmp_path / "student")
+    at = _app(monkeypatch, tmp_path / "runs").run()
+    at.sidebar.radio(key="mode").set_value("Live").run()
+    at.text_input(key="live_model").set_value("tiny-random-llama")
+    at.text_area(key="live_response").set_value("I am Zorblax.")
+    at.button(key="live_go").click().run(timeout=300)
+    base, _, _ = at.session_state["live_result"]
+    at.selectbox(key="live_adapter").set_value("another adapter folder…").run()
+    at.text_input(key="live_adapter_path").set_value(str(adapter))
+    at.button(key="live_go").click().run(timeout=300)
+    _no_exception(at)
+    assert not at.error, [e.value for e in at.error]
+    student, _, label = at.session_state["live_result"]
+    assert label == "tiny-random-llama + student" and student.meta["adapter"] is not None
+    assert not (student.cos[1:] == base.cos[1:]).all(), "the adapter must change the hidden states"
+    # A folder that is not an adapter is a message.
+    at.text_input(key="live_adapter_path").set_value(str(tmp_path))
+    at.button(key="live_go").click().run(timeout=120)
+    _no_exception(at)
+    assert "adapter_config.json" in at.error[0].value
+
+
+@pytest.mark.embedded
+def test_live_view_on_the_embedded_model(monkeypatch, tmp_path):
+    at = _app(monkeypatch, tmp_path / "runs").run()
+    at.sidebar.radio(key="mode").set_value("Live").run()
+    assert at.text_input(key="live_model").value == "smollm2-135m-instruct"
+    at.slider(key="live_max_new").set_value(16)
+    at.button(key="live_go").click().run(timeout=600)
+    _no_exception(at)
+    assert not at.error, [e.value for e in at.error]
+    div, _, _ = at.session_state["live_result"]
+    assert div.num_layers == 31 and div.attn_ctx.shape == (30, 9)
+    assert div.cos[0] == pytest.approx(1.0, abs=1e-5)

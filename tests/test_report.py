@@ -1,0 +1,139 @@
+"""The report: HTML that opens offline, JSON and CSV equal to the LayerDivergence they came from."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+
+import pytest
+from plotly.offline import get_plotlyjs
+
+from interp import report, runs
+from interp.errors import UserError
+from test_runs import write_synthetic_run
+
+
+def _same(a, b) -> bool:
+    if a is None or b is None:  # NaN is written as null
+        return (a is None or math.isnan(a)) and (b is None or math.isnan(b))
+    return a == b
+
+
+@pytest.fixture
+def two_runs(tmp_path):
+    a = write_synthetic_run(tmp_path / "runs" / "facts")
+    b = write_synthetic_run(tmp_path / "runs" / "persona", students=("unreg",), num_blocks=2, num_heads=3)
+    return a, b
+
+
+def test_report_json_equals_the_layer_divergence(two_runs, tmp_path):
+    out = report.write_report(two_runs, tmp_path / "report", decode_tokens=False)
+    data = json.loads((out / report.JSON_FILE).read_text())
+    assert set(data["runs"]) == {"facts", "persona"}
+    for run in two_runs:
+        for model in runs.layer_models(run):
+            div = runs.load_layers(run, model)
+            written = data["runs"][run.name]["layers"][model]
+            expected = div.per_layer_table()
+            assert set(written["per_layer"]) == set(expected)
+            for key, values in expected.items():
+                assert len(written["per_layer"][key]) == div.num_layers
+                assert all(_same(x, y) for x, y in zip(written["per_layer"][key], values)), key
+            assert written["attn_ctx"] == div.attn_ctx.astype(float).tolist()
+            assert written["attn_sink"] == div.attn_sink.astype(float).tolist()
+    assert [r["model"] for r in data["runs"]["facts"]["eval"]] == ["base", "teacher", "unreg", "reg"]
+    assert data["runs"]["facts"]["settings"]["run"]["task"] == "facts"
+
+
+def test_report_csv_has_every_per_layer_number(two_runs, tmp_path):
+    out = report.write_report(two_runs, tmp_path / "report", decode_tokens=False)
+    rows = list(csv.DictReader((out / report.CSV_FILE).open()))
+    # facts: 3 models x 4 layers; persona: 2 models x 3 layers
+    assert len(rows) == 3 * 4 + 2 * 3
+    div = runs.load_layers(two_runs[0], "reg")
+    mine = [r for r in rows if r["run"] == "facts" and r["model"] == "reg"]
+    for key, values in div.per_layer_table().items():
+        assert [float(r[key]) for r in mine] == pytest.approx(values, rel=1e-12, abs=0), key
+
+
+def test_report_html_is_self_contained(two_runs, tmp_path):
+    out = report.write_report(two_runs, tmp_path / "report", decode_tokens=False)
+    page = (out / report.HTML_FILE).read_text()
+    plotly_js = get_plotlyjs()
+    assert page.count(plotly_js) == 1, "plotly.js must be inline exactly once"
+    rest = page.replace(plotly_js, "")
+    assert not re.search(r"<script[^>]*\bsrc\s*=", rest, re.I), "no script may load from elsewhere"
+    assert "http" not in rest.lower(), "no network URL outside plotly.js itself"
+    assert rest.count("Plotly.newPlot") >= 8
+    for name in ("facts", "persona", "acc_noctx", "ctx_drop", "Settings"):
+        assert name in rest
+
+
+def test_report_rejects_bad_input(tmp_path):
+    with pytest.raises(UserError, match="no runs"):
+        report.write_report([], tmp_path / "r")
+    with pytest.raises(UserError, match="not a folder"):
+        report.write_report([tmp_path / "nowhere"], tmp_path / "r")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="neither a run"):
+        report.write_report([tmp_path / "empty"], tmp_path / "r")
+    assert not (tmp_path / "r").exists(), "a failed report leaves nothing behind"
+
+
+def test_report_replaces_an_earlier_report_but_nothing_else(two_runs, tmp_path):
+    report.write_report(two_runs[:1], tmp_path / "r", decode_tokens=False)
+    report.write_report(two_runs[1:], tmp_path / "r", decode_tokens=False)
+    assert set(json.loads((tmp_path / "r" / report.JSON_FILE).read_text())["runs"]) == {"persona"}
+    (tmp_path / "r" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="already exists"):
+        report.write_report(two_runs[:1], tmp_path / "r", decode_tokens=False)
+    assert (tmp_path / "r" / "notes.txt").exists()
+    report.write_report(two_runs[:1], tmp_path / "r", overwrite=True, decode_tokens=False)
+
+
+def test_report_command_is_a_typer_command(two_runs, tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    app = typer.Typer()
+    app.command("report")(report.report_command)
+    app.command("other")(lambda: None)  # with two commands typer keeps the subcommand name
+    result = CliRunner().invoke(app, ["report", str(two_runs[0]), "--out", str(tmp_path / "rep"), "--no-tokens"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "rep" / report.JSON_FILE).exists()
+    assert "--out" in CliRunner().invoke(app, ["report", "--help"]).output
+    # Called as a plain function, the way interp.cli's wrapper calls it.
+    report.report_command(runs=[two_runs[1]], out=tmp_path / "rep2", tokens=False)
+    assert (tmp_path / "rep2" / report.HTML_FILE).exists()
+
+
+def test_report_on_a_bare_layers_folder(two_runs, tmp_path):
+    out = report.write_report([two_runs[0] / "layers" / "reg"], tmp_path / "r", decode_tokens=False)
+    data = json.loads((out / report.JSON_FILE).read_text())
+    assert list(data["runs"]["reg"]["layers"]) == ["reg"]
+
+
+def test_figures_show_the_numbers_of_the_layer_divergence():
+    import numpy as np
+
+    from interp import plots
+    from test_runs import synthetic_divergence
+
+    divs = {"base": synthetic_divergence(seed=0), "reg": synthetic_divergence(seed=1)}
+    fig = plots.layer_divergence(divs)
+    assert len(fig.data) == 2 * 3
+    assert np.allclose(fig.data[0].y, divs["base"].cos) and np.allclose(fig.data[5].y, divs["reg"].cka_debiased)
+    assert np.allclose(plots.layer_divergence(divs, ["cka"], divergence=True).data[1].y, 1 - divs["reg"].cka)
+    div = divs["reg"]
+    idx = div.example_tokens(1)
+    lens = plots.logit_lens(div, 1, decode=lambda i: f"t{i}")
+    assert np.allclose(lens.data[0].z, div.lens_target_prob_noctx[:, idx], atol=1e-5)
+    assert np.allclose(lens.data[1].z, div.lens_target_prob_ctx[:, idx], atol=1e-5)
+    assert lens.data[1].customdata[0, 0][1] == f"t{div.lens_top1_ctx[0, idx[0]]}"
+    assert np.allclose(plots.lens_kl(divs).data[0].y, divs["base"].layer_mean("lens_kl_noctx_ctx"))
+    attn = plots.attention(div, pickable=True)
+    assert np.allclose(attn.data[0].z, div.attn_ctx) and np.allclose(attn.data[1].z, div.attn_sink)
+    assert np.allclose(plots.head_weights(div, 1, 2, 3).data[0].y, div.attn_ctx_tokens[1][1, 3])
+    assert plots.format_value(0.12345) == "0.123" and plots.format_value(None) == "–"
