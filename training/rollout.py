@@ -1,0 +1,135 @@
+"""Rollouts: the student samples responses without the context; the samples become aligned pairs and padded batches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from interp.generate import generate
+from interp.models import LoadedModel
+from interp.pairs import Pair, PromptPair, pair_from_ids
+
+
+def sample(
+    lm: LoadedModel,
+    prompt_pairs: Sequence[PromptPair],
+    *,
+    max_new_tokens: int = 32,
+    temperature: float = 1.0,
+    seed: int | None = None,
+    batch_size: int = 16,
+) -> list[list[int]]:
+    """Sample one response per prompt from `lm` *without* the context, batched with the KV cache.
+
+    The stop token is kept, so the losses also teach the student where to stop.
+    """
+    return generate(
+        lm,
+        [pp.noctx_ids for pp in prompt_pairs],
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        batch_size=batch_size,
+        seed=seed,
+        keep_stop=True,
+    )
+
+
+def rollout(lm: LoadedModel, examples, prompt_pairs: Sequence[PromptPair], placement: str, **options) -> list[Pair]:
+    """Sample responses without the context and pair each with its with-context twin (same response tokens)."""
+    responses = sample(lm, prompt_pairs, **options)
+    tok = lm.tokenizer
+    return [
+        pair_from_ids(pp, ids, ex.context, ex.prompt, tok.decode(ids, skip_special_tokens=True), placement)
+        for ex, pp, ids in zip(examples, prompt_pairs, responses)
+    ]
+
+
+@dataclass
+class Side:
+    """Right-padded sequences plus where their response-predicting logits sit.
+
+    `keep` is how many trailing positions the model must return logits for; `positions[b, t]` indexes into those
+    kept logits the position that predicts response token t of row b (padded rows point at 0 and are masked).
+    """
+
+    input_ids: torch.Tensor  # [B, L]
+    attention_mask: torch.Tensor  # [B, L]
+    positions: torch.Tensor  # [B, R]
+    keep: int
+
+    def to(self, device) -> "Side":
+        return Side(self.input_ids.to(device), self.attention_mask.to(device), self.positions.to(device), self.keep)
+
+
+@dataclass
+class Batch:
+    noctx: Side
+    ctx: Side
+    mask: torch.Tensor  # [B, R], 1 for real response tokens
+    response_lens: list[int]
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.mask.sum())
+
+    def to(self, device) -> "Batch":
+        return Batch(self.noctx.to(device), self.ctx.to(device), self.mask.to(device), self.response_lens)
+
+
+def make_side(sequences: Sequence[Sequence[int]], response_lens: Sequence[int], pad_id: int) -> Side:
+    """Right-pad `sequences` (each ending in its response). Right padding needs no position ids: causal attention
+    keeps the trailing pads from touching real tokens."""
+    width = max(len(s) for s in sequences)
+    r_max = max(response_lens)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(sequences), width), dtype=torch.long)
+    starts = []
+    for row, (seq, r) in enumerate(zip(sequences, response_lens)):
+        ids[row, : len(seq)] = torch.tensor(list(seq), dtype=torch.long)
+        attn[row, : len(seq)] = 1
+        starts.append(len(seq) - r - 1)  # position t-1 predicts token t: the first response token is predicted here
+    lo = min(starts)
+    positions = torch.zeros((len(sequences), r_max), dtype=torch.long)
+    for row, (start, r) in enumerate(zip(starts, response_lens)):
+        positions[row, :r] = torch.arange(start, start + r) - lo
+    return Side(ids, attn, positions, keep=width - lo)
+
+
+def collate(pairs: Sequence[Pair], pad_id: int) -> Batch:
+    """One training batch from aligned pairs: both sides right-padded, one response mask shared by both."""
+    lens = [p.response_len for p in pairs]
+    mask = torch.zeros((len(pairs), max(lens)), dtype=torch.float32)
+    for row, r in enumerate(lens):
+        mask[row, :r] = 1.0
+    noctx = make_side([p.noctx_ids for p in pairs], lens, pad_id)
+    ctx = make_side([p.ctx_ids for p in pairs], lens, pad_id)
+    return Batch(noctx, ctx, mask, lens)
+
+
+def response_logits(model, side: Side) -> torch.Tensor:
+    """Logits at the positions that predict the response tokens: [B, R, V]. Only the trailing `keep` positions go
+    through the unembedding, which on a 49k vocabulary saves most of its cost."""
+    out = model(input_ids=side.input_ids, attention_mask=side.attention_mask, logits_to_keep=side.keep, use_cache=False)
+    logits = out.logits
+    index = side.positions.unsqueeze(-1).expand(-1, -1, logits.shape[-1])
+    return logits.gather(1, index)
+
+
+def both_sides(noctx: Side, ctx: Side, pad_id: int) -> Side:
+    """The no-context and with-context rows stacked into one batch (one forward pass instead of two)."""
+    width = max(noctx.input_ids.shape[1], ctx.input_ids.shape[1])
+
+    def widen(side: Side) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        extra = width - side.input_ids.shape[1]
+        ids = torch.nn.functional.pad(side.input_ids, (0, extra), value=pad_id)
+        attn = torch.nn.functional.pad(side.attention_mask, (0, extra), value=0)
+        # Positions were relative to the side's first kept column; make them relative to the joint one.
+        return ids, attn, side.positions + (width - extra - side.keep)
+
+    keep = max(noctx.keep + width - noctx.input_ids.shape[1], ctx.keep + width - ctx.input_ids.shape[1])
+    a, b = widen(noctx), widen(ctx)
+    lo = width - keep
+    positions = torch.cat([a[2], b[2]]) - lo
+    return Side(torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]]), positions, keep)
