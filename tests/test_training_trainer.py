@@ -170,6 +170,13 @@ def test_bad_settings(tmp_path, change, match):
         train(cfg(tmp_path, **change), progress=False)
 
 
+@pytest.mark.parametrize("name", ["reg_lam0.1", "base", "teacher"])
+def test_student_names_that_cannot_be_adapters(tmp_path, name):
+    with pytest.raises(UserError, match=f"the student folder name '{name}' cannot be used"):
+        train(cfg(tmp_path, name), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 def test_nan_loss_stops_with_the_checkpoint_intact(tmp_path, monkeypatch):
     import training.trainer as trainer
 

@@ -179,6 +179,10 @@ def _print_main(text: str) -> None:
 
 
 def main() -> None:
+    import warnings
+
+    # peft asks transformers a deprecated question on every adapter load; the answer is right, the warning is noise.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     try:
         app()
     except UserError as err:

@@ -124,15 +124,16 @@ def evaluate_run(
     examples = task.test[:n] if n else task.test
     names = students(run_dir, run.get("students", []))
     lm = lm or load_model(run["model"])
+    adapter = {name: name.replace(".", "_") for name in names}  # torch module names cannot hold a dot
     for name in names:  # check every adapter before spending minutes on generation
-        lm.load_adapter(run_dir / name, name=name)
+        lm.load_adapter(run_dir / name, name=adapter[name])
 
     options = dict(max_new_tokens=max_new_tokens, batch_size=batch_size)
     with lm.use(None):
         base = answer(lm, examples, placement, **options)
     answers = {"base": base, "teacher": base}  # the teacher is the base model read with the context
     for name in names:
-        with lm.use(name):
+        with lm.use(adapter[name]):
             answers[name] = answer(lm, examples, placement, **options)
 
     teacher_acc_ctx = sum(base.correct_ctx) / len(examples)
@@ -169,9 +170,9 @@ def _csv(rows: list[dict]) -> str:
 def format_table(report: dict) -> str:
     """The evaluation as a fixed-width table, one row per model."""
     head = f"{report['task']} · {report['model']} · {report['split']} split, n={report['n']}"
-    cols = ["model", *METRICS]
-    lines = [head, "  ".join(f"{c:>10}" if i else f"{c:<12}" for i, c in enumerate(cols))]
+    width = max(12, *(len(name) for name in report["models"]))
+    lines = [head, "  ".join([f"{'model':<{width}}"] + [f"{c:>10}" for c in METRICS])]
     for name, m in report["models"].items():
-        cells = [f"{name:<12}"] + [f"{'–' if m[k] is None else format(m[k], '.2f'):>10}" for k in METRICS]
+        cells = [f"{name:<{width}}"] + [f"{'–' if m[k] is None else format(m[k], '.2f'):>10}" for k in METRICS]
         lines.append("  ".join(cells))
     return "\n".join(lines)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -177,7 +177,3 @@ def load_task(name: str, seed: int = 0, n_test: int | None = 40, test_share: flo
     k = round(len(unique) * test_share) if n_test is None else n_test
     k = max(1, min(k, len(unique) // 2))
     return Task(name=name, description=description, train=unique[k:], test=unique[:k], placement=placement)
-
-
-def example_to_json(example: Example) -> dict:
-    return asdict(example)

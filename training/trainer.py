@@ -9,7 +9,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,7 +19,7 @@ from interp.models import EMBEDDED, LoadedModel, load_model
 from interp.pairs import PLACEMENTS, render_prompt_pair
 from interp.store import atomic_dir, atomic_write_json, atomic_write_text, read_json
 from training.losses import consistency_kl, lam_at, reverse_kl
-from training.rollout import both_sides, collate, response_logits, rollout
+from training.rollout import collate, response_logits, rollout
 from training.tasks import Task, load_task
 
 TEACHERS = ("base", "live")
@@ -96,6 +96,9 @@ def validate(cfg: TrainConfig) -> None:
         (0 <= cfg.ema_decay < 1, f"--ema-decay must be in [0, 1) (got {cfg.ema_decay})"),
         (cfg.checkpoint_every >= 0, f"--checkpoint-every must be ≥ 0 (got {cfg.checkpoint_every}); 0 turns checkpoints off"),
         (cfg.placement is None or cfg.placement in PLACEMENTS, f"unknown placement '{cfg.placement}'; use one of {', '.join(PLACEMENTS)}"),
+        # The folder name becomes the adapter's name when the run is evaluated, and torch module names cannot hold a dot.
+        ("." not in Path(cfg.out).name and Path(cfg.out).name not in ("", "base", "teacher"),
+         f"the student folder name '{Path(cfg.out).name}' cannot be used: pick a name without dots that is not base or teacher (e.g. reg_lam01)"),
     ]
     for ok, message in checks:
         if not ok:
@@ -356,12 +359,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
             # A fixed anchor goes first: the EMA one swaps weights in place, which must not happen inside the graph.
             anchor = fixed_anchor_logits(cfg.anchor, peft_model, batch, ema) if lam > 0 and cfg.anchor != "student" else None
             model.train()
-            need_ctx = lam > 0 or cfg.teacher == "live"
-            if need_ctx:
-                logits = response_logits(model, both_sides(batch.noctx, batch.ctx, pad_id))
-                s_noctx, s_ctx = logits.split(len(pairs))
-            else:
-                s_noctx, s_ctx = response_logits(model, batch.noctx), None
+            s_noctx = response_logits(model, batch.noctx)
+            # Two passes rather than one stacked batch: the no-context rows are shorter and would be padded.
+            s_ctx = response_logits(model, batch.ctx) if lam > 0 or cfg.teacher == "live" else None
             with torch.no_grad():
                 if cfg.teacher == "base":
                     with peft_model.disable_adapter():

@@ -1,0 +1,98 @@
+"""Time one training step (rollout included) of ours against TRL's SDFTTrainer on the same job; print the ratios.
+
+Same model, batch, rollout length, LoRA r=16 on all linear layers, top-k support, base model as teacher with the
+context, temperature 1. Each trainer runs one warm-up step and then `--steps` timed ones; medians are compared.
+The last line is `step_vs_trl=<ours/TRL> reg_overhead=<ours λ>0 / ours λ=0>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from training.tasks import load_task
+from training.trainer import TrainConfig, train
+
+
+def ours(args, lam: float, root: Path) -> list[float]:
+    cfg = TrainConfig(
+        task=args.task, model=args.model, out=str(root / f"ours-lam{lam:g}" / "student"), steps=1 + args.steps,
+        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, top_k=args.top_k, lam=lam,
+        placement="user", checkpoint_every=0, lora_r=16, lora_alpha=32,
+    )
+    result = train(cfg, progress=False)
+    lines = [json.loads(x) for x in (result.out / "metrics.jsonl").read_text().splitlines()]
+    return [x["step_s"] for x in lines[1:]]
+
+
+def trl(args, root: Path) -> list[float]:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl.experimental.sdft import SDFTConfig, SDFTTrainer
+
+    from interp.models import load_model
+
+    lm = load_model(args.model, attn_implementation="eager")
+    task = load_task(args.task)
+    data = Dataset.from_list(
+        [{"prompt": [{"role": "user", "content": e.prompt}], "privileged_context": e.context} for e in task.train]
+    )
+
+    class Timer(TrainerCallback):
+        def __init__(self):
+            self.times, self.t0 = [], 0.0
+
+        def on_step_begin(self, *a, **k):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            self.times.append(time.perf_counter() - self.t0)
+
+    timer = Timer()
+    config = SDFTConfig(
+        output_dir=str(root / "trl"), per_device_train_batch_size=args.batch_size, num_generations=1,
+        max_completion_length=args.max_new_tokens, max_steps=1 + args.steps, learning_rate=2e-4,
+        temperature=1.0, top_k=0, distillation_mode="topk_logits", distillation_topk=args.top_k, distillation_alpha=1.0,
+        teacher_model_kind="base", logging_steps=1, report_to=[], save_strategy="no", use_cpu=not torch.cuda.is_available(),
+        bf16=False, seed=0, disable_tqdm=True,
+    )
+    trainer = SDFTTrainer(
+        model=lm.model, args=config, train_dataset=data, processing_class=lm.tokenizer, callbacks=[timer],
+        peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
+    trainer.train()
+    return timer.times[1:]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--task", default="persona")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--top-k", type=int, default=100, help="TRL's default top-k support")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per trainer, after one warm-up step")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        # TRL first and ours last would favour neither: the machine's load is what it is; medians damp the noise.
+        t_trl = trl(args, root)
+        t_ours = ours(args, 0.0, root)
+        t_reg = ours(args, 1.0, root)
+    med = {name: statistics.median(t) for name, t in (("ours_lam0", t_ours), ("ours_lam1", t_reg), ("trl_sdft", t_trl))}
+    print(f"model={args.model} batch={args.batch_size} new_tokens={args.max_new_tokens} top_k={args.top_k} lora_r=16 threads={torch.get_num_threads()}")
+    for name, value in med.items():
+        print(f"{name}_step_s={value:.2f}")
+    print(f"step_vs_trl={med['ours_lam0'] / med['trl_sdft']:.2f} reg_overhead={med['ours_lam1'] / med['ours_lam0']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
