@@ -186,9 +186,7 @@ def analyze_run(
     lm = load_model(run.get("model", "smollm2-135m-instruct"), device=device)
     written = {}
     for name in wanted:
-        if name != "base":
-            lm.load_adapter(run_dir / name, name=name)
-        lm.set_adapter(None if name == "base" else name)
+        lm.set_adapter(None if name == "base" else lm.load_adapter(run_dir / name))
         records = [
             {"context": r["context"], "prompt": r["prompt"], "response": r["response_noctx"]}
             for r in rows

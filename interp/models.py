@@ -131,7 +131,8 @@ class LoadedModel:
     def load_adapter(self, path: str | os.PathLike, name: str | None = None) -> str:
         """Load a peft LoRA folder on top of the base weights and make it active; returns its name."""
         path = Path(path)
-        name = name or path.name
+        # peft stores adapters as submodules, and module names cannot contain ".".
+        name = (name or path.name).replace(".", "_")
         check_adapter(path, self)
         from peft import PeftModel
 

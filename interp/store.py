@@ -91,9 +91,9 @@ def read_json(path: str | os.PathLike):
         raise UserError(f"{path} is damaged (not valid JSON: {err}); rerun the command that wrote it") from err
 
 
-def read_jsonl(path: str | os.PathLike, required: tuple[str, ...] = ()) -> list[dict]:
-    """Records from a JSONL file, each an object whose `required` fields are non-empty strings; a bad line is an
-    error naming the file and the line.
+def read_jsonl(path: str | os.PathLike, required: tuple[str, ...] = (), check=None) -> list[dict]:
+    """Records from a JSONL file, each an object whose `required` fields are non-empty strings; `check(record)` may
+    raise UserError for more. A bad line is an error naming the file and the line.
     """
     path = Path(path)
     if not path.is_file():
@@ -111,6 +111,11 @@ def read_jsonl(path: str | os.PathLike, required: tuple[str, ...] = ()) -> list[
         for key in required:
             if not isinstance(record.get(key), str) or not record[key].strip():
                 raise UserError(f"{path}, line {i}: missing or empty field '{key}'")
+        if check is not None:
+            try:
+                check(record)
+            except UserError as err:
+                raise UserError(f"{path}, line {i}: {err}") from None
         records.append(record)
     if not records:
         raise UserError(f"{path} has no records")

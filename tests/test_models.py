@@ -101,3 +101,13 @@ def test_embedded_model_conversion_in_a_fresh_cache(tmp_path, monkeypatch, smol)
     assert torch.allclose(_logits(fresh, ids), _logits(smol, ids))
     monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
     assert models.embedded_model_dir() == folder
+
+
+def test_adapter_folder_with_a_dot_in_its_name(adapters, tmp_path):
+    import shutil
+
+    dotted = tmp_path / "reg_lam0.1"
+    shutil.copytree(adapters / "a1", dotted)
+    lm = load_model("tiny-random-llama", device="cpu")
+    name = lm.load_adapter(dotted)
+    assert name == "reg_lam0_1" and lm.active_adapter == "reg_lam0_1"

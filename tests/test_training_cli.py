@@ -69,4 +69,4 @@ def test_two_processes(tmp_path):
     # each process rolled out its own 2 examples: the logged token count is the mean over processes
     assert (out / "adapter_model.safetensors").exists()
     state = __import__("torch").load(next((out / "checkpoints").iterdir()) / "state.pt", weights_only=False)
-    assert state["step"] == 1 and len(state["rng"]) == 2  # one RNG state per process
+    assert state["step"] == 2 and len(state["rng"]) == 2  # the last step, one RNG state per process

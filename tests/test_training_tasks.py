@@ -68,7 +68,7 @@ def test_jsonl_suite(tmp_path):
     "bad,match",
     [
         ("{not json", "line 2: not valid JSON"),
-        ('{"context": "c", "prompt": "p"}', "line 2: 'answer' is missing"),
+        ('{"context": "c", "prompt": "p"}', "line 2: missing or empty field 'answer'"),
         ('{"context": "c", "prompt": "p", "answer": "a", "verifier": "fuzzy"}', "line 2: unknown verifier"),
         ('{"context": "c", "prompt": "p", "answer": "(", "verifier": "regex"}', "line 2: the regex"),
         ('["c", "p", "a"]', "line 2: expected a JSON object"),

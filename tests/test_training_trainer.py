@@ -135,8 +135,14 @@ def test_resume_ends_where_an_uninterrupted_run_does(tmp_path, monkeypatch):
 def test_resume_with_other_settings_is_refused(tmp_path):
     c = cfg(tmp_path, "s", steps=1, checkpoint_every=1)
     train(c, progress=False)
-    with pytest.raises(UserError, match="has no checkpoint to resume"):
+    with pytest.raises(UserError, match="is already at step 1; pass --steps above 1"):
         train(c, resume=True, progress=False)
+    train(cfg(tmp_path, "s", steps=2, checkpoint_every=1), resume=True, progress=False)  # extending a finished run
+    assert [p.name for p in checkpoints(tmp_path / "run" / "s")] == ["step-000002"]
+    unsaved = cfg(tmp_path, "u", steps=1, checkpoint_every=0)
+    train(unsaved, progress=False)
+    with pytest.raises(UserError, match="has no checkpoint to resume"):
+        train(unsaved, resume=True, progress=False)
     c2 = cfg(tmp_path, "s", steps=2, checkpoint_every=1, lam=0.5)
     with pytest.raises(UserError, match="trained with lam=0.0 but this command says lam=0.5"):
         train(c2, resume=True, progress=False)

@@ -150,11 +150,9 @@ def evaluate_run(
 
 
 def analyze_layers(run_dir: Path) -> bool:
-    """Hand the run to interp's per-layer analysis when that is installed; returns whether it ran."""
-    try:
-        from interp.analysis import analyze_run
-    except ImportError:
-        return False
+    """Hand the run to interp's per-layer analysis (writes run_dir/layers/<model>/); returns whether it ran."""
+    from interp.analysis import analyze_run
+
     analyze_run(run_dir)
     return True
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import itertools
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from interp.errors import UserError
+from interp.store import read_jsonl
 from training.verifiers import check_kind, verify
 
 
@@ -136,25 +136,9 @@ def load_jsonl(path: str | Path) -> list[Example]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"task file {path} does not exist; give a JSONL file or one of: {', '.join(SUITES)}")
-    out = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path} line {n}: not valid JSON ({err.msg})") from None
-        if not isinstance(record, dict):
-            raise UserError(f"{path} line {n}: expected a JSON object with context, prompt, answer")
-        for key in ("context", "prompt", "answer"):
-            if not isinstance(record.get(key), str) or not record[key].strip():
-                raise UserError(f"{path} line {n}: '{key}' is missing or not a non-empty string")
-        kind = record.get("verifier", "contains")
-        try:
-            check_kind(kind, record["answer"])
-        except UserError as err:
-            raise UserError(f"{path} line {n}: {err}") from None
-        out.append(Example(record["context"], record["prompt"], record["answer"], kind))
+    records = read_jsonl(path, required=("context", "prompt", "answer"),
+                         check=lambda r: check_kind(r.get("verifier", "contains"), r["answer"]))
+    out = [Example(r["context"], r["prompt"], r["answer"], r.get("verifier", "contains")) for r in records]
     if len(out) < 2:
         raise UserError(f"{path} has {len(out)} example(s); a suite needs at least 2 (one to train on, one to test)")
     return out

@@ -19,7 +19,7 @@ from interp.models import EMBEDDED, LoadedModel, load_model
 from interp.pairs import PLACEMENTS, render_prompt_pair
 from interp.store import atomic_dir, atomic_write_json, atomic_write_text, read_json
 from training.losses import consistency_kl, lam_at, reverse_kl
-from training.rollout import collate, response_logits, rollout
+from training.rollout import both_sides, collate, response_logits, rollout
 from training.tasks import Task, load_task
 
 TEACHERS = ("base", "live")
@@ -359,9 +359,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
             # A fixed anchor goes first: the EMA one swaps weights in place, which must not happen inside the graph.
             anchor = fixed_anchor_logits(cfg.anchor, peft_model, batch, ema) if lam > 0 and cfg.anchor != "student" else None
             model.train()
-            s_noctx = response_logits(model, batch.noctx)
-            # Two passes rather than one stacked batch: the no-context rows are shorter and would be padded.
-            s_ctx = response_logits(model, batch.ctx) if lam > 0 or cfg.teacher == "live" else None
+            need_ctx = lam > 0 or cfg.teacher == "live"
+            if need_ctx:
+                logits = response_logits(model, both_sides(batch.noctx, batch.ctx, pad_id))
+                s_noctx, s_ctx = logits.split(len(pairs))
+            else:
+                s_noctx, s_ctx = response_logits(model, batch.noctx), None
             with torch.no_grad():
                 if cfg.teacher == "base":
                     with peft_model.disable_adapter():
@@ -414,7 +417,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(row) + "\n")
                 bar.set_postfix(loss=f"{row['loss']:.3f}", opd=f"{row['L_opd']:.3f}", cons="-" if row["L_cons"] is None else f"{row['L_cons']:.3f}", lam=f"{lam:g}", tok_s=f"{row['tokens_per_s']:.0f}")
-            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            # The last step is checkpointed too, so that `--resume --steps N` can extend a finished run.
+            if cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
                 rngs = _gather_rng(accelerator)
                 if accelerator.is_main_process:
                     save_checkpoint(out, step + 1, peft_model, optimizer, scheduler, ema, rngs)
