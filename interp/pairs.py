@@ -167,9 +167,9 @@ def pair_from_ids(prompt_pair: PromptPair, response_ids: Sequence[int], context:
     return Pair(ctx_ids, noctx_ids, shared_len, len(response_ids), prompt_pair.ctx_span, context, prompt, response, placement)
 
 
-def _field(record, name: str, line: int | None):
-    value = record.get(name) if isinstance(record, Mapping) else getattr(record, name, None)
-    return value
+def _field(record, name: str):
+    """A record's field, whether the record is a mapping or an object with attributes."""
+    return record.get(name) if isinstance(record, Mapping) else getattr(record, name, None)
 
 
 def make_pairs(
@@ -195,7 +195,7 @@ def make_pairs(
         raise UserError("no records to analyze; give at least one context/prompt pair")
     prompts, responses = [], []
     for i, record in enumerate(records, 1):
-        context, prompt = _field(record, "context", i), _field(record, "prompt", i)
+        context, prompt = _field(record, "context"), _field(record, "prompt")
         for name, value in (("context", context), ("prompt", prompt)):
             if not isinstance(value, str) or not value.strip():
                 raise UserError(f"record {i}: the {name} is missing or empty")
@@ -203,8 +203,8 @@ def make_pairs(
             prompts.append(render_prompt_pair(tokenizer, context, prompt, placement, chat_template))
         except UserError as err:
             raise UserError(f"record {i}: {err}") from None
-        ids = _field(record, "response_ids", i)
-        text = _field(record, "response", i)
+        ids = _field(record, "response_ids")
+        text = _field(record, "response")
         if ids is not None:
             responses.append(list(ids))
         elif isinstance(text, str) and text:
@@ -224,10 +224,10 @@ def make_pairs(
 
     pairs = []
     for i, (record, pp, ids) in enumerate(zip(records, prompts, responses), 1):
-        text = _field(record, "response", i)
+        text = _field(record, "response")
         text = text if isinstance(text, str) and text else tokenizer.decode(ids)
         try:
-            pair = pair_from_ids(pp, ids, _field(record, "context", i), _field(record, "prompt", i), text, placement)
+            pair = pair_from_ids(pp, ids, _field(record, "context"), _field(record, "prompt"), text, placement)
         except UserError as err:
             raise UserError(f"record {i}: {err}") from None
         if max_length is not None and len(pair.ctx_ids) > max_length:
