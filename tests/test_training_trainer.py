@@ -233,3 +233,15 @@ def test_batch_that_does_not_fit_in_memory(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer, "response_logits", no_memory)
     with pytest.raises(UserError, match="does not fit in memory.*lower --batch-size"):
         train(cfg(tmp_path, steps=1), progress=False)
+
+
+def test_live_teacher_without_regularizer_matches_base_teacher_at_the_first_step(tmp_path):
+    # peft starts LoRA with B = 0, so before the first update the live student is the base model: both teachers
+    # score the same rollout identically, and the first step's L_opd must agree.
+    first = {}
+    for teacher in ("base", "live"):
+        train(cfg(tmp_path, f"t_{teacher}", steps=1, teacher=teacher, lam=0.0), progress=False)
+        rows = (tmp_path / "run" / f"t_{teacher}" / "metrics.jsonl").read_text().splitlines()
+        first[teacher] = json.loads(rows[0])["L_opd"]
+    assert first["live"] == pytest.approx(first["base"], rel=1e-5, abs=1e-7)
+    assert first["base"] > 0

@@ -359,8 +359,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
             # A fixed anchor goes first: the EMA one swaps weights in place, which must not happen inside the graph.
             anchor = fixed_anchor_logits(cfg.anchor, peft_model, batch, ema) if lam > 0 and cfg.anchor != "student" else None
             model.train()
-            need_ctx = lam > 0 or cfg.teacher == "live"
-            if need_ctx:
+            # The with-context rows join the graph only when L_cons needs their gradient.
+            if lam > 0:
                 logits = response_logits(model, both_sides(batch.noctx, batch.ctx, pad_id))
                 s_noctx, s_ctx = logits.split(len(pairs))
             else:
@@ -370,7 +370,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
                     with peft_model.disable_adapter():
                         t_ctx = response_logits(peft_model, batch.ctx)
                 else:  # live: the student itself with the context, as a fixed target this step
-                    t_ctx = s_ctx.detach()
+                    t_ctx = s_ctx.detach() if s_ctx is not None else response_logits(model, batch.ctx)
 
             # 3. losses
             L_opd = reverse_kl(s_noctx, t_ctx, batch.mask, cfg.top_k)
