@@ -334,6 +334,33 @@ def show_live(summary) -> None:
             show_attention(divs, {label: 0}, "live")
 
 
+# ---------- a study ----------
+
+def show_study(results_root: str) -> None:
+    """A study's grid: mean ± sd over seeds per suite and student, and the frontier plot."""
+    root = Path(results_root)
+    studies = sorted(p.name for p in root.iterdir() if runs.is_study(p)) if root.is_dir() else []
+    if not studies:
+        st.title("Study")
+        st.info(f"No study results under `{root}` yet. Run one with\n\n`python -m training study studies/smoke.toml` "
+                "(a minute on the tiny model) or `studies/removability.toml`.")
+        return
+    name = st.sidebar.selectbox("Study", studies, key="study")
+    try:
+        data = runs.read_study(root / name)
+    except UserError as err:
+        st.error(f"Study '{name}' could not be read: {err}")
+        return
+    st.header(f"Study {name}")
+    st.caption(f"model **{data.get('model')}** · {data.get('steps')} steps · seeds {data.get('seeds')} · "
+               "mean ± sd over seeds; each cell's 95% bootstrap intervals are in study.json")
+    st.dataframe(runs.study_rows(data), hide_index=True)
+    y = st.radio("Frontier: y axis", ["degenerate_ctx", "harm", "ctx_drop"], horizontal=True, key="study_y")
+    st.plotly_chart(plots.frontier_figure(data, y=y), key="fig_study_frontier")
+    st.caption("x: follow_cf, the share of answers that follow a counterfactual context (the student still listens). "
+               "Top left is the goal: it listens, and the context does not break it. ◆ base model and teacher.")
+
+
 # ---------- page ----------
 
 def main() -> None:
@@ -342,7 +369,7 @@ def main() -> None:
     root = st.sidebar.text_input("Runs folder", str(runs.default_runs_dir()), key="runs_dir",
                                  help="Set the default with the environment variable LAYERS_RUNS_DIR.")
     found = cached_runs(root, _root_stamp(root))
-    mode = st.sidebar.radio("Mode", ["Runs", "Live"], key="mode", horizontal=True)
+    mode = st.sidebar.radio("Mode", ["Runs", "Study", "Live"], key="mode", horizontal=True)
     summary = None
     if found:
         names = [r.name for r in found]
@@ -352,6 +379,8 @@ def main() -> None:
             st.sidebar.caption(f"⚠ {bad.name}: damaged")
     if mode == "Live":
         show_live(summary)
+    elif mode == "Study":
+        show_study(st.sidebar.text_input("Results folder", os.environ.get("LAYERS_RESULTS_DIR", "results"), key="results_dir"))
     elif summary is None:
         st.title("Layer divergence")
         st.info(

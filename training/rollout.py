@@ -20,14 +20,16 @@ def sample(
     temperature: float = 1.0,
     seed: int | None = None,
     batch_size: int = 16,
+    side: str = "noctx",
 ) -> list[list[int]]:
-    """Sample one response per prompt from `lm` *without* the context, batched with the KV cache.
+    """Sample one response per prompt from `lm` without the context (`side="ctx"`: with it), batched with the KV
+    cache.
 
     The stop token is kept, so the losses also teach the student where to stop.
     """
     return generate(
         lm,
-        [pp.noctx_ids for pp in prompt_pairs],
+        [pp.noctx_ids if side == "noctx" else pp.ctx_ids for pp in prompt_pairs],
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         batch_size=batch_size,
@@ -37,7 +39,8 @@ def sample(
 
 
 def rollout(lm: LoadedModel, examples, prompt_pairs: Sequence[PromptPair], placement: str, **options) -> list[Pair]:
-    """Sample responses without the context and pair each with its with-context twin (same response tokens)."""
+    """Sample responses (without the context unless `side="ctx"`) and pair each with its twin on the other side
+    (same response tokens)."""
     responses = sample(lm, prompt_pairs, **options)
     tok = lm.tokenizer
     return [
@@ -69,13 +72,14 @@ class Batch:
     ctx: Side
     mask: torch.Tensor  # [B, R], 1 for real response tokens
     response_lens: list[int]
+    targets: torch.Tensor  # [B, R] the response tokens (0 where padded)
 
     @property
     def n_tokens(self) -> int:
         return int(self.mask.sum())
 
     def to(self, device) -> "Batch":
-        return Batch(self.noctx.to(device), self.ctx.to(device), self.mask.to(device), self.response_lens)
+        return Batch(self.noctx.to(device), self.ctx.to(device), self.mask.to(device), self.response_lens, self.targets.to(device))
 
 
 def make_side(sequences: Sequence[Sequence[int]], response_lens: Sequence[int], pad_id: int) -> Side:
@@ -101,11 +105,13 @@ def collate(pairs: Sequence[Pair], pad_id: int) -> Batch:
     """One training batch from aligned pairs: both sides right-padded, one response mask shared by both."""
     lens = [p.response_len for p in pairs]
     mask = torch.zeros((len(pairs), max(lens)), dtype=torch.float32)
-    for row, r in enumerate(lens):
+    targets = torch.zeros((len(pairs), max(lens)), dtype=torch.long)
+    for row, (r, p) in enumerate(zip(lens, pairs)):
         mask[row, :r] = 1.0
+        targets[row, :r] = torch.tensor(p.response_ids, dtype=torch.long)
     noctx = make_side([p.noctx_ids for p in pairs], lens, pad_id)
     ctx = make_side([p.ctx_ids for p in pairs], lens, pad_id)
-    return Batch(noctx, ctx, mask, lens)
+    return Batch(noctx, ctx, mask, lens, targets)
 
 
 def response_logits(model, side: Side) -> torch.Tensor:
