@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -45,8 +46,11 @@ def test_smoke_study_killed_and_resumed_ends_like_an_uninterrupted_one(tmp_path)
     per_seed = [c["scores"]["drift"] for c in data["cells"] if c["suite"] == "persona" and c["student"] == "unreg"]
     assert unreg["drift"]["mean"] == pytest.approx(sum(per_seed) / 2) and unreg["drift"]["n"] == 2
     assert len(data["paired"]) == 4 and all(p["vs"] == "unreg" for p in data["paired"])
+    from plotly.offline import get_plotlyjs
+
     html = (tmp_path / "a" / "results" / "smoke" / "frontier.html").read_text()
-    assert "plotly" in html.lower() and "Removability frontier" in html and "https://cdn" not in html
+    assert html.count(get_plotlyjs()) == 1 and "Removability frontier" in html  # plotly.js inline: opens offline
+    assert not re.search(r"<script[^>]*\bsrc\s*=", html.replace(get_plotlyjs(), ""), re.I)
 
     # the same study killed in the middle of its third cell, then run again
     runs, results = tmp_path / "b" / "runs", tmp_path / "b" / "results"
@@ -63,7 +67,9 @@ def test_smoke_study_killed_and_resumed_ends_like_an_uninterrupted_one(tmp_path)
     assert "done" in again.stdout  # the plan shows the finished cells it skips
     data_b, csv_b = _summary(results)
     assert csv_b == csv_whole
-    assert [c["scores"] for c in data_b["cells"]] == [c["scores"] for c in data["cells"]]
+    # a resumed cell matches to float rounding (its weights to 1e-6), so its verdicts are the same and KLs agree closely
+    for b, a in zip(data_b["cells"], data["cells"]):
+        assert b["scores"] == pytest.approx(a["scores"], rel=1e-5, abs=1e-7)
 
     # a third run finds nothing to do
     t0 = time.time()

@@ -196,3 +196,39 @@ def test_every_setting_has_a_flag():
         opts = {o for p in command.commands[name].params for o in p.opts}
         for f in fields(TrainConfig):
             assert "--" + f.name.replace("_", "-") in opts, (name, f.name)
+
+
+def test_a_shared_context_prefix_gives_the_same_logits_and_gradients(setup):
+    from training.rollout import MIN_SHARED_PREFIX, prefix_cache
+
+    peft, side = setup["peft"], setup["batch"].ctx
+    assert side.prefix >= MIN_SHARED_PREFIX  # the template and the persona card
+    params = [p for p in peft.parameters() if p.requires_grad]
+    results = []
+    for share in (False, True):
+        peft.zero_grad(set_to_none=True)
+        logits = response_logits(peft, side, share_prefix=share)
+        (logits.float().log_softmax(-1)[..., :50].exp().sum() * 1e-2).backward()
+        results.append((logits.detach(), [p.grad.clone() for p in params]))
+    peft.zero_grad(set_to_none=True)
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-4, atol=1e-4)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-6)
+    # a frozen teacher's prefix, encoded once and reused
+    with torch.no_grad(), peft.disable_adapter():
+        kv = prefix_cache(peft, side)
+        torch.testing.assert_close(response_logits(peft, side, kv=kv), setup["b_ctx"], rtol=1e-4, atol=1e-4)
+
+
+def test_losses_with_the_teacher_prefix_cached_equal_the_plain_ones(setup):
+    cfg = TrainConfig(**{**setup["cfg"].__dict__, "lam": 0.5})
+    with torch.no_grad():
+        cache = {}
+        first = micro_losses(setup["peft"], setup["peft"], None, cfg, setup["batch"], setup["pad"], 0.5, None, cache)
+        assert len(cache) == 1
+        again = micro_losses(setup["peft"], setup["peft"], None, cfg, setup["batch"], setup["pad"], 0.5, None, cache)
+        plain = micro_losses(setup["peft"], setup["peft"], None, TrainConfig(**{**cfg.__dict__, "gradient_checkpointing": True}),
+                             setup["batch"], setup["pad"], 0.5, None, None)  # checkpointing turns sharing off
+    for k in ("L_opd", "L_cons", "loss"):
+        assert float(first[k]) == pytest.approx(float(plain[k]), rel=1e-4)
+        assert float(again[k]) == float(first[k])

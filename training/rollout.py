@@ -61,9 +61,10 @@ class Side:
     attention_mask: torch.Tensor  # [B, L]
     positions: torch.Tensor  # [B, R]
     keep: int
+    prefix: int = 0  # leading columns identical in every row and before every response: encoded once, shared
 
     def to(self, device) -> "Side":
-        return Side(self.input_ids.to(device), self.attention_mask.to(device), self.positions.to(device), self.keep)
+        return Side(self.input_ids.to(device), self.attention_mask.to(device), self.positions.to(device), self.keep, self.prefix)
 
 
 @dataclass
@@ -98,7 +99,16 @@ def make_side(sequences: Sequence[Sequence[int]], response_lens: Sequence[int], 
     positions = torch.zeros((len(sequences), r_max), dtype=torch.long)
     for row, (start, r) in enumerate(zip(starts, response_lens)):
         positions[row, :r] = torch.arange(start, start + r) - lo
-    return Side(ids, attn, positions, keep=width - lo)
+    return Side(ids, attn, positions, keep=width - lo, prefix=min(_common_prefix(sequences), lo))
+
+
+def _common_prefix(sequences: Sequence[Sequence[int]]) -> int:
+    """Length of the token prefix every sequence shares (the template and a shared context, typically)."""
+    first, n = sequences[0], min(len(s) for s in sequences)
+    for i in range(n):
+        if any(s[i] != first[i] for s in sequences[1:]):
+            return i
+    return n
 
 
 def collate(pairs: Sequence[Pair], pad_id: int) -> Batch:
@@ -114,10 +124,35 @@ def collate(pairs: Sequence[Pair], pad_id: int) -> Batch:
     return Batch(noctx, ctx, mask, lens, targets)
 
 
-def response_logits(model, side: Side) -> torch.Tensor:
+# Below this many shared tokens, a second forward call costs more than it saves.
+MIN_SHARED_PREFIX = 32
+
+
+def prefix_cache(model, side: Side) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Keys and values of every layer for the side's shared prefix, encoded once: [(k, v)], each [1, heads, P, d]."""
+    out = model(input_ids=side.input_ids[:1, : side.prefix], use_cache=True)
+    return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+
+
+def response_logits(model, side: Side, *, share_prefix: bool = False, kv: list | None = None) -> torch.Tensor:
     """Logits at the positions that predict the response tokens: [B, R, V]. Only the trailing `keep` positions go
-    through the unembedding, which on a 49k vocabulary saves most of its cost."""
-    out = model(input_ids=side.input_ids, attention_mask=side.attention_mask, logits_to_keep=side.keep, use_cache=False)
+    through the unembedding, which on a 49k vocabulary saves most of its cost.
+
+    `share_prefix`: the prefix every row shares (a long system prompt) is encoded once and broadcast to the batch,
+    its gradient flowing through that one encoding; `kv` gives that prefix's keys and values already encoded (a
+    frozen teacher's, computed once per run). Same logits as encoding every row whole, to float tolerance."""
+    B = side.input_ids.shape[0]
+    if (share_prefix or kv is not None) and side.prefix >= MIN_SHARED_PREFIX and (B > 1 or kv is not None):
+        from transformers import DynamicCache
+
+        kv = kv if kv is not None else prefix_cache(model, side)
+        cache = DynamicCache(ddp_cache_data=[(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in kv])
+        P, L = side.prefix, side.input_ids.shape[1]
+        position_ids = torch.arange(P, L, device=side.input_ids.device).expand(B, -1)
+        out = model(input_ids=side.input_ids[:, P:], attention_mask=side.attention_mask, position_ids=position_ids,
+                    past_key_values=cache, logits_to_keep=side.keep, use_cache=False)
+    else:
+        out = model(input_ids=side.input_ids, attention_mask=side.attention_mask, logits_to_keep=side.keep, use_cache=False)
     logits = out.logits
     index = side.positions.unsqueeze(-1).expand(-1, -1, logits.shape[-1])
     return logits.gather(1, index)

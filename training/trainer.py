@@ -22,7 +22,7 @@ from interp.runs import RunInfo, add_student
 from interp.store import atomic_dir, atomic_write_json, atomic_write_text, read_json
 from training.config import RESUMABLE, TrainConfig
 from training.losses import consistency_kl, cross_entropy, evidence_mask, forward_kl, lam_at, masked_mean, reverse_kl
-from training.rollout import Batch, both_sides, collate, response_logits, rollout
+from training.rollout import MIN_SHARED_PREFIX, Batch, both_sides, collate, prefix_cache, response_logits, rollout
 from training.tasks import Task, load_task
 
 __all__ = ["TrainConfig", "TrainResult", "TrainingError", "train", "validate"]
@@ -286,6 +286,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
     if accelerator.is_main_process:
         _truncate_metrics(metrics_path, step0)
 
+    teacher_kv: dict = {}  # the frozen teacher's encoding of a shared context prefix, computed once
     bar = tqdm(range(step0, cfg.steps), initial=step0, total=cfg.steps, desc=out.name, disable=not (progress and accelerator.is_main_process))
     last, times = {}, []
     with out_of_memory_is_a_user_error(cfg):
@@ -302,7 +303,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
 
             # 2-3. forward passes and losses, micro-batch by micro-batch; gradients add up to the full batch's
             model.train()
-            parts = step_losses(model, peft_model, teacher_lm, cfg, pairs, pad_id, lam, ema, accelerator)
+            parts = step_losses(model, peft_model, teacher_lm, cfg, pairs, pad_id, lam, ema, accelerator, teacher_kv)
 
             loss = parts["loss"]
             if bool(accelerator.reduce(torch.tensor(0.0 if math.isfinite(loss) else 1.0, device=accelerator.device), "max")):
@@ -406,7 +407,8 @@ def sample_rollouts(student: LoadedModel, peft_model, teacher_lm, cfg: TrainConf
     return pairs, guided
 
 
-def step_losses(model, peft_model, teacher_lm, cfg: TrainConfig, pairs, pad_id: int, lam: float, ema, accelerator) -> dict:
+def step_losses(model, peft_model, teacher_lm, cfg: TrainConfig, pairs, pad_id: int, lam: float, ema, accelerator,
+                teacher_kv: dict | None = None) -> dict:
     """Forward, losses and backward over micro-batches of `cfg.batch_size` pairs. Each micro-batch's token sums
     are divided by the whole batch's token count, so the accumulated gradient equals one pass over all pairs."""
     micro = [pairs[i : i + cfg.batch_size] for i in range(0, len(pairs), cfg.batch_size)]
@@ -415,7 +417,7 @@ def step_losses(model, peft_model, teacher_lm, cfg: TrainConfig, pairs, pad_id: 
     for chunk in micro:
         batch = collate(chunk, pad_id).to(accelerator.device)
         weight = batch.n_tokens / total
-        parts = micro_losses(model, peft_model, teacher_lm, cfg, batch, pad_id, lam, ema)
+        parts = micro_losses(model, peft_model, teacher_lm, cfg, batch, pad_id, lam, ema, teacher_kv)
         accelerator.backward(parts["loss"] * weight)
         for k in sums:
             value = parts.get(k)
@@ -427,26 +429,43 @@ def step_losses(model, peft_model, teacher_lm, cfg: TrainConfig, pairs, pad_id: 
     return sums
 
 
-def micro_losses(model, peft_model, teacher_lm, cfg: TrainConfig, batch: Batch, pad_id: int, lam: float, ema) -> dict:
-    """The losses of one micro-batch (token means over its response tokens): L_opd, L_cons and their sum."""
+def micro_losses(model, peft_model, teacher_lm, cfg: TrainConfig, batch: Batch, pad_id: int, lam: float, ema,
+                 teacher_kv: dict | None = None) -> dict:
+    """The losses of one micro-batch (token means over its response tokens): L_opd, L_cons and their sum.
+
+    With a long context shared by the batch (`batch.ctx.prefix` tokens), the context is encoded once: once per
+    micro-batch for the student (its gradient flows through that one encoding), and once per run for a frozen
+    teacher (`teacher_kv` caches its keys and values by prefix)."""
     B = batch.mask.shape[0]
+    share = batch.ctx.prefix >= MIN_SHARED_PREFIX and not cfg.gradient_checkpointing
     # A fixed anchor goes first: the EMA one swaps weights in place, which must not happen inside the graph.
     anchor = fixed_anchor_logits(cfg.anchor, peft_model, batch, ema) if lam > 0 and cfg.anchor != "student" else None
     # The with-context rows join the graph only when L_cons needs their gradient.
-    if lam > 0:
+    if lam > 0 and not share:  # one stacked pass: the no-context rows are padded to the with-context length
         s_noctx, s_ctx = response_logits(model, both_sides(batch.noctx, batch.ctx, pad_id)).split(B)
+    elif lam > 0:  # two passes, the shared context encoded once
+        s_noctx = response_logits(model, batch.noctx, share_prefix=True)
+        s_ctx = response_logits(model, batch.ctx, share_prefix=True)
     else:
-        s_noctx, s_ctx = response_logits(model, batch.noctx), None
+        s_noctx, s_ctx = response_logits(model, batch.noctx, share_prefix=share), None
     mask = batch.mask
+    live = cfg.teacher == "live" and teacher_lm is None
     with torch.no_grad():
-        if cfg.teacher == "live" and teacher_lm is None and s_ctx is not None:
+        if live and s_ctx is not None:
             t_ctx = s_ctx.detach()  # the live student with the context, as a fixed target this step
         else:
             with teacher_weights(peft_model, teacher_lm, cfg.teacher == "live") as m:
-                t_ctx = response_logits(m, batch.ctx)
-                t_noctx = response_logits(m, batch.noctx) if cfg.evidence_mask is not None else None
+                kv = None
+                if share and not live and teacher_kv is not None:  # frozen weights: the prefix's encoding never changes
+                    key = tuple(batch.ctx.input_ids[0, : batch.ctx.prefix].tolist())
+                    if key not in teacher_kv:
+                        teacher_kv.clear()  # one context at a time is the common case; keep memory flat
+                        teacher_kv[key] = prefix_cache(m, batch.ctx)
+                    kv = teacher_kv[key]
+                t_ctx = response_logits(m, batch.ctx, share_prefix=share, kv=kv)
+                t_noctx = response_logits(m, batch.noctx, share_prefix=share) if cfg.evidence_mask is not None else None
         if cfg.evidence_mask is not None:
-            if cfg.teacher == "live" and teacher_lm is None and s_ctx is not None:
+            if live and s_ctx is not None:
                 t_noctx = s_noctx.detach()
             mask = evidence_mask(t_ctx, t_noctx, batch.targets, batch.mask, cfg.evidence_mask)
     t_ctx, s_noctx_v = _same_vocab(t_ctx, s_noctx)
