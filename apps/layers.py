@@ -22,6 +22,15 @@ LIVE_DEFAULT_MODEL = "smollm2-135m-instruct"
 # Seconds the hidden views wait on a session's first page (see draw_first_view_first).
 FIRST_PAINT_S = float(os.environ.get("LAYERS_FIRST_PAINT_S", "1.5"))
 NO_ADAPTER = "none (base model)"
+# What the empty states tell a user to run.
+MAKE_RUN_COMMAND = "python -m training pair --task persona --steps 30 --out runs/persona"
+LAYERS_COMMAND = "python -m interp analyze-run {run}"
+
+
+def overview(summaries: list) -> list[dict]:
+    """One row per run for the run picker: what it is, what it has so far, or what is wrong with it."""
+    return [{"run": r.name, "task": r.task, "model": r.model, "students": ", ".join(r.students),
+             "evaluated": r.has_eval, "layers": ", ".join(r.layer_models), "error": r.error or ""} for r in summaries]
 OTHER_ADAPTER = "another adapter folder…"
 
 
@@ -204,7 +213,7 @@ def show_run(summary) -> None:
             st.session_state["example"] = table[0]["example"]
         st.sidebar.selectbox("Example", list(by_id), key="example", format_func=lambda e: example_label(by_id[e]))
     if not divs:
-        st.info(f"No layer results yet. Write them with `{runs.LAYERS_COMMAND.format(run=path)}`.")
+        st.info(f"No layer results yet. Write them with `{LAYERS_COMMAND.format(run=path)}`.")
         if st.toggle("Show training curves", key="show_training"):
             show_training(path, stamp)
     else:
@@ -384,14 +393,14 @@ def main() -> None:
     elif summary is None:
         st.title("Layer divergence")
         st.info(
-            f"No runs under `{root}` yet. Make one with\n\n`{runs.MAKE_RUN_COMMAND}`\n\n"
+            f"No runs under `{root}` yet. Make one with\n\n`{MAKE_RUN_COMMAND}`\n\n"
             f"(then `python -m training eval runs/persona` for the evaluation and "
-            f"`{runs.LAYERS_COMMAND.format(run='runs/persona')}` for the layers), "
+            f"`{LAYERS_COMMAND.format(run='runs/persona')}` for the layers), "
             "point the sidebar at another folder, or switch to **Live** to analyze a pair now."
         )
     else:
         with st.expander(f"{len(found)} run(s) under `{root}`"):
-            st.dataframe(runs.overview(found), hide_index=True)
+            st.dataframe(overview(found), hide_index=True)
         try:
             show_run(summary)
         except UserError as err:

@@ -43,9 +43,6 @@ EVAL_METRICS = ("acc_noctx", "acc_ctx", "harm", "help", "len_ratio", "ctx_drop",
 EVAL_TABLE = ("acc_noctx", "acc_ctx", "harm", "ctx_drop", "degenerate_ctx", "truncated_ctx", "len_ratio", "follow_cf", "drift")
 # Models that are not students: always listed first.
 REFERENCE_MODELS = ("base", "teacher")
-# What the empty states tell a user to run.
-MAKE_RUN_COMMAND = "python -m training pair --task persona --steps 60 --out runs/persona"
-LAYERS_COMMAND = "python -m interp analyze-run {run}"
 
 
 def default_runs_dir() -> Path:
@@ -89,12 +86,6 @@ def list_runs(root: str | os.PathLike) -> list[RunSummary]:
     if not root.is_dir():
         return []
     return [summarize(p) for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".") and is_run(p)]
-
-
-def overview(summaries: list[RunSummary]) -> list[dict]:
-    """One row per run for the run picker: what it is, what it has so far, or what is wrong with it."""
-    return [{"run": r.name, "task": r.task, "model": r.model, "students": ", ".join(r.students),
-             "evaluated": r.has_eval, "layers": ", ".join(r.layer_models), "error": r.error or ""} for r in summaries]
 
 
 def summarize(path: str | os.PathLike) -> RunSummary:
