@@ -22,6 +22,7 @@ LIVE_DEFAULT_MODEL = "smollm2-135m-instruct"
 # Seconds the hidden views wait on a session's first page (see draw_first_view_first).
 FIRST_PAINT_S = float(os.environ.get("LAYERS_FIRST_PAINT_S", "1.5"))
 NO_ADAPTER = "none (base model)"
+OTHER_ADAPTER = "another adapter folder…"
 # What the empty states tell a user to run.
 MAKE_RUN_COMMAND = "python -m training pair --task persona --steps 30 --out runs/persona"
 LAYERS_COMMAND = "python -m interp analyze-run {run}"
@@ -31,7 +32,6 @@ def overview(summaries: list) -> list[dict]:
     """One row per run for the run picker: what it is, what it has so far, or what is wrong with it."""
     return [{"run": r.name, "task": r.task, "model": r.model, "students": ", ".join(r.students),
              "evaluated": r.has_eval, "layers": ", ".join(r.layer_models), "error": r.error or ""} for r in summaries]
-OTHER_ADAPTER = "another adapter folder…"
 
 
 # ---------- cached reading: runs refresh when their files change, models load once per process ----------
