@@ -117,15 +117,12 @@ def resolve(cfg: TrainConfig, task: Task) -> TrainConfig:
 
 def batch_indices(step: int, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> list[int]:
     """Training-example indices for `step` on process `rank`: a fresh seeded permutation every epoch, so the order
-    is a pure function of (seed, step) and a resumed run sees exactly the data it would have seen."""
-    out = []
+    is a pure function of (seed, step) and a resumed run sees exactly the data it would have seen. Each epoch's
+    permutation is computed once and cached, so a step costs O(batch_size) after the first step of an epoch."""
+    from training.order import epoch_permutation
+
     start = step * batch_size * world + rank * batch_size
-    for p in range(start, start + batch_size):
-        epoch, i = divmod(p, n)
-        perm = list(range(n))
-        random.Random(seed * 1_000_003 + epoch).shuffle(perm)
-        out.append(perm[i])
-    return out
+    return [epoch_permutation(seed, epoch, n)[i] for epoch, i in (divmod(p, n) for p in range(start, start + batch_size))]
 
 
 # --- checkpoints -----------------------------------------------------------------------------------------------------
