@@ -44,12 +44,17 @@ def analyze(
     the response tokens (`scope="response"`, the positions the training losses score) or every shared token
     (`scope="shared"`: user turn and response). Batches are padded; the numbers equal one pair at a time.
     `attention=False` or `lens=False` skip those measures (their arrays are NaN). `remote=True` (nnsight only)
-    runs the traces on NDIF.
+    runs the traces on NDIF, on the model and adapter named by their Hugging Face ids (`interp.remote`); what NDIF
+    cannot load by id is refused before any work, and the artifact names what ran remotely.
     """
     capture = get_backend(backend)
+    target = None
     if remote:
+        from interp.remote import remote_target
+
         if backend != "nnsight":
             raise UserError(f"remote execution needs the nnsight backend, not '{backend}'")
+        target = remote_target(lm)
         capture = functools.partial(capture, remote=True)
     if scope not in SCOPES:
         raise UserError(f"unknown scope '{scope}'; use one of {', '.join(SCOPES)}")
@@ -146,9 +151,10 @@ def analyze(
         attn_ctx_tokens=attn_ctx_tokens,
         examples=[_describe(lm.tokenizer, p, tokens[examples_of == i], targets[examples_of == i]) for i, p in enumerate(pairs)],
         meta={
-            "model": lm.spec,
+            "model": lm.spec if target is None else target.model_id,
             "adapter": lm.active_adapter,
-            "adapter_path": lm.adapters.get(lm.active_adapter) if lm.active_adapter else None,
+            "adapter_path": lm.adapters.get(lm.active_adapter) if target is None and lm.active_adapter else (target and target.adapter_id),
+            **({"remote": "ndif"} if target is not None else {}),
             "backend": backend,
             "scope": scope,
             "padding": padding,

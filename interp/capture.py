@@ -160,8 +160,10 @@ def capture_nnsight(lm, batch: Batch, attention: bool = True, remote: bool = Fal
         traced = _nnsight_model(lm)
     b = _to(batch, lm.device)
     blocks = decoder_layers(model)
-    block_envoys = [_envoy(traced, model, layer) for layer in blocks]
-    attn_envoys = [_envoy(traced, model, attention_module(layer, model)) for layer in blocks] if attention else []
+    # Module paths are the same on the remote model: nnsight attaches the adapter in place, as peft does here.
+    root = inner_model(model) if remote else model
+    block_envoys = [_envoy(traced, root, layer) for layer in blocks]
+    attn_envoys = [_envoy(traced, root, attention_module(layer, model)) for layer in blocks] if attention else []
     hidden, attn = [], []
     # The trace body runs inside nnsight; values leave it through `.save()`, and module values must be requested in
     # the order the model computes them (block 0's input, then per block its attention, then its output).

@@ -169,6 +169,7 @@ class LoadedModel:
     spec: str
     peft: object | None = None
     adapters: dict[str, str] = field(default_factory=dict)
+    hub_adapters: dict[str, str] = field(default_factory=dict)  # name -> Hugging Face id, for adapters loaded by id
     _disabled: bool = field(default=False, init=False, repr=False)
 
     @property
@@ -188,11 +189,16 @@ class LoadedModel:
         return self.peft.active_adapter
 
     def load_adapter(self, path: str | os.PathLike, name: str | None = None) -> str:
-        """Load a peft LoRA folder on top of the base weights and make it active; returns its name."""
+        """Load a peft LoRA folder (or a Hugging Face adapter id, org/name) on top of the base weights and make it
+        active; returns its name. An adapter loaded by hub id can also be sent to NDIF (`interp.remote`)."""
+        from interp.remote import is_hub_id
+
+        hub = is_hub_id(str(path))
         path = Path(path)
         # peft stores adapters as submodules, and module names cannot contain ".".
         name = (name or path.name).replace(".", "_")
-        check_adapter(path, self)
+        if not hub:
+            check_adapter(path, self)
         from peft import PeftModel
 
         try:
@@ -202,8 +208,12 @@ class LoadedModel:
                 self.peft.load_adapter(str(path), adapter_name=name, is_trainable=False)
         except RuntimeError as err:  # shape mismatches surface here
             raise UserError(f"adapter {path} does not fit model '{self.spec}': {str(err).splitlines()[0]}") from err
+        except (OSError, ValueError) as err:  # a hub id that does not resolve
+            raise UserError(f"could not load adapter '{path}': {str(err).splitlines()[0][:160]}") from err
         self.model.eval()
         self.adapters[name] = str(path)
+        if hub:
+            self.hub_adapters[name] = str(path)
         self.set_adapter(name)
         return name
 
