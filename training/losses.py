@@ -12,9 +12,10 @@ def masked_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (per_token * mask).sum() / mask.sum().clamp_min(1.0)
 
 
-# Positions per chunk when `chunk` is None: one fp32 [chunk, vocab] block is then at most 2**24 floats (64 MiB),
-# about 1,365 positions at a 49k vocabulary and 512 at 128k, whatever the batch and response lengths.
-CHUNK_FLOATS = 2**24
+# Positions per chunk when `chunk` is None: one fp32 [chunk, vocab] block is then at most 2**22 floats (16 MiB),
+# 85 positions at a 49k vocabulary and 32 at 128k, whatever the batch and response lengths; a handful of such
+# blocks are alive at once, in the forward and in the backward.
+CHUNK_FLOATS = 2**22
 
 
 def _chunk_rows(chunk: int | None, vocab: int) -> int:
@@ -70,12 +71,19 @@ class _ChunkedKL(torch.autograd.Function):
             f, logp, logq, support = _kl_rows(a[sl], b[sl], ctx.top_k)
             p = logp.exp()
             g = (grad * mask[sl])[:, None]  # the upstream gradient of each row
-            in_k = p if support is None else torch.zeros_like(p).scatter_(-1, support, p.gather(-1, support))
+            # In-place arithmetic: a handful of [chunk, V] fp32 blocks live at once, not one per term.
+            if support is None:  # K = V, P = 1
+                if want_a:
+                    grad_a[sl].copy_(logp.sub(logq).sub_(f[:, None]).mul_(p).mul_(g))
+                if want_b:
+                    grad_b[sl].copy_(logq.exp_().sub_(p).mul_(g))
+                continue
+            in_k = torch.zeros_like(p).scatter_(-1, support, p.gather(-1, support))
             mass = in_k.sum(-1, keepdim=True)  # P
             if want_a:
-                grad_a[sl] = (g * (in_k * (logp - logq + 1.0) - p * (f[:, None] + mass))).to(a.dtype)
+                grad_a[sl].copy_(logp.sub(logq).add_(1.0).mul_(in_k).sub_(p * (f[:, None] + mass)).mul_(g))
             if want_b:
-                grad_b[sl] = (g * (logq.exp() * mass - in_k)).to(b.dtype)
+                grad_b[sl].copy_(logq.exp_().mul_(mass).sub_(in_k).mul_(g))
         return grad_a, grad_b, None, None, None
 
 
@@ -93,7 +101,7 @@ def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask:
 
     With `top_k` the sum runs over the student's top-k tokens only, without renormalizing (as OPCD does);
     k equal to the vocabulary size gives the full value. Computed in float32 over chunks of `chunk` positions
-    (default: as many as fit 64 MiB of fp32 log-probabilities), never for the whole batch at once.
+    (default: as many as fit 16 MiB of fp32 log-probabilities), never for the whole batch at once.
     """
     return _chunked_kl_mean(student_logits, teacher_logits, mask, top_k, chunk)
 
