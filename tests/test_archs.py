@@ -161,10 +161,10 @@ def test_bf16_capture_close_to_fp32(records):
     for name in ("cos", "cka", "cka_debiased", "attn_ctx"):
         x, y = getattr(a, name), getattr(b, name)
         assert np.isfinite(y).all(), name
-        np.testing.assert_allclose(y, x, atol=3e-2, err_msg=name)
+        np.testing.assert_allclose(y, x, atol=5e-3, err_msg=name)  # measured: at most 9e-4
     kl_a, kl_b = a.layer_mean("lens_kl_noctx_ctx"), b.layer_mean("lens_kl_noctx_ctx")
     assert np.isfinite(kl_b).all() and b.lens_entropy_ctx.dtype == np.float32
-    np.testing.assert_allclose(kl_b, kl_a, atol=3e-2, rtol=0.2)
+    np.testing.assert_allclose(kl_b, kl_a, atol=1e-3, rtol=1e-2)  # measured: 2e-4
     assert a.cka.dtype == np.float64
 
 
