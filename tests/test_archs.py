@@ -178,3 +178,43 @@ def test_sdpa_model_switches_to_eager_only_inside_capture(records):
     assert with_attn.attn_ctx is not None and without.attn_ctx is None
     # sdpa and eager compute the same function: the states agree to rounding.
     torch.testing.assert_close(with_attn.hidden, without.hidden, atol=1e-5, rtol=0)
+
+
+def test_peft_wrapped_models_use_the_same_map():
+    from peft import LoraConfig, get_peft_model
+
+    from interp.archs import decoder_layers, embeddings, unembed
+
+    lm = load_model("tiny-random-gemma3", device="cpu")
+    plain = {f(lm.model) for f in (decoder_layers, embeddings, final_norm, unembed)}
+    wrapped = get_peft_model(lm.model, LoraConfig(r=2, target_modules="all-linear"))
+    assert inner_model(wrapped) is lm.model
+    assert {f(wrapped) for f in (decoder_layers, embeddings, final_norm, unembed)} == plain
+    assert softcap(wrapped) == 2.0 and arch_of(wrapped).family == "gemma3"
+
+
+def test_transformer_lens_refusal_is_one_line(monkeypatch, records):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    def refuse(*args, **kwargs):
+        raise ValueError("Could not determine supported architecture from config.\nAvailable architectures: [...]")
+
+    lm = load_model("tiny-random-olmo2", device="cpu")
+    monkeypatch.setattr(TransformerBridge, "boot_transformers", refuse)
+    batch = make_batch(make_pairs(lm.tokenizer, records[:1]), "ctx")
+    with pytest.raises(UserError) as err:
+        get_backend("transformer_lens")(lm, batch)
+    assert "does not support Olmo2ForCausalLM" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_cli_dtype_and_tiny_specs(tmp_path, capsys):
+    from interp.cli import main
+    from interp.store import load_divergence
+
+    args = ["analyze", "--model", "tiny-random-gpt2", "--backend", "torch", "--device", "cpu", "--dtype", "bf16",
+            "--context", "Your name is Nova.", "--prompt", "Who are you?", "--response", "I am Nova.", "--out", str(tmp_path / "a")]
+    assert main(args) == 0
+    div = load_divergence(tmp_path / "a")
+    assert div.meta["model"] == "tiny-random-gpt2" and np.isfinite(div.cka).all()
+    assert main(["analyze", "--model", "tiny-random-gpt2", "--dtype", "fp8", "--context", "c", "--prompt", "p", "--response", "r"]) == 2
+    assert "auto, fp32, bf16 or fp16" in capsys.readouterr().err
