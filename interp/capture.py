@@ -135,9 +135,9 @@ def capture_torch(lm, batch: Batch, attention: bool = True) -> Captured:
     return _stack(hidden, attn if attention else None)
 
 
-def _envoy(root_envoy, root: torch.nn.Module, module: torch.nn.Module):
-    """The nnsight envoy of `module`, found by its dotted path under `root` (any architecture's layout)."""
-    path = next(name for name, m in root.named_modules() if m is module)
+def _envoy(root_envoy, paths: dict, module: torch.nn.Module):
+    """The nnsight envoy of `module`, found by its dotted path (`paths`: id -> name under the root) in any layout."""
+    path = paths[id(module)]
     envoy = root_envoy
     for part in path.split(".") if path else []:
         envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
@@ -161,9 +161,9 @@ def capture_nnsight(lm, batch: Batch, attention: bool = True, remote: bool = Fal
     b = _to(batch, lm.device)
     blocks = decoder_layers(model)
     # Module paths are the same on the remote model: nnsight attaches the adapter in place, as peft does here.
-    root = inner_model(model) if remote else model
-    block_envoys = [_envoy(traced, root, layer) for layer in blocks]
-    attn_envoys = [_envoy(traced, root, attention_module(layer, model)) for layer in blocks] if attention else []
+    paths = {id(m): name for name, m in (inner_model(model) if remote else model).named_modules()}
+    block_envoys = [_envoy(traced, paths, layer) for layer in blocks]
+    attn_envoys = [_envoy(traced, paths, attention_module(layer, model)) for layer in blocks] if attention else []
     hidden, attn = [], []
     # The trace body runs inside nnsight; values leave it through `.save()`, and module values must be requested in
     # the order the model computes them (block 0's input, then per block its attention, then its output).
