@@ -129,12 +129,11 @@ def unchunked_losses(s_noctx, s_ctx, t_ctx, mask):
 def loss_child(kind: str) -> None:
     """Peak memory of one loss forward+backward on bf16 logits at a 49k vocabulary, in this fresh process.
 
-    Measured as the growth of the process's maximum resident set (getrusage) over the loss: exact for a peak,
-    where sampling the resident set from a thread can miss short-lived blocks. The logits are drawn directly in
-    bf16, so no fp32 temporary raises the baseline.
+    Measured as the kernel's high-water mark of the resident set (VmHWM), reset just before the loss: exact for a
+    peak, where sampling the resident set from a thread can miss short-lived blocks (getrusage's maximum would not
+    do either: a child started by exec inherits its parent's). The logits are drawn directly in bf16, so no fp32
+    temporary raises the baseline.
     """
-    import resource
-
     from training.losses import consistency_kl, reverse_kl
 
     B, R, V = 8, 128, 49152
@@ -142,7 +141,9 @@ def loss_child(kind: str) -> None:
     draw = lambda: torch.empty(B, R, V, dtype=torch.bfloat16).normal_(generator=g)  # noqa: E731
     s_noctx, s_ctx, t_ctx = draw().requires_grad_(True), draw().requires_grad_(True), draw()
     mask = torch.ones(B, R)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident set
+    before = _hwm_mib()
     start = time.perf_counter()
     if kind == "loss-chunked":
         loss = reverse_kl(s_noctx, t_ctx, mask) + consistency_kl(s_noctx, s_ctx, mask)
@@ -150,8 +151,13 @@ def loss_child(kind: str) -> None:
         loss = unchunked_losses(s_noctx, s_ctx, t_ctx, mask)
     loss.backward()
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _hwm_mib()
     print(json.dumps({"peak_mib": peak, "before_mib": before, "seconds": seconds, "loss": loss.item()}))
+
+
+def _hwm_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 
 def loss_memory(kind: str) -> dict:
