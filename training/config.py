@@ -18,7 +18,7 @@ TEACHERS = ("base", "live")
 ANCHORS = ("student", "ema", "teacher")
 ROLLOUTS = ("student", "teacher")
 LOSSES = ("reverse_kl", "forward_kl", "ce")
-from interp.models import DTYPES  # noqa: E402 - the precisions load_model accepts
+DTYPES = ("auto", "fp32", "bf16", "fp16")  # what interp.models.resolve_dtype accepts by these names
 # Settings that may differ when resuming: where to write, how long to run, how often to checkpoint, where to log.
 RESUMABLE = ("out", "steps", "checkpoint_every", "report_to")
 
