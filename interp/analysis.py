@@ -17,8 +17,8 @@ from interp.errors import UserError
 from interp.lens import DEFAULT_CHUNK, lens_statistics
 from interp.metrics import CKAAccumulator, cosine_per_token
 from interp.models import unembed
-from interp.pairs import SCOPES, Pair, make_pairs
-from interp.store import read_json, save_divergence
+from interp.pairs import SCOPES, Pair
+from interp.store import save_divergence
 
 __all__ = ["analyze", "analyze_run", "LayerDivergence"]
 

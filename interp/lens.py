@@ -86,7 +86,7 @@ def _call_stats(rows, *args):
     except Exception as err:  # no C++ compiler, an unsupported device: the eager path gives the same numbers
         if fn is _layer_stats:
             raise
-        warnings.warn(f"logit-lens compilation failed ({type(err).__name__}); using the eager path")
+        warnings.warn(f"logit-lens compilation failed ({type(err).__name__}); using the eager path", stacklevel=2)
         _compiled = False
         return _layer_stats(*args)
 

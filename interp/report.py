@@ -98,7 +98,7 @@ def report_csv(data: Sequence[RunData]) -> str:
     for d in data:
         for model, div in d.layers.items():
             table = div.per_layer_table()
-            for i, layer in enumerate(table["layer"]):
+            for i in range(len(table["layer"])):
                 rows.append({"run": d.name, "model": model, **{k: v[i] for k, v in table.items()}})
     columns = list(dict.fromkeys(k for r in rows for k in r)) or ["run", "model", "layer"]
     buf = io.StringIO()

@@ -25,7 +25,7 @@ from interp.store import atomic_write_json, atomic_write_text, read_json
 from training import stats
 from training.config import TrainConfig, defaults
 from training.evaluate import EvalSettings, evaluate_run
-from training.tasks import SUITES, load_task
+from training.tasks import SUITES
 
 STUDY_KEYS = ("name", "model", "suites", "seeds", "steps", "train", "eval", "students", "runs_dir", "results_dir")
 STUDENT_ONLY = ("name", "seeds")
