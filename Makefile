@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
 PORT ?= 8501
 
-.PHONY: setup app test test-fast model browser bench clean-venv
+.PHONY: setup app test test-fast lint model browser bench clean-venv
 
 setup: $(STAMP)
 
@@ -32,6 +32,10 @@ test: model
 
 test-fast: model
 	$(PY) -m pytest -q -m "not embedded and not browser"
+
+lint: setup
+	$(VENV)/bin/ruff check interp training
+	$(VENV)/bin/mypy interp training
 
 # Debian's chromium for the browser test (no browser download); needs root or sudo.
 browser:

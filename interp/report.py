@@ -240,11 +240,11 @@ def write_report(paths: Sequence[str | Path], out: str | Path = "report", overwr
     """Write out/report.html, out/layer_divergence.json and out/layer_divergence.csv for the given runs.
     The folder appears whole or not at all; an earlier report there is replaced, any other folder only with
     `overwrite`."""
-    paths = [Path(p) for p in paths]
-    if not paths:
+    folders = [Path(p) for p in paths]
+    if not folders:
         raise UserError("no runs given; pass one or more run folders, e.g. `python -m interp report runs/persona`")
-    studies = {p.name: runs.read_study(p) for p in paths if runs.is_study(p)}
-    run_paths = [p for p in paths if not runs.is_study(p)]
+    studies = {p.name: runs.read_study(p) for p in folders if runs.is_study(p)}
+    run_paths = [p for p in folders if not runs.is_study(p)]
     data = [load_run_data(p, name) for p, name in zip(run_paths, unique_names(run_paths))]
     decode = runs.token_decoder if decode_tokens else (lambda div: None)
     out = Path(out)
