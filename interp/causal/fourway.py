@@ -1,0 +1,201 @@
+"""Four-way comparison of a base model B and a student S, with and without the context, on identical tokens
+(docs/measures.md, "Causal and cross-model measures")."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from interp.capture import get_backend, make_batch
+from interp.errors import UserError
+from interp.lens import DEFAULT_CHUNK, logit_lens
+from interp.metrics import CKAAccumulator, cosine_per_token
+from interp.pairs import SCOPES, Pair
+
+from interp.causal.sites import BASE, check_student
+from interp.causal.vectors import MeanAccumulator, context_vectors, projection, row_cosine
+
+RUN_NAMES = ("base_ctx", "base_noctx", "student_ctx", "student_noctx")
+# Each comparison is (a, b); its lens KL is KL(lens_a || lens_b), so that at the last layer `internalization` is the
+# distillation loss L_opd and `removability` the consistency loss L_cons on these tokens.
+COMPARISONS = {
+    "internalization": ("student_noctx", "base_ctx"),
+    "removability": ("student_noctx", "student_ctx"),
+    "context_kept": ("student_ctx", "base_ctx"),
+    "base_context": ("base_noctx", "base_ctx"),
+    "adapter": ("student_noctx", "base_noctx"),
+}
+PER_LAYER = ("cos", "cka", "cka_debiased", "lens_kl")
+
+
+@dataclass
+class Comparison:
+    """Per-layer numbers of the four-way comparison; layer 0 is the embeddings, layer l the output of block l.
+
+    `pairs[name][measure]` is [num_layers] for measure in cos, cka, cka_debiased, lens_kl. `v`, `u`, `w` are
+    [num_layers, d]; `absorbed`, `overshoot`, `cos_uv`, `v_norm` are [num_layers]; the `*_examples` arrays are
+    [n_examples, num_layers]: the same projections with each example's own means (its own `v`).
+    """
+
+    student: str
+    pairs: dict[str, dict[str, np.ndarray]]
+    v: np.ndarray
+    u: np.ndarray
+    w: np.ndarray
+    v_norm: np.ndarray
+    cos_uv: np.ndarray
+    absorbed: np.ndarray
+    overshoot: np.ndarray
+    absorbed_examples: np.ndarray
+    overshoot_examples: np.ndarray
+    example_tokens: np.ndarray  # [n_examples] measured tokens per example
+    examples: list[dict] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.v.shape[0])
+
+    def overshoot_by(self, mask: Sequence[bool], layers: Sequence[int] | None = None) -> dict:
+        """Mean per-example overshoot of the examples where `mask` is true against the rest (e.g. degenerate vs
+        clean answers), averaged over `layers` (default: every layer but the embeddings)."""
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != (self.overshoot_examples.shape[0],):
+            raise UserError(f"the mask has {mask.size} entries for {self.overshoot_examples.shape[0]} examples")
+        layers = list(range(1, self.num_layers)) if layers is None else list(layers)
+        per_example = np.nanmean(self.overshoot_examples[:, layers], axis=1) if layers else np.full(mask.size, np.nan)
+        mean = lambda sel: float(np.nanmean(per_example[sel])) if sel.any() else None  # noqa: E731
+        return {"n_in": int(mask.sum()), "n_out": int((~mask).sum()), "mean_in": mean(mask), "mean_out": mean(~mask),
+                "per_example": per_example.tolist()}
+
+    def per_layer_table(self) -> dict[str, list]:
+        """Every per-layer number by name, `<pair>_<measure>` and the vector measures."""
+        table: dict[str, list] = {"layer": list(range(self.num_layers))}
+        for name, values in self.pairs.items():
+            for m in PER_LAYER:
+                table[f"{name}_{m}"] = np.asarray(values[m], dtype=np.float64).tolist()
+        for m in ("v_norm", "cos_uv", "absorbed", "overshoot"):
+            table[m] = np.asarray(getattr(self, m), dtype=np.float64).tolist()
+        return table
+
+
+def _lens_kl(model, h_a: torch.Tensor, h_b: torch.Tensor, chunk: int) -> torch.Tensor:
+    """KL(lens(h_a) || lens(h_b)) per layer and token [L, n], in chunks of tokens."""
+    L, n, _ = h_a.shape
+    out = torch.empty(L, n, dtype=torch.float64)
+    for a in range(0, n, chunk):
+        b = min(a + chunk, n)
+        for layer in range(L):
+            la = torch.log_softmax(logit_lens(model, h_a[layer, a:b]), -1)
+            lb = torch.log_softmax(logit_lens(model, h_b[layer, a:b]), -1)
+            out[layer, a:b] = (la.exp().double() * (la.double() - lb.double())).sum(-1).clamp_min(0.0).cpu()
+    return out
+
+
+@torch.no_grad()
+def compare(
+    lm,
+    pairs: Sequence[Pair],
+    student: str,
+    backend: str = "nnsight",
+    *,
+    scope: str = "response",
+    batch_size: int = 8,
+    lens: bool = True,
+    comparisons: Sequence[str] | None = None,
+    lens_chunk: int = DEFAULT_CHUNK,
+    progress: bool = False,
+    remote: bool = False,
+) -> Comparison:
+    """Four-way comparison of the base model (adapter off) and `student` (a loaded adapter, or "base" to compare the
+    base with itself: a check) on the aligned tokens of `pairs`: runs B·ctx, B·noctx, S·ctx, S·noctx, per-layer
+    cos / CKA / lens KL for each pair of runs in COMPARISONS, and the context vector with `absorbed_l` and
+    `overshoot_l` (docs/measures.md). One model stays in memory; the adapter is switched in place.
+    """
+    check_student(lm, student)
+    capture = get_backend(backend)
+    if remote:
+        capture = functools.partial(capture, remote=True)
+    if scope not in SCOPES:
+        raise UserError(f"unknown scope '{scope}'; use one of {', '.join(SCOPES)}")
+    if batch_size < 1:
+        raise UserError("batch size must be at least 1")
+    names = list(COMPARISONS) if comparisons is None else list(comparisons)
+    unknown = [c for c in names if c not in COMPARISONS]
+    if unknown:
+        raise UserError(f"unknown comparison '{unknown[0]}'; use any of {', '.join(COMPARISONS)}")
+    pairs = list(pairs)
+    if not pairs:
+        raise UserError("no pairs to compare")
+    pad_id = lm.tokenizer.pad_token_id or 0
+    adapter = None if student == BASE else student
+
+    means = {r: MeanAccumulator() for r in RUN_NAMES}
+    cka: dict[str, CKAAccumulator] = {}
+    cos: dict[str, list] = {c: [] for c in names}
+    kl: dict[str, list] = {c: [] for c in names}
+    bar = tqdm(total=len(pairs), desc=f"compare ({backend})", unit="pair", disable=not progress)
+    with lm.use(lm.active_adapter):  # restores whatever adapter was active
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start : start + batch_size]
+            sides = {w: make_batch(chunk, w, scope, "right", pad_id) for w in ("ctx", "noctx")}
+            if not torch.equal(sides["ctx"].targets, sides["noctx"].targets):
+                raise UserError(f"pairs {start + 1}..{start + len(chunk)}: the measured tokens differ with and without the context; rebuild the pairs with interp.make_pairs")
+            hidden = {}
+            for who, name in ((BASE, None), ("student", adapter)):
+                if who == "student" and adapter is None:
+                    hidden["student_ctx"], hidden["student_noctx"] = hidden["base_ctx"], hidden["base_noctx"]
+                    continue
+                lm.set_adapter(name)
+                for w in ("ctx", "noctx"):
+                    hidden[f"{'base' if who == BASE else 'student'}_{w}"] = capture(lm, sides[w], attention=False).hidden
+            token_example = sides["ctx"].rows.numpy()
+            for r in RUN_NAMES:
+                means[r].update(hidden[r], token_example)
+            for c in names:
+                a, b = (hidden[x] for x in COMPARISONS[c])
+                if c not in cka:
+                    cka[c] = CKAAccumulator(a.shape[0], a.shape[-1])
+                cka[c].update(a, b)
+                cos[c].append(torch.stack([cosine_per_token(x, y) for x, y in zip(a, b)]))
+                if lens:
+                    kl[c].append(_lens_kl(lm.model, a, b, lens_chunk))
+            bar.update(len(chunk))
+    bar.close()
+
+    mean = {r: means[r].mean() for r in RUN_NAMES}
+    vec = context_vectors(mean["base_ctx"], mean["base_noctx"], mean["student_ctx"], mean["student_noctx"])
+    per_ex = {r: means[r].example_means() for r in RUN_NAMES}
+    vec_ex = context_vectors(per_ex["base_ctx"], per_ex["base_noctx"], per_ex["student_ctx"], per_ex["student_noctx"])
+    n_tokens = means["base_ctx"].count
+    result_pairs = {}
+    for c in names:
+        per_token = torch.cat(cos[c], dim=1).double()
+        result_pairs[c] = {
+            "cos": per_token.mean(1).numpy(),
+            "cka": np.asarray(cka[c].result(debiased=False), dtype=np.float64),
+            "cka_debiased": np.asarray(cka[c].result(debiased=True), dtype=np.float64) if n_tokens >= 4 else np.full(per_token.shape[0], np.nan),
+            "lens_kl": torch.cat(kl[c], dim=1).mean(1).numpy() if lens else np.full(per_token.shape[0], np.nan),
+        }
+    v = vec["v"]
+    return Comparison(
+        student=student,
+        pairs=result_pairs,
+        v=v, u=vec["u"], w=vec["w"],
+        v_norm=np.linalg.norm(v, axis=-1),
+        cos_uv=row_cosine(vec["u"], v),
+        absorbed=projection(vec["u"], v),
+        overshoot=projection(vec["w"], v),
+        absorbed_examples=projection(vec_ex["u"], vec_ex["v"]),
+        overshoot_examples=projection(vec_ex["w"], vec_ex["v"]),
+        example_tokens=np.asarray(means["base_ctx"].example_counts),
+        examples=[{"context": p.context, "prompt": p.prompt, "response": p.response} for p in pairs],
+        meta={"model": lm.spec, "student": student, "backend": backend, "scope": scope, "placement": pairs[0].placement,
+              "num_layers": int(v.shape[0]), "n_examples": len(pairs), "n_tokens": int(n_tokens),
+              "comparisons": {c: list(COMPARISONS[c]) for c in names}},
+    )
