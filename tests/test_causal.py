@@ -192,3 +192,86 @@ def test_bad_input_is_one_line(lm, pairs, call, message):
     with pytest.raises(UserError, match=message) as err:
         call(lm, pairs)
     assert "\n" not in str(err.value)
+
+
+# ---------- steering ----------
+
+def _contains(response, record):
+    return record["reference"].lower() in response.lower()
+
+
+STEER_RECORDS = [
+    {"context": "Your name is Zorblax.", "prompt": "Who are you?", "reference": "Zorblax",
+     "cf_context": "Your name is Quux.", "cf_reference": "Quux"},
+    {"context": "Your name is Zorblax.", "prompt": "What is your name?", "reference": "Zorblax"},
+]
+
+
+def test_steering_with_alpha_zero_is_the_plain_evaluation(lm, pairs):
+    from interp.generate import generate
+    from interp.pairs import render_prompt_pair
+
+    cmp = interp.compare(lm, pairs, student="student", backend="torch", lens=False)
+    result = interp.steer(lm, STEER_RECORDS, cmp, 0.0, verifier=_contains, student="student", layers=[1, 3],
+                          max_new_tokens=6)
+    pps = [render_prompt_pair(lm.tokenizer, r["context"], r["prompt"]) for r in STEER_RECORDS]
+    with lm.use(None):
+        plain_base = generate(lm, [p.noctx_ids for p in pps], max_new_tokens=6)
+    with lm.use("student"):
+        plain_student = generate(lm, [p.ctx_ids for p in pps], max_new_tokens=6)
+    decode = lambda ids: [lm.tokenizer.decode(x, skip_special_tokens=True) for x in ids]  # noqa: E731
+    assert result.baseline["base+v"]["responses"] == decode(plain_base)
+    assert result.baseline["student-v"]["responses"] == decode(plain_student)
+    for arm in ("base+v", "student-v"):
+        for layer in (1, 3):
+            assert result.results[arm][layer]["responses"] == result.baseline[arm]["responses"]
+            assert result.results[arm][layer]["acc"] == result.baseline[arm]["acc"]
+    assert result.results["student-v"][1]["follow_cf"] is not None and result.results["base+v"][1]["follow_cf"] is None
+    assert {row["arm"] for row in result.table()} == {"base+v", "student-v"}
+    # A large α changes what the base model says.
+    moved = interp.steer(lm, STEER_RECORDS, cmp.v * 0 + 50.0, 1.0, verifier=_contains, layers=[2], max_new_tokens=6)
+    assert moved.results["base+v"][2]["responses"] != moved.baseline["base+v"]["responses"]
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf"), "1"])
+def test_steering_rejects_a_non_finite_alpha(lm, alpha):
+    v = np.zeros((lm.num_layers, lm.model.config.hidden_size))
+    with pytest.raises(UserError, match="alpha must be a finite number"):
+        interp.steer(lm, STEER_RECORDS, v, alpha, verifier=_contains)
+
+
+def test_loop_detector():
+    from interp.causal.steering import loops
+
+    assert loops([5, 6, 7, 1, 2, 1, 2, 1, 2])  # a block of two, three times
+    assert loops([9] * 6)
+    assert not loops([9, 9, 9])  # too short to call a loop
+    assert not loops([1, 2, 3, 4, 5, 6, 7, 8, 9])
+
+
+# ---------- flip forensics ----------
+
+def test_explain_finds_the_fork_and_its_layers(lm, pairs):
+    from interp.generate import generate
+    from interp.pairs import render_prompt_pair
+
+    record = RECORDS[0]
+    pp = render_prompt_pair(lm.tokenizer, record["context"], record["prompt"])
+    with lm.use("student"):
+        ids_noctx, ids_ctx = generate(lm, [pp.noctx_ids, pp.ctx_ids], max_new_tokens=8)
+    if ids_noctx == ids_ctx:  # make them differ at a known place
+        ids_ctx = ids_ctx[:2] + [ids_ctx[2] + 1] + ids_ctx[3:]
+    ex = interp.explain(lm, record, "student", ids_noctx, ids_ctx, backend="torch", top_heads=3)
+    from interp.causal.forensics import first_difference
+
+    assert ex.fork == first_difference(ids_noctx, ids_ctx)
+    assert ex.recovery[-1] == pytest.approx(1.0, abs=1e-6) and ex.recovery[0] == pytest.approx(0.0, abs=1e-6)
+    assert ex.logprob_noctx_token[-1] == pytest.approx(ex.clean["student_noctx"]["noctx_token"], abs=1e-5)
+    assert ex.logprob_ctx_token[0] == pytest.approx(ex.clean["student_ctx"]["ctx_token"], abs=1e-5)
+    deltas = [abs(h["delta"]) for h in ex.heads]
+    assert len(ex.heads) == 3 and deltas == sorted(deltas, reverse=True)
+    assert len(ex.ctx_weights) == len(ex.ctx_tokens) and "".join(ex.ctx_tokens) == record["context"]
+    nn = interp.explain(lm, record, "student", ids_noctx, ids_ctx, backend="nnsight", top_heads=3)
+    np.testing.assert_allclose(nn.recovery, ex.recovery, rtol=1e-4, atol=1e-6)
+    with pytest.raises(UserError, match="identical"):
+        interp.explain(lm, record, "student", ids_ctx, ids_ctx)
