@@ -115,6 +115,15 @@ def _register_report() -> None:
 _register_report()
 
 
+def _register_causal() -> None:
+    from interp.causal.cli import register
+
+    register(app)
+
+
+_register_causal()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user mistakes print one line (no traceback) and exit with status 2."""
     try:
