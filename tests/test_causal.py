@@ -241,7 +241,7 @@ def test_steering_rejects_a_non_finite_alpha(lm, alpha):
 
 
 def test_loop_detector():
-    from interp.causal.steering import loops
+    from interp.causal.degenerate import loops
 
     assert loops([5, 6, 7, 1, 2, 1, 2, 1, 2])  # a block of two, three times
     assert loops([9] * 6)

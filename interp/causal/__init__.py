@@ -7,15 +7,15 @@ __all__ = ["Comparison", "Explanation", "PatchResult", "SteerResult", "compare",
            "repair_sweep", "steer"]
 
 _LAZY = {
-    "Comparison": "interp.causal.fourway",
+    "Comparison": "interp.causal.results",
     "compare": "interp.causal.fourway",
-    "PatchResult": "interp.causal.patching",
+    "PatchResult": "interp.causal.results",
     "patch": "interp.causal.patching",
     "context_sweep": "interp.causal.patching",
     "repair_sweep": "interp.causal.patching",
-    "SteerResult": "interp.causal.steering",
+    "SteerResult": "interp.causal.results",
     "steer": "interp.causal.steering",
-    "Explanation": "interp.causal.forensics",
+    "Explanation": "interp.causal.results",
     "explain": "interp.causal.forensics",
 }
 

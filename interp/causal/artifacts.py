@@ -11,10 +11,7 @@ import numpy as np
 from interp.errors import UserError
 from interp.store import atomic_write_json, read_json
 
-from interp.causal.forensics import Explanation
-from interp.causal.fourway import Comparison
-from interp.causal.patching import PatchResult
-from interp.causal.steering import SteerResult
+from interp.causal.results import Comparison, Explanation, PatchResult, SteerResult
 
 CAUSAL_DIR = "causal"
 SCHEMA_VERSION = 1

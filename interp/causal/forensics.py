@@ -3,7 +3,6 @@ carry the fork, and which heads' reading of the context moved there (docs/measur
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -14,38 +13,8 @@ from interp.errors import UserError
 from interp.pairs import pair_from_ids, render_prompt_pair
 
 from interp.causal.forward import Op, check_backend, kl_rows, last_layer_op, log_probs, run_ops
+from interp.causal.results import Explanation
 from interp.causal.sites import BASE, check_student
-
-
-@dataclass
-class Explanation:
-    """Why one example's answer changes when the context comes back, for one student.
-
-    `fork`: index of the first response token where the answers without and with the context differ; the
-    token each run puts there (`token_noctx`, `token_ctx`; the end of the answer counts as a token). At that
-    position, per layer: `recovery` of the no-context prediction when the student's no-context residual stream is
-    patched into its with-context run (S·noctx → S·ctx, on every shared position), and the log-probabilities of
-    both tokens under that patch. `heads`: the heads whose attention to the context at the fork moved most between
-    the base model and the student (both with the context), with the context tokens each reads most.
-    """
-
-    example: dict
-    fork: int
-    prefix: str
-    token_ctx: str
-    token_noctx: str
-    id_ctx: int
-    id_noctx: int
-    recovery: np.ndarray  # [L]
-    logprob_ctx_token: np.ndarray  # [L] under the patch
-    logprob_noctx_token: np.ndarray  # [L] under the patch
-    clean: dict  # log-probabilities of both tokens in the unpatched runs (student ctx and noctx)
-    attn_student: np.ndarray  # [blocks, heads] attention mass on the context at the fork, student with context
-    attn_base: np.ndarray  # [blocks, heads] the same for the base model
-    heads: list[dict]
-    ctx_tokens: list[str]
-    ctx_weights: np.ndarray  # [n_ctx] mean attention of the top heads (student) over the context tokens
-    meta: dict = field(default_factory=dict)
 
 
 def first_difference(a: Sequence[int], b: Sequence[int]) -> int | None:

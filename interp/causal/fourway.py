@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -17,6 +16,7 @@ from interp.lens import DEFAULT_CHUNK, logit_lens
 from interp.metrics import CKAAccumulator, cosine_per_token
 from interp.pairs import SCOPES, Pair
 
+from interp.causal.results import Comparison
 from interp.causal.sites import BASE, check_student
 from interp.causal.vectors import MeanAccumulator, context_vectors, projection, row_cosine
 
@@ -30,58 +30,6 @@ COMPARISONS = {
     "base_context": ("base_noctx", "base_ctx"),
     "adapter": ("student_noctx", "base_noctx"),
 }
-PER_LAYER = ("cos", "cka", "cka_debiased", "lens_kl")
-
-
-@dataclass
-class Comparison:
-    """Per-layer numbers of the four-way comparison; layer 0 is the embeddings, layer l the output of block l.
-
-    `pairs[name][measure]` is [num_layers] for measure in cos, cka, cka_debiased, lens_kl. `v`, `u`, `w` are
-    [num_layers, d]; `absorbed`, `overshoot`, `cos_uv`, `v_norm` are [num_layers]; the `*_examples` arrays are
-    [n_examples, num_layers]: the same projections with each example's own means (its own `v`).
-    """
-
-    student: str
-    pairs: dict[str, dict[str, np.ndarray]]
-    v: np.ndarray
-    u: np.ndarray
-    w: np.ndarray
-    v_norm: np.ndarray
-    cos_uv: np.ndarray
-    absorbed: np.ndarray
-    overshoot: np.ndarray
-    absorbed_examples: np.ndarray
-    overshoot_examples: np.ndarray
-    example_tokens: np.ndarray  # [n_examples] measured tokens per example
-    examples: list[dict] = field(default_factory=list)
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def num_layers(self) -> int:
-        return int(self.v.shape[0])
-
-    def overshoot_by(self, mask: Sequence[bool], layers: Sequence[int] | None = None) -> dict:
-        """Mean per-example overshoot of the examples where `mask` is true against the rest (e.g. degenerate vs
-        clean answers), averaged over `layers` (default: every layer but the embeddings)."""
-        mask = np.asarray(mask, dtype=bool)
-        if mask.shape != (self.overshoot_examples.shape[0],):
-            raise UserError(f"the mask has {mask.size} entries for {self.overshoot_examples.shape[0]} examples")
-        layers = list(range(1, self.num_layers)) if layers is None else list(layers)
-        per_example = np.nanmean(self.overshoot_examples[:, layers], axis=1) if layers else np.full(mask.size, np.nan)
-        mean = lambda sel: float(np.nanmean(per_example[sel])) if sel.any() else None  # noqa: E731
-        return {"n_in": int(mask.sum()), "n_out": int((~mask).sum()), "mean_in": mean(mask), "mean_out": mean(~mask),
-                "per_example": per_example.tolist()}
-
-    def per_layer_table(self) -> dict[str, list]:
-        """Every per-layer number by name, `<pair>_<measure>` and the vector measures."""
-        table: dict[str, list] = {"layer": list(range(self.num_layers))}
-        for name, values in self.pairs.items():
-            for m in PER_LAYER:
-                table[f"{name}_{m}"] = np.asarray(values[m], dtype=np.float64).tolist()
-        for m in ("v_norm", "cos_uv", "absorbed", "overshoot"):
-            table[m] = np.asarray(getattr(self, m), dtype=np.float64).tolist()
-        return table
 
 
 def _lens_kl(model, h_a: torch.Tensor, h_b: torch.Tensor, chunk: int) -> torch.Tensor:

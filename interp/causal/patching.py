@@ -4,7 +4,6 @@ site) on the measured positions, and measure how far the target's output moves t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -16,62 +15,8 @@ from interp.errors import UserError
 from interp.pairs import SCOPES, Pair
 
 from interp.causal.forward import Op, check_backend, kl_rows, last_layer_op, log_probs, run_ops
+from interp.causal.results import PatchResult
 from interp.causal.sites import BASE, check_layers, num_heads, state
-
-
-@dataclass
-class PatchResult:
-    """Recovery per layer (0 = embeddings, l = block l), mean over the measured tokens and per token.
-
-    `recovery[l] = 1 − mean_t KL(p_src ‖ p_patched,l) / mean_t KL(p_src ‖ p_tgt)`; NaN for layers not visited and
-    where source and target agree. With `heads=True` the arrays gain a head axis after the layer axis.
-    `ref_logprob_*` are mean log-probabilities of the reference answer's tokens in the responses (NaN without one).
-    """
-
-    source: str
-    target: str
-    site: str
-    layers: list[int]
-    recovery: np.ndarray  # [L] or [L, H]
-    kl_patched: np.ndarray  # [L, n] or [L, H, n]
-    kl_target: np.ndarray  # [n]
-    token_example: np.ndarray  # [n]
-    target_id: np.ndarray  # [n]
-    ref_logprob_source: float = float("nan")
-    ref_logprob_target: float = float("nan")
-    ref_logprob_patched: np.ndarray | None = None  # [L] or [L, H]
-    n_ref_tokens: int = 0
-    heads: bool = False
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def num_layers(self) -> int:
-        return int(self.recovery.shape[0])
-
-    @property
-    def recovery_tokens(self) -> np.ndarray:
-        """Per-token recovery `1 − KL_t(src ‖ patched) / KL_t(src ‖ tgt)`; NaN where the two runs agree on a token."""
-        den = self.kl_target
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(den > 1e-12, 1.0 - self.kl_patched / np.where(den > 1e-12, den, 1.0), np.nan)
-
-    @property
-    def ref_logprob_change(self) -> np.ndarray | None:
-        """Patched minus target log-probability of the reference tokens, per layer."""
-        return None if self.ref_logprob_patched is None else self.ref_logprob_patched - self.ref_logprob_target
-
-    def example_recovery(self, example: int) -> np.ndarray:
-        """Recovery per layer over one example's tokens."""
-        sel = self.token_example == example
-        kt = self.kl_target[sel].mean()
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return 1.0 - self.kl_patched[..., sel].mean(-1) / kt if kt > 0 else np.full(self.recovery.shape, np.nan)
-
-    def per_layer_table(self) -> dict[str, list]:
-        table = {"layer": list(range(self.num_layers)), "recovery": np.asarray(self.recovery, dtype=np.float64).tolist()}
-        if self.ref_logprob_patched is not None:
-            table["ref_logprob_change"] = np.asarray(self.ref_logprob_change, dtype=np.float64).tolist()
-        return table
 
 
 def reference_token_indices(tokenizer, pair: Pair, reference: str | None) -> list[int]:

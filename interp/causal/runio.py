@@ -14,7 +14,7 @@ from interp import runs
 from interp.errors import UserError
 
 from interp.causal.sites import BASE
-from interp.causal.steering import loops
+from interp.causal.degenerate import loops
 
 
 @dataclass

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -15,49 +14,13 @@ from interp.errors import UserError
 from interp.generate import generate
 from interp.pairs import render_prompt_pair
 
+from interp.causal.degenerate import loops
+from interp.causal.results import SteerResult
 from interp.causal.sites import BASE, check_layers, check_student, site_module
 
 # Arms: which weights, which run, and the sign of the added vector.
 ARMS = {"base+v": (BASE, "noctx", +1.0), "student-v": ("student", "ctx", -1.0)}
 BASELINES = {"base+v": "base·noctx", "student-v": "student·ctx"}
-
-
-def loops(ids: Sequence[int], min_repeats: int = 3, max_period: int = 8, min_span: int = 6) -> bool:
-    """Whether a response loops: some block of 1..`max_period` tokens repeats back to back at least `min_repeats`
-    times, covering at least `min_span` tokens ("Nova, Nova, Nova," is the block ", Nova" three times)."""
-    ids = list(ids)
-    n = len(ids)
-    for period in range(1, max_period + 1):
-        run = 0  # length of the current stretch where ids[i] == ids[i - period]
-        for i in range(period, n):
-            run = run + 1 if ids[i] == ids[i - period] else 0
-            span = run + period
-            if span >= max(min_span, period * min_repeats):
-                return True
-    return False
-
-
-@dataclass
-class SteerResult:
-    """Per arm and layer: acc, degenerate, follow_cf (None where no counterfactual is given) and the responses.
-    `baseline[arm]` holds the same numbers without any intervention (base·noctx, student·ctx)."""
-
-    alpha: float
-    layers: list[int]
-    results: dict[str, dict[int, dict]]
-    baseline: dict[str, dict]
-    meta: dict = field(default_factory=dict)
-
-    def table(self) -> list[dict]:
-        """One row per arm and layer, with the unsteered numbers beside."""
-        rows = []
-        for arm, per_layer in self.results.items():
-            base = self.baseline[arm]
-            for layer, r in per_layer.items():
-                rows.append({"arm": arm, "layer": layer, "alpha": self.alpha, "acc": r["acc"], "acc_plain": base["acc"],
-                             "degenerate": r["degenerate"], "degenerate_plain": base["degenerate"],
-                             "follow_cf": r["follow_cf"], "follow_cf_plain": base["follow_cf"], "n": r["n"]})
-        return rows
 
 
 def _field(record, name):
