@@ -165,3 +165,60 @@ def head_tokens_table(ex) -> list[dict]:
     return [{"layer": h["layer"], "head": h["head"], "base": round(h["attn_base"], 4), "student": round(h["attn_student"], 4),
              "delta": round(h["delta"], 4), "reads": ", ".join(f"{token_label(t['token'])} ({t['weight']:.2f})" for t in h["top_tokens"])}
             for h in ex.heads]
+
+
+def causal_json(causal: Mapping[str, Mapping]) -> dict:
+    """Every per-layer causal number of a run, by student, for layer_divergence.json."""
+    out = {}
+    for student, got in causal.items():
+        entry: dict = {}
+        cmp = got.get("comparison")
+        if cmp is not None:
+            entry["comparison"] = {"per_layer": cmp.per_layer_table(), "meta": {k: v for k, v in cmp.meta.items() if k != "groups"},
+                                   "groups": {g: {k: v for k, v in s.items() if k in ("n_in", "n_out", "mean_in", "mean_out")}
+                                              for g, s in cmp.meta.get("groups", {}).items()}}
+        if got.get("patch"):
+            entry["patch"] = {name: {"source": r.source, "target": r.target, "site": r.site, "heads": r.heads,
+                                     "per_layer": r.per_layer_table()} for name, r in got["patch"].items()}
+        if got.get("steer") is not None:
+            entry["steer"] = got["steer"].table()
+        out[student] = entry
+    return _finite_tree(out)
+
+
+def _finite_tree(value):
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_tree(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_tree(v) for v in value]
+    return value
+
+
+def causal_section_html(causal: Mapping[str, Mapping], figure_html) -> str:
+    """The report's "Internalization" section of one run: per student, the four-way curves, the context vector,
+    the overshoot of degenerate and flipped answers, the patching curves, steering and each explained flip."""
+    parts = ["<h3>Internalization</h3>"]
+    for student, got in causal.items():
+        parts.append(f"<h4>{html.escape(student)}</h4>")
+        cmp = got.get("comparison")
+        if cmp is not None:
+            parts += [figure_html(fourway(cmp, "cos")), figure_html(fourway(cmp, "lens_kl")), figure_html(vectors(cmp))]
+            groups = {g: s["mask"] for g, s in cmp.meta.get("groups", {}).items() if "mask" in s and any(s["mask"])}
+            if groups:
+                parts.append(figure_html(overshoot_groups(cmp, groups)))
+        curves = {name: r for name, r in got.get("patch", {}).items() if not r.heads}
+        if curves:
+            parts.append(figure_html(patch_curves(curves)))
+        for name, r in got.get("patch", {}).items():
+            if r.heads:
+                parts.append(figure_html(patch_heads(r, title=f"{name}: per-head recovery")))
+        if got.get("steer") is not None:
+            parts.append(figure_html(steer_table(got["steer"])))
+        for example, ex in got.get("explain", {}).items():
+            parts += [f"<h5>Why this flip: example {example}</h5>",
+                      f"<p>The answers part at response token {ex.fork}, after {html.escape(repr(ex.prefix))}: "
+                      f"{html.escape(repr(ex.token_noctx))} without the context, {html.escape(repr(ex.token_ctx))} with it.</p>",
+                      figure_html(flip(ex)), figure_html(flip_heads(ex)), highlight_html(ex.ctx_tokens, ex.ctx_weights)]
+    return "\n".join(parts)

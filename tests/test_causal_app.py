@@ -54,3 +54,18 @@ def test_flip_panel_computes_live(monkeypatch, root):
     at.button(key="flip_go").click().run()
     assert not at.exception, [e.value for e in at.exception]
     assert any("Answers part at response token" in m.value for m in at.markdown)
+
+
+def test_report_has_the_internalization_section(root, tmp_path):
+    import json
+
+    from interp.report import HTML_FILE, JSON_FILE, write_report
+
+    out = write_report([root / "facts"], tmp_path / "report", decode_tokens=False)
+    page = (out / HTML_FILE).read_text()
+    assert "<h3>Internalization</h3>" in page and "Why this flip: example 0" in page
+    causal = json.loads((out / JSON_FILE).read_text())["runs"]["facts"]["causal"]["unreg"]
+    assert len(causal["comparison"]["per_layer"]["overshoot"]) == 4
+    assert causal["comparison"]["per_layer"]["overshoot"][0] is None  # undefined at the embeddings, null in JSON
+    assert set(causal["patch"]) == {"context_resid", "repair_resid"}
+    assert causal["patch"]["context_resid"]["per_layer"]["recovery"][-1] == 1.0
