@@ -177,7 +177,9 @@ def log_probs(lm, last_hidden: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logit_lens(lm.model, last_hidden), dim=-1).cpu()
 
 
-def kl_rows(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) per row, in float64 for the sum, clamped at 0 against rounding."""
-    p = logp.exp()
-    return (p.double() * (logp.double() - logq.double())).sum(-1).clamp_min(0.0)
+def kl_rows(logp: torch.Tensor, logq: torch.Tensor, p: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(p || q) per row (float64 out), clamped at 0 against rounding. Pass `p = logp.exp()` when one source is
+    compared with many runs. The terms stay in float32: equal rows give exactly 0, and a [tokens, vocabulary]
+    copy in float64 per patched layer would cost more than the forward pass it measures."""
+    p = logp.exp() if p is None else p
+    return (p * (logp - logq)).sum(-1).clamp_min(0.0).double()

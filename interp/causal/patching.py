@@ -141,7 +141,8 @@ def patch(
             acts, logp_src = dict(zip(layers, got[:-1])), log_probs(lm, got[-1])
             lm.set_adapter(tgt.adapter)
             logp_tgt = log_probs(lm, run_ops(lm, tb, [last_layer_op(lm.model)], backend, remote)[0])
-            kl_target.append(kl_rows(logp_src, logp_tgt).numpy())
+            p_src = logp_src.exp()
+            kl_target.append(kl_rows(logp_src, logp_tgt, p_src).numpy())
             batch_kl = np.full(shape + (n,), np.nan)
             tgt_ids = tb.targets
             if ref_idx.numel():
@@ -157,7 +158,7 @@ def patch(
                     op = Op(layer, _site_ops(site, layer, heads), value)
                 logp = log_probs(lm, run_ops(lm, tb, [op, last_layer_op(lm.model)], backend, remote)[1])
                 index = (layer, h) if h is not None else (layer,)
-                batch_kl[index] = kl_rows(logp_src, logp).numpy()
+                batch_kl[index] = kl_rows(logp_src, logp, p_src).numpy()
                 if ref_idx.numel():
                     ref_sum_patched[index] += float(logp[ref_idx, tgt_ids[ref_idx]].double().sum())
                 bar.update(len(chunk))
