@@ -33,7 +33,7 @@ def _fmt(x, width: int = 9, digits: int = 4) -> str:
 
 
 def _setup(run: Path, student: str, backend: str | None = None):
-    """Check the run and student (and backend), then load the model with the student's adapter; returns (lm, info, name)."""
+    """Check the run, the student and the backend before anything loads; returns the run's settings."""
     from interp.causal import runio
     from interp.causal.forward import check_backend
 

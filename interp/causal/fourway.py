@@ -32,16 +32,24 @@ COMPARISONS = {
 }
 
 
-def _lens_kl(model, h_a: torch.Tensor, h_b: torch.Tensor, chunk: int) -> torch.Tensor:
-    """KL(lens(h_a) || lens(h_b)) per layer and token [L, n], in chunks of tokens."""
-    L, n, _ = h_a.shape
-    out = torch.empty(L, n, dtype=torch.float64)
+def _lens_kls(model, hidden: dict[str, torch.Tensor], names: Sequence[str], chunk: int) -> dict[str, torch.Tensor]:
+    """KL(lens(h_a) || lens(h_b)) per layer and token [L, n] for each comparison, in chunks of tokens. Each run is
+    projected once per layer and chunk, however many comparisons it takes part in (the projection is the cost)."""
+    runs = sorted({r for c in names for r in COMPARISONS[c]})
+    L, n, _ = hidden[runs[0]].shape
+    out = {c: torch.empty(L, n, dtype=torch.float64) for c in names}
     for a in range(0, n, chunk):
         b = min(a + chunk, n)
         for layer in range(L):
-            la = torch.log_softmax(logit_lens(model, h_a[layer, a:b]), -1)
-            lb = torch.log_softmax(logit_lens(model, h_b[layer, a:b]), -1)
-            out[layer, a:b] = (la.exp().double() * (la.double() - lb.double())).sum(-1).clamp_min(0.0).cpu()
+            # Runs that are one tensor (the base compared with itself) are projected once.
+            by_id: dict[int, torch.Tensor] = {}
+            for r in runs:
+                if id(hidden[r]) not in by_id:
+                    by_id[id(hidden[r])] = torch.log_softmax(logit_lens(model, hidden[r][layer, a:b]), -1)
+            logp = {r: by_id[id(hidden[r])] for r in runs}
+            for c in names:
+                x, y = COMPARISONS[c]
+                out[c][layer, a:b] = (logp[x].exp() * (logp[x] - logp[y])).sum(-1).clamp_min(0.0).double().cpu()
     return out
 
 
@@ -111,8 +119,9 @@ def compare(
                     cka[c] = CKAAccumulator(a.shape[0], a.shape[-1])
                 cka[c].update(a, b)
                 cos[c].append(torch.stack([cosine_per_token(x, y) for x, y in zip(a, b)]))
-                if lens:
-                    kl[c].append(_lens_kl(lm.model, a, b, lens_chunk))
+            if lens:
+                for c, values in _lens_kls(lm.model, hidden, names, lens_chunk).items():
+                    kl[c].append(values)
             bar.update(len(chunk))
     bar.close()
 
