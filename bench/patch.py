@@ -65,15 +65,17 @@ def main() -> None:
     print(f"{len(pairs)} pairs, {n_tokens} measured tokens, sweep over {len(blocks)} blocks, backend {args.backend}, "
           f"{torch.get_num_threads()} threads")
 
+    results = []
+
     def sweep():
-        return interp.context_sweep(lm, pairs, layers=blocks, backend=args.backend, batch_size=args.batch_size, references=refs)
+        results.append(interp.context_sweep(lm, pairs, layers=blocks, backend=args.backend, batch_size=args.batch_size,
+                                            references=refs))
 
     # Warm up both (allocator, nnsight's first trace).
     floor(lm.model, pairs[: args.batch_size], 1, args.batch_size, pad)
     interp.context_sweep(lm, pairs[: args.batch_size], layers=[1], backend=args.backend, references=refs[: args.batch_size])
     t_floor, t_patch = timed_pair(lambda: floor(lm.model, pairs, len(blocks), args.batch_size, pad), sweep, args.repeats)
-    result = sweep()
-    print("recovery per layer: " + " ".join(f"{x:.2f}" for x in result.recovery[1:]))
+    print("recovery per layer: " + " ".join(f"{x:.2f}" for x in results[-1].recovery[1:]))
     print(f"floor, plain forwards (source, target, target per layer): {t_floor:.2f} s")
     print(f"context_sweep ({args.backend}): {t_patch:.2f} s")
     print(f"patch_ratio={t_patch / t_floor:.2f}")
