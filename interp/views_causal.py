@@ -4,13 +4,16 @@ projections, patching curves, steering and flip forensics. Pure: data in, figure
 from __future__ import annotations
 
 import html
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from interp.plots import LAYER_AXIS, _layout, format_value, model_colors, token_label
+
+if TYPE_CHECKING:
+    from interp.causal.results import PatchResult
 
 PAIR_LABELS = {
     "internalization": "internalization: S·noctx vs B·ctx",
@@ -79,7 +82,7 @@ def overshoot_groups(cmp, groups: Mapping[str, Sequence[bool]], title: str | Non
     return _layout(fig, title or "Per-example overshoot by group", 380)
 
 
-def patch_curves(results: Mapping[str, object], reference: bool = True, title: str | None = None) -> go.Figure:
+def patch_curves(results: Mapping[str, PatchResult], reference: bool = True, title: str | None = None) -> go.Figure:
     """Recovery per layer for each patching result (left) and the change of the reference answer's
     log-probability (right, where there is one)."""
     has_ref = reference and any(r.ref_logprob_patched is not None for r in results.values())
@@ -93,7 +96,9 @@ def patch_curves(results: Mapping[str, object], reference: bool = True, title: s
                                  line=dict(color=colors[name]),
                                  hovertemplate=f"{name}<br>recovery[%{{x}}] = %{{y:.3f}}<extra></extra>"), row=1, col=1)
         if has_ref and r.ref_logprob_patched is not None:
-            change = r.ref_logprob_change if not r.heads else np.nanmean(r.ref_logprob_change, axis=1)
+            change = r.ref_logprob_change
+            assert change is not None  # set whenever ref_logprob_patched is
+            change = change if not r.heads else np.nanmean(change, axis=1)
             fig.add_trace(go.Scatter(x=_x(len(change)), y=_y(change), mode="lines+markers", name=label, legendgroup=name,
                                      showlegend=False, line=dict(color=colors[name], dash="dash"),
                                      hovertemplate=f"{name}<br>Δ log p[%{{x}}] = %{{y:.3f}}<extra></extra>"), row=1, col=2)
@@ -144,7 +149,7 @@ def flip_heads(ex, title: str | None = None) -> go.Figure:
     return _layout(fig, title or "Heads whose reading of the context moved most", 340)
 
 
-def highlight_html(tokens: Sequence[str], weights: Sequence[float]) -> str:
+def highlight_html(tokens: Sequence[str], weights: Sequence[float] | np.ndarray) -> str:
     """The context text with each token's background as strong as its weight (relative to the largest)."""
     w = np.asarray(weights, dtype=np.float64)
     top = w.max() if w.size and w.max() > 0 else 1.0
@@ -153,7 +158,7 @@ def highlight_html(tokens: Sequence[str], weights: Sequence[float]) -> str:
     return "<div style='line-height:1.8; font-family: monospace'>" + "".join(spans) + "</div>"
 
 
-def highlight_text(tokens: Sequence[str], weights: Sequence[float], top: int = 5) -> str:
+def highlight_text(tokens: Sequence[str], weights: Sequence[float] | np.ndarray, top: int = 5) -> str:
     """Plain-text version: the `top` most-read tokens in [brackets]."""
     w = np.asarray(weights, dtype=np.float64)
     chosen = set(np.argsort(-w)[:top].tolist()) if w.size else set()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -142,7 +143,8 @@ def save_explanation(ex: Explanation, path: str | Path) -> Path:
 def load_explanation(path: str | Path) -> Explanation:
     data = _read(Path(path), "explanation")
     arrays = ("recovery", "logprob_ctx_token", "logprob_noctx_token", "attn_student", "attn_base", "ctx_weights")
-    return Explanation(**{k: (_deep_array(data[k]) if k in arrays else data[k]) for k in Explanation.__dataclass_fields__})
+    fields: dict[str, Any] = {k: (_deep_array(data[k]) if k in arrays else data[k]) for k in Explanation.__dataclass_fields__}
+    return Explanation(**fields)
 
 
 def explanation_file(run_dir: str | Path, student: str, example: int) -> Path:

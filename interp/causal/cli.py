@@ -186,10 +186,10 @@ def patch_command(run: RunArg, student: StudentOpt,
     typer.echo(head)
     for layer in range(lm.num_layers):
         line = f"{layer:>5}"
-        for s, r in results.items():
+        for r in results.values():
             change = r.ref_logprob_change
             line += " " + _fmt(float(r.recovery[layer]), 12) + " " + _fmt(None if change is None else float(change[layer]), 12)
-        for s, (loop, clean, _) in splits.items():
+        for loop, clean, _ in splits.values():
             line += " " + _fmt(float(loop[layer]), 14) + " " + _fmt(None if clean is None else float(clean[layer]), 14)
         typer.echo(line)
     typer.echo("rec: recovery of the source's output; dref: change of the reference answer's log-probability"

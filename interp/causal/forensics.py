@@ -3,7 +3,7 @@ carry the fork, and which heads' reading of the context moved there (docs/measur
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -42,7 +42,7 @@ def explain(
     student's greedy answers (token ids) without and with the context."""
     check_student(lm, student)
     check_backend(backend)
-    get = (lambda k: record.get(k)) if isinstance(record, dict) else (lambda k: getattr(record, k, None))
+    get: Callable[[str], Any] = (lambda k: record.get(k)) if isinstance(record, dict) else (lambda k: getattr(record, k, None))
     context, prompt = get("context"), get("prompt")
     fork = first_difference(list(ids_noctx), list(ids_ctx))
     if fork is None:
@@ -64,13 +64,19 @@ def explain(
         sb, tb = make_batch([pair], "noctx", "shared", "right", pad_id), make_batch([pair], "ctx", "shared", "right", pad_id)
         reads = [Op(0, "embed")] + [Op(layer, "block") for layer in range(1, L)] + [last_layer_op(lm.model)]
         got = run_ops(lm, sb, reads, backend)
-        logp_src = log_probs(lm, got[-1])[-1:]
-        logp_tgt = log_probs(lm, run_ops(lm, tb, [last_layer_op(lm.model)], backend)[0])[-1:]
+        last_src = got[-1]
+        assert last_src is not None  # reads always return a tensor
+        logp_src = log_probs(lm, last_src)[-1:]
+        last_tgt = run_ops(lm, tb, [last_layer_op(lm.model)], backend)[0]
+        assert last_tgt is not None
+        logp_tgt = log_probs(lm, last_tgt)[-1:]
         den = float(kl_rows(logp_src, logp_tgt)[0])
         recovery, lp_ctx, lp_noctx = np.zeros(L), np.zeros(L), np.zeros(L)
         for layer in range(L):
             op = Op(layer, "embed" if layer == 0 else "block", got[layer])
-            logp = log_probs(lm, run_ops(lm, tb, [op, last_layer_op(lm.model)], backend)[1])[-1:]
+            last = run_ops(lm, tb, [op, last_layer_op(lm.model)], backend)[1]
+            assert last is not None  # a read
+            logp = log_probs(lm, last)[-1:]
             recovery[layer] = 1.0 - float(kl_rows(logp_src, logp)[0]) / den if den > 0 else np.nan
             lp_ctx[layer], lp_noctx[layer] = float(logp[0, id_ctx]), float(logp[0, id_noctx])
         clean = {"student_ctx": {"ctx_token": float(logp_tgt[0, id_ctx]), "noctx_token": float(logp_tgt[0, id_noctx])},
@@ -82,6 +88,7 @@ def explain(
         for who, name in (("student", adapter), ("base", None)):
             lm.set_adapter(name)
             cap = capture_torch(lm, batch, attention=True)
+            assert cap.attn_ctx is not None and cap.attn_ctx_tokens is not None  # set with attention=True
             attn[who] = (cap.attn_ctx[:, -1].double().numpy(), cap.attn_ctx_tokens[:, -1].double().numpy())
     start, end = pair.ctx_span
     n_ctx = end - start

@@ -78,6 +78,7 @@ def run_ops(lm, batch: Batch, ops: list[Op], backend: str = "nnsight", remote: b
 
 def _write(t: torch.Tensor, rows, positions, op: Op) -> torch.Tensor:
     t = t.clone()
+    assert op.value is not None  # only write ops reach here
     value = op.value.to(t.device, t.dtype)
     if op.cols is None:
         t[rows, positions] = value

@@ -102,7 +102,7 @@ def compare(
             sides = {w: make_batch(chunk, w, scope, "right", pad_id) for w in ("ctx", "noctx")}
             if not torch.equal(sides["ctx"].targets, sides["noctx"].targets):
                 raise UserError(f"pairs {start + 1}..{start + len(chunk)}: the measured tokens differ with and without the context; rebuild the pairs with interp.make_pairs")
-            hidden = {}
+            hidden: dict[str, torch.Tensor] = {}
             for who, name in ((BASE, None), ("student", adapter)):
                 if who == "student" and adapter is None:
                     hidden["student_ctx"], hidden["student_noctx"] = hidden["base_ctx"], hidden["base_noctx"]

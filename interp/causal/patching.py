@@ -125,22 +125,26 @@ def patch(
                 raise UserError(f"pairs {start + 1}..{start + len(chunk)}: the measured tokens of source and target differ")
             n = sb.targets.shape[0]
             # Which measured tokens spell the reference answer, per batch.
-            ref_idx = []
+            ref_list: list[int] = []
             if references is not None:
                 offset = 0
                 for b, p in enumerate(chunk):
                     m = p.measured(scope, tgt.run)
                     first_response = len(p.ctx_ids if tgt.run == "ctx" else p.noctx_ids) - p.response_len - 1 - m.start
-                    ref_idx += [offset + first_response + j for j in reference_token_indices(lm.tokenizer, p, references[start + b])]
+                    ref_list += [offset + first_response + j for j in reference_token_indices(lm.tokenizer, p, references[start + b])]
                     offset += len(m)
-            ref_idx = torch.tensor(ref_idx, dtype=torch.long)
+            ref_idx = torch.tensor(ref_list, dtype=torch.long)
 
             lm.set_adapter(src.adapter)
             reads = [Op(layer, _site_ops(site, layer, heads)) for layer in layers] + [last_layer_op(lm.model)]
             got = run_ops(lm, sb, reads, backend, remote)
-            acts, logp_src = dict(zip(layers, got[:-1])), log_probs(lm, got[-1])
+            last_src = got[-1]
+            assert last_src is not None  # reads always return a tensor
+            acts, logp_src = dict(zip(layers, got[:-1])), log_probs(lm, last_src)
             lm.set_adapter(tgt.adapter)
-            logp_tgt = log_probs(lm, run_ops(lm, tb, [last_layer_op(lm.model)], backend, remote)[0])
+            last_tgt = run_ops(lm, tb, [last_layer_op(lm.model)], backend, remote)[0]
+            assert last_tgt is not None
+            logp_tgt = log_probs(lm, last_tgt)
             p_src = logp_src.exp()
             kl_target.append(kl_rows(logp_src, logp_tgt, p_src).numpy())
             batch_kl = np.full(shape + (n,), np.nan)
@@ -151,12 +155,15 @@ def patch(
                 ref_n += int(ref_idx.numel())
             for layer, h in units:
                 value = acts[layer]
+                assert value is not None  # a read
                 if h is not None:
                     cols = (h * head_dim, (h + 1) * head_dim)
                     op = Op(layer, "head_in", value[:, cols[0] : cols[1]], cols)
                 else:
                     op = Op(layer, _site_ops(site, layer, heads), value)
-                logp = log_probs(lm, run_ops(lm, tb, [op, last_layer_op(lm.model)], backend, remote)[1])
+                last = run_ops(lm, tb, [op, last_layer_op(lm.model)], backend, remote)[1]
+                assert last is not None  # a read
+                logp = log_probs(lm, last)
                 index = (layer, h) if h is not None else (layer,)
                 batch_kl[index] = kl_rows(logp_src, logp, p_src).numpy()
                 if ref_idx.numel():

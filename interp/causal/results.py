@@ -41,7 +41,7 @@ class Comparison:
     def num_layers(self) -> int:
         return int(self.v.shape[0])
 
-    def overshoot_by(self, mask: Sequence[bool], layers: Sequence[int] | None = None) -> dict:
+    def overshoot_by(self, mask: Sequence[bool] | np.ndarray, layers: Sequence[int] | None = None) -> dict:
         """Mean per-example overshoot of the examples where `mask` is true against the rest (e.g. degenerate vs
         clean answers), averaged over `layers` (default: every layer but the embeddings)."""
         mask = np.asarray(mask, dtype=bool)

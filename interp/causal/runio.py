@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from interp import runs
 from interp.errors import UserError
@@ -83,6 +83,7 @@ def read_rows(run_dir: Path) -> list[RunRow]:
     """Every (model, example) row of the run's evaluation."""
     run_dir = Path(run_dir)
     typed = getattr(runs, "read_examples", None)
+    raw: list[dict[str, Any]] | None
     if typed is not None:
         raw = [{k: getattr(r, k, None) for k in RunRow.__dataclass_fields__} for r in typed(run_dir)]
     else:
@@ -163,7 +164,7 @@ def verifier_for(run_dir: Path, rows: list[RunRow]) -> Callable[[str, object], b
             pass
 
     def verifier(response: str, record) -> bool:
-        get = record.get if isinstance(record, dict) else (lambda k: getattr(record, k, None))
+        get: Callable[[str], Any] = record.get if isinstance(record, dict) else (lambda k: getattr(record, k, None))
         kind = get("verifier") or kinds.get(get("example"), "contains")
         return verify(kind, response, get("reference"))
 

@@ -90,16 +90,16 @@ def check_layers(lm, layers, site: str = "resid") -> list[int]:
 
 # The parts of a decoder block. Llama-style names; the per-architecture map will own these three lines.
 def block_attention(layer: torch.nn.Module) -> torch.nn.Module:
-    return layer.self_attn
+    return layer.self_attn  # type: ignore[return-value]  # nn.Module.__getattr__ is typed Tensor | Module
 
 
 def block_mlp(layer: torch.nn.Module) -> torch.nn.Module:
-    return layer.mlp
+    return layer.mlp  # type: ignore[return-value]  # nn.Module.__getattr__ is typed Tensor | Module
 
 
 def attention_out_proj(layer: torch.nn.Module) -> torch.nn.Module:
     """The attention's output projection: its input is the heads' outputs side by side, [.., heads * head_dim]."""
-    return layer.self_attn.o_proj
+    return layer.self_attn.o_proj  # type: ignore[union-attr,return-value]  # nn.Module.__getattr__ is typed Tensor | Module
 
 
 def site_module(model, site: str, layer: int, head: bool = False) -> torch.nn.Module:
