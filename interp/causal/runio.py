@@ -1,7 +1,7 @@
 """Reading a training run for the causal commands: the one place that knows the run-folder format.
 
-Today it reads run.json and eval_examples.csv and re-tokenizes the response text. Where interp.runs offers typed
-records (`read_run`, `read_examples` with the generated ids, `adapter_dir`), those are used instead, ids included.
+It reads the typed records of interp.runs (`read_run`, `read_examples` with the generated ids): the causal tools
+measure exactly the tokens each model generated.
 """
 
 from __future__ import annotations
@@ -46,19 +46,12 @@ def read_info(run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir} is not a folder; pass a run folder written by `python -m training pair`")
-    typed = getattr(runs, "read_run", None)
-    if typed is not None:
-        info = typed(run_dir)
-        return {k: getattr(info, k, None) for k in ("task", "model", "seed", "placement", "n_test", "students")}
-    info = runs.load_run_info(run_dir)
-    return {"task": info.get("task"), "model": info.get("model", "smollm2-135m-instruct"), "seed": info.get("seed", 0),
-            "placement": info.get("placement") or "system", "n_test": info.get("n_test"),
-            "students": [str(s) for s in info.get("students", [])]}
+    info = runs.read_run(run_dir)
+    return {k: getattr(info, k, None) for k in ("task", "model", "seed", "placement", "n_test", "students")}
 
 
 def adapter_dir(run_dir: Path, student: str) -> Path:
-    typed = getattr(runs, "adapter_dir", None)
-    return Path(typed(run_dir, student)) if typed is not None else Path(run_dir) / student
+    return runs.student_dir(run_dir, student)
 
 
 def check_student(run_dir: Path, student: str) -> None:
@@ -82,14 +75,10 @@ def _bool(value) -> bool | None:
 def read_rows(run_dir: Path) -> list[RunRow]:
     """Every (model, example) row of the run's evaluation."""
     run_dir = Path(run_dir)
-    typed = getattr(runs, "read_examples", None)
-    raw: list[dict[str, Any]] | None
-    if typed is not None:
-        raw = [{k: getattr(r, k, None) for k in RunRow.__dataclass_fields__} for r in typed(run_dir)]
-    else:
-        raw = runs.load_examples(run_dir)
-        if raw is None:
-            raise UserError(f"{run_dir} has no evaluation yet; run `python -m training eval {run_dir}` first")
+    examples = runs.read_examples(run_dir)
+    if examples is None:
+        raise UserError(f"{run_dir} has no evaluation yet; run `python -m training eval {run_dir}` first")
+    raw: list[dict[str, Any]] = [{k: getattr(r, k, None) for k in RunRow.__dataclass_fields__} for r in examples]
     out = []
     for r in raw:
         ids_n, ids_c = r.get("ids_noctx"), r.get("ids_ctx")
