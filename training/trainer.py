@@ -17,7 +17,12 @@ import torch
 from interp.errors import UserError
 from interp.models import EMBEDDED, LoadedModel, load_model
 from interp.pairs import PLACEMENTS, render_prompt_pair
-from interp.store import atomic_dir, atomic_write_json, atomic_write_text, read_json
+from interp.store import atomic_write_json, read_json
+from training.checkpoints import TrainingError, adapter_is_current, assert_finite_params, kill_point, load_checkpoint, save_checkpoint
+from training.checkpoints import list_checkpoints as checkpoints
+from training.checkpoints import lora_params as _lora_params
+from training.checkpoints import rng_state as _rng_state
+from training.checkpoints import truncate_metrics as _truncate_metrics
 from training.losses import consistency_kl, lam_at, reverse_kl
 from training.rollout import both_sides, collate, response_logits, rollout
 from training.tasks import Task, load_task
@@ -29,10 +34,6 @@ METRICS_FILE = "metrics.jsonl"
 RUN_FILE = "run.json"
 # Settings that may differ when resuming: where to write, how long to run, how often to checkpoint.
 RESUMABLE = ("out", "steps", "checkpoint_every")
-
-
-class TrainingError(UserError):
-    """The run itself failed (a non-finite loss); the message says where the last good checkpoint is."""
 
 
 @dataclass
@@ -128,68 +129,6 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int, rank: int = 0, 
     return out
 
 
-# --- checkpoints -----------------------------------------------------------------------------------------------------
-
-
-def _lora_params(model) -> dict[str, torch.nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def checkpoints(out: Path) -> list[Path]:
-    folder = out / "checkpoints"
-    return sorted(folder.glob("step-*")) if folder.is_dir() else []
-
-
-def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, ema: dict | None, rng_states: list) -> Path:
-    """Adapter weights, optimizer, scheduler, EMA, every process's RNG state and the step (which fixes the data
-    position), written as one folder in one rename; older checkpoints are removed only after it is in place."""
-    from safetensors.torch import save_file
-
-    path = out / "checkpoints" / f"step-{step:06d}"
-    with atomic_dir(path, overwrite=True) as tmp:
-        save_file({n: p.detach().cpu().contiguous() for n, p in _lora_params(model).items()}, str(tmp / "adapter.safetensors"))
-        torch.save(
-            {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "ema": ema, "rng": rng_states},
-            tmp / "state.pt",
-        )
-    for old in checkpoints(out):
-        if old != path:
-            shutil.rmtree(old, ignore_errors=True)
-    return path
-
-
-def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int) -> tuple[int, dict | None]:
-    from safetensors.torch import load_file
-
-    weights = load_file(str(path / "adapter.safetensors"))
-    params = _lora_params(model)
-    if set(weights) != set(params):
-        raise UserError(f"checkpoint {path} holds other LoRA weights than this model has; start a new run with another --out")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(weights[name].to(p.device))
-    state = torch.load(path / "state.pt", weights_only=False, map_location="cpu")
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    rngs = state["rng"]
-    _set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
-    return state["step"], state["ema"]
-
-
 # --- the run folder ----------------------------------------------------------------------------------------------------
 
 
@@ -245,12 +184,19 @@ def update_run_json(run_dir: Path, cfg: TrainConfig, student: str) -> None:
         atomic_write_json(path, run)
 
 
-def save_adapter(model, out: Path) -> None:
-    """adapter_config.json + adapter_model.safetensors into `out`, each replaced in one rename."""
+def save_adapter(model, out: Path, lm: LoadedModel | None = None) -> None:
+    """adapter_config.json + adapter_model.safetensors (+ base_model.json, the base model's identity, given `lm`)
+    into `out`, each replaced in one rename."""
+    from interp.models import write_base_identity
+
+    kill_point("before_adapter")
     tmp = out / ".adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))
-    for name in ("adapter_config.json", "adapter_model.safetensors"):  # not peft's generated README
+    if lm is not None:
+        write_base_identity(tmp, lm)
+    # Not peft's generated README; the weights go last, so that their presence means the whole adapter is there.
+    for name in (["base_model.json"] if lm is not None else []) + ["adapter_config.json", "adapter_model.safetensors"]:
         os.replace(tmp / name, out / name)
     shutil.rmtree(tmp, ignore_errors=True)
 
@@ -329,6 +275,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
     step0, ema = 0, None
     if start_from is not None:
         step0, ema = load_checkpoint(start_from, peft_model, optimizer, scheduler, rank)
+        if step0 == cfg.steps and not adapter_is_current(peft_model, out):
+            # Killed between its last checkpoint and the adapter write: finishing it is writing the adapter.
+            if accelerator.is_main_process:
+                save_adapter(peft_model, out, lm)
+            accelerator.wait_for_everyone()
+            return TrainResult(out=out, steps=cfg.steps)
         if step0 >= cfg.steps:
             raise UserError(f"{out} is already at step {step0}; pass --steps above {step0} to train further")
     if cfg.anchor == "ema" and ema is None:
@@ -388,6 +340,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
             accelerator.backward(loss)
             grad_norm = accelerator.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
+            assert_finite_params(params, out, step + 1)  # before any checkpoint: exploded weights are never saved
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if ema is not None:
@@ -426,7 +379,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_adapter(accelerator.unwrap_model(model), out)
+        save_adapter(accelerator.unwrap_model(model), out, lm)
     accelerator.wait_for_everyone()
     mean_step = sum(times[1:]) / len(times[1:]) if len(times) > 1 else (times[0] if times else 0.0)
     return TrainResult(out=out, steps=cfg.steps, last=last, step_seconds=mean_step)
@@ -488,11 +441,3 @@ def _gather_rng(accelerator) -> list:
     from accelerate.utils import gather_object
 
     return gather_object([_rng_state()])
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop the lines of steps after the checkpoint: they will be run again."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    atomic_write_text(path, "".join(line + "\n" for line in keep))
