@@ -51,11 +51,20 @@ def analyze(
         capture = functools.partial(capture, remote=True)
     if scope not in SCOPES:
         raise UserError(f"unknown scope '{scope}'; use one of {', '.join(SCOPES)}")
-    if batch_size < 1:
-        raise UserError("batch size must be at least 1")
+    for name, value in (("batch_size", batch_size), ("lens_chunk", lens_chunk)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise UserError(f"{name} must be an integer of at least 1 (got {value!r})")
+    if not hasattr(lm, "model") or not hasattr(lm, "tokenizer"):
+        raise UserError(f"analyze needs a model from interp.load_model (got {type(lm).__name__})")
+    if pairs is None or isinstance(pairs, (str, bytes, dict)):
+        raise UserError(f"pairs must be a list of aligned pairs from interp.make_pairs (got {type(pairs).__name__})")
     pairs = list(pairs)
     if not pairs:
         raise UserError("no pairs to analyze")
+    for i, p in enumerate(pairs, 1):
+        if not isinstance(p, Pair):
+            raise UserError(f"pair {i} is a {type(p).__name__}, not an aligned pair; build pairs with "
+                            "interp.make_pairs(lm.tokenizer, records) first")
     max_len = getattr(lm.model.config, "max_position_embeddings", None)
     for i, p in enumerate(pairs, 1):
         if max_len and len(p.ctx_ids) > max_len:
@@ -175,6 +184,8 @@ def analyze_run(
     """
     from interp.models import load_model
 
+    if max_examples is not None and (isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 1):
+        raise UserError(f"max_examples must be at least 1 (got {max_examples!r}); leave it out for every example")
     run_dir = Path(run_dir)
     run = read_json(run_dir / "run.json")
     rows = _read_examples(run_dir / "eval_examples.csv")

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from interp.errors import UserError
-from interp.store import META_FILE, load_divergence, read_json
+from interp.store import META_FILE, check_member_name, load_divergence, read_json
 
 RUN_FILE = "run.json"
 EVAL_FILE = "eval.json"
@@ -100,6 +100,8 @@ def load_run_info(path: str | os.PathLike) -> dict:
     students = info.get("students", [])
     if not isinstance(students, list):
         raise UserError(f"{path / RUN_FILE} is damaged: 'students' should be a list of names")
+    for name in students:  # a name like "../../etc" would send every reader outside the run folder
+        check_member_name(name, path / RUN_FILE)
     return info
 
 

@@ -109,8 +109,12 @@ def folder_lock(path: str | os.PathLike, *, hint: str = "wait for it to finish o
             with _HELD_GUARD:
                 _HELD[key][1] -= 1
         return
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    fd = _acquire(lock, Path(path), hint)
+    created = _make_parents(lock.parent)
+    try:
+        fd = _acquire(lock, Path(path), hint)
+    except BaseException:
+        _remove_if_empty(created)
+        raise
     with _HELD_GUARD:
         _HELD[key] = [os.getpid(), 1]
     try:
@@ -119,6 +123,26 @@ def folder_lock(path: str | os.PathLike, *, hint: str = "wait for it to finish o
         with _HELD_GUARD:
             _HELD.pop(key, None)
         _release(lock, fd)
+        _remove_if_empty(created)  # a command that failed leaves no empty folders behind
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """mkdir -p, returning the folders it created, deepest first."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for f in reversed(missing):
+        f.mkdir(exist_ok=True)
+    return missing
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    for f in folders:
+        try:
+            f.rmdir()
+        except OSError:  # not empty (the result is in it) or gone: keep going up only while empty
+            return
 
 
 try:
@@ -239,6 +263,27 @@ def update_json(path: str | os.PathLike, fn, *, default=None):
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
+
+
+def check_out(path: str | os.PathLike, overwrite: bool = False, option: str = "--out") -> Path:
+    """Before any work: `path` can become a result folder. It must not be a file, must not exist unless `overwrite`,
+    and its nearest existing parent must be a folder this process can write in. Nothing is created."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{option} {path} is a file; give a folder path")
+    if path.exists() and not overwrite:
+        raise UserError(f"{path} already exists; choose another folder or pass --overwrite")
+    parent = Path(os.path.abspath(path)).parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{option} {path} cannot be created: {parent} is a file, not a folder")
+    try:  # os.access says yes to root on a read-only file system: try for real, leaving nothing behind
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as err:
+        raise UserError(f"{option} {path} cannot be written ({err.strerror or err} in {parent}); choose another folder") from None
+    return path
 
 
 # --- reading --------------------------------------------------------------------------------------------------------

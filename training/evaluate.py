@@ -87,8 +87,17 @@ def csv_rows(model: str, examples: Sequence[Example], ans: Answers) -> list[dict
 
 
 def students(run_dir: Path, listed: Sequence[str] = ()) -> list[str]:
-    """Student folders of a run (those holding an adapter), in run.json's order, then any others by name."""
-    found = sorted(p.name for p in run_dir.iterdir() if (p / "adapter_config.json").exists())
+    """Student folders of a run (those holding an adapter), in run.json's order, then any others by name. A student
+    run.json lists without a finished adapter is an error, not a silent omission."""
+    from interp.store import check_member_name
+
+    found = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(".") and (p / "adapter_model.safetensors").exists()
+                   and (p / "adapter_config.json").exists())
+    for s in listed:
+        check_member_name(s, run_dir / "run.json")
+        if s not in found:
+            raise UserError(f"student '{s}' in {run_dir / 'run.json'} is unfinished (no adapter in {run_dir / s}); finish it with "
+                            f"`python -m training train --resume --out {run_dir / s}` and its settings, or remove it from run.json")
     return [s for s in listed if s in found] + [s for s in found if s not in listed]
 
 
