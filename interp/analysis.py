@@ -17,7 +17,7 @@ from interp.errors import UserError
 from interp.lens import DEFAULT_CHUNK, lens_statistics
 from interp.metrics import CKAAccumulator, cosine_per_token
 from interp.pairs import SCOPES, Pair, make_pairs
-from interp.store import read_json, save_divergence
+from interp.store import check_member_name, read_json, save_divergence
 
 __all__ = ["analyze", "analyze_run", "LayerDivergence"]
 
@@ -194,6 +194,9 @@ def analyze_run(
     unknown = [m for m in wanted if m not in available]
     if unknown:
         raise UserError(f"{run_dir} has no evaluated model named {', '.join(unknown)}; evaluated: {', '.join(available)}")
+    for name in wanted:
+        if name != "base":  # each becomes a folder name: RUN/<name> (the adapter) and RUN/layers/<name>
+            check_member_name(name, run_dir / "eval_examples.csv")
     lm = load_model(run.get("model", "smollm2-135m-instruct"), device=device)
     written = {}
     for name in wanted:

@@ -137,6 +137,10 @@ _register_report()
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user mistakes print one line (no traceback) and exit with status 2."""
+    import warnings
+
+    # peft asks transformers a deprecated question on every adapter load; the answer is right, the warning is noise.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     try:
         app(args=argv, prog_name="python -m interp", standalone_mode=False)
     except UserError as err:
