@@ -84,7 +84,7 @@ def assert_finite_params(params, out: str | os.PathLike, step: int, limit: float
             worst = max(worst, m)
     if math.isfinite(worst) and worst <= limit:
         return
-    what = "non-finite" if not math.isfinite(worst) else f"exploded (largest |w| = {worst:.3g}, limit {limit:g})"
+    what = "non-finite" if not math.isfinite(worst) else f"exploded (largest |w| = {worst:.3g}, limit {limit:.0e})"
     raise TrainingError(f"the weights became {what} after the update of step {step}; {last_good(Path(out))}; "
                         "lower --lr and resume or rerun")
 
@@ -257,6 +257,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> t
             raise UserError(f"{damaged}: it holds no RNG state")
         if ema is not None and (not isinstance(ema, dict) or set(ema) != set(params)):
             raise UserError(f"{damaged}: its EMA does not match the LoRA weights")
+        _check_optimizer_shapes(optimizer, optimizer_state, damaged)
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(weights[name].to(p.device))
@@ -271,6 +272,23 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> t
     if ema is not None:
         ema = {n: t.to(params[n].device) for n, t in ema.items()}
     return step, ema
+
+
+def _check_optimizer_shapes(optimizer, state: dict, damaged: str) -> None:
+    """torch's load_state_dict takes moment tensors of any shape and fails at the next step; check them here."""
+    ours = [p for group in optimizer.param_groups for p in group["params"]]
+    saved = [i for group in state["param_groups"] for i in group["params"]]
+    if len(saved) != len(ours):
+        raise UserError(f"{damaged}: its optimizer covers {len(saved)} tensors, the model has {len(ours)}")
+    where = dict(zip(saved, ours))
+    for index, values in state["state"].items():
+        p = where.get(index)
+        if p is None or not isinstance(values, dict):
+            raise UserError(f"{damaged}: its optimizer state names parameter {index!r}, which it does not list")
+        for key, value in values.items():
+            if torch.is_tensor(value) and value.dim() > 0 and value.shape != p.shape:
+                raise UserError(f"{damaged}: optimizer {key} of parameter {index} has shape {list(value.shape)}, "
+                                f"the parameter {list(p.shape)}")
 
 
 # --- the rest of a student folder on resume ------------------------------------------------------------------------------
