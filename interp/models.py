@@ -323,6 +323,10 @@ def load_model(
                 f"unknown model spec '{spec}'; use {', '.join(BUILTIN_SPECS)}, a local model folder, "
                 "or a Hugging Face id of the form org/name"
             )
+        if spec != EMBEDDED and not Path(spec).is_dir() and (spec.startswith((".", "/", "~")) or spec.count("/") > 1 or Path(spec).exists()):
+            # A path, not a hub id: say so instead of asking the hub for it.
+            what = "is a file, not a model folder" if Path(spec).exists() else "does not exist"
+            raise UserError(f"model folder {spec} {what}; pass a folder with config.json and the weights, or a Hugging Face id")
         source = embedded_model_dir() if spec == EMBEDDED else spec
         hub = {} if spec == EMBEDDED or Path(spec).is_dir() else hub_options(spec)
         try:

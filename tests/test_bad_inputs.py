@@ -237,6 +237,9 @@ CASES = [
     Case("scope-unknown", ["interp", "analyze", *TINY, *PAIR, "--scope", "everything", "--backend", "torch"], "unknown scope 'everything'"),
     Case("respond-unknown", ["interp", "analyze", *TINY, "--context", "c", "--prompt", "p", "--respond", "sideways"], "unknown respond 'sideways'"),
     Case("model-unknown", ["interp", "analyze", "--model", "no-such-model", *PAIR], "unknown model spec 'no-such-model'"),
+    Case("model-folder-missing", ["interp", "analyze", "--model", "{tmp}/models/mine", *PAIR], "model folder"),
+    Case("model-is-a-file", ["interp", "analyze", "--model", "{tmp}/in/file", *PAIR], "is a file, not a model folder",
+         setup=lambda tmp, made: _write(tmp / "in" / "file", "x")),
     Case("model-hub-offline", ["interp", "analyze", "--model", "ctxint-test/never-published", *PAIR], "not in the local Hugging Face cache"),
     # interp analyze: adapters
     Case("adapter-is-a-file", ["interp", "analyze", *TINY, *PAIR, "--adapter", "{tmp}/in/file"], "is a file; pass the adapter folder",
