@@ -22,6 +22,15 @@ LIVE_DEFAULT_MODEL = "smollm2-135m-instruct"
 # Seconds the hidden views wait on a session's first page (see draw_first_view_first).
 FIRST_PAINT_S = float(os.environ.get("LAYERS_FIRST_PAINT_S", "1.5"))
 NO_ADAPTER = "none (base model)"
+# What the empty states tell a user to run.
+MAKE_RUN_COMMAND = "python -m training pair --task persona --steps 30 --out runs/persona"
+LAYERS_COMMAND = "python -m interp analyze-run {run}"
+
+
+def overview(summaries: list) -> list[dict]:
+    """One row per run for the run picker: what it is, what it has so far, or what is wrong with it."""
+    return [{"run": r.name, "task": r.task, "model": r.model, "students": ", ".join(r.students),
+             "evaluated": r.has_eval, "layers": ", ".join(r.layer_models), "error": r.error or ""} for r in summaries]
 OTHER_ADAPTER = "another adapter folder…"
 # LAYERS_LIVE_RUNS_ONLY=1: live mode loads only the models the runs name and the adapters inside the runs folder,
 # and the runs folder cannot be changed from the browser (for an app that others can reach).
@@ -231,7 +240,7 @@ def show_run(summary) -> None:
             st.session_state["example"] = table[0]["example"]
         st.sidebar.selectbox("Example", list(by_id), key="example", format_func=lambda e: example_label(by_id[e]))
     if not divs:
-        st.info(f"No layer results yet. Write them with `{runs.LAYERS_COMMAND.format(run=path)}`.")
+        st.info(f"No layer results yet. Write them with `{LAYERS_COMMAND.format(run=path)}`.")
         if st.toggle("Show training curves", key="show_training"):
             show_training(path, stamp)
     else:
@@ -368,6 +377,33 @@ def show_live(summary) -> None:
             show_attention(divs, {label: 0}, "live")
 
 
+# ---------- a study ----------
+
+def show_study(results_root: str) -> None:
+    """A study's grid: mean ± sd over seeds per suite and student, and the frontier plot."""
+    root = Path(results_root)
+    studies = sorted(p.name for p in root.iterdir() if runs.is_study(p)) if root.is_dir() else []
+    if not studies:
+        st.title("Study")
+        st.info(f"No study results under `{root}` yet. Run one with\n\n`python -m training study studies/smoke.toml` "
+                "(a minute on the tiny model) or `studies/removability.toml`.")
+        return
+    name = st.sidebar.selectbox("Study", studies, key="study")
+    try:
+        data = runs.read_study(root / name)
+    except UserError as err:
+        st.error(f"Study '{name}' could not be read: {err}")
+        return
+    st.header(f"Study {name}")
+    st.caption(f"model **{data.get('model')}** · {data.get('steps')} steps · seeds {data.get('seeds')} · "
+               "mean ± sd over seeds; each cell's 95% bootstrap intervals are in study.json")
+    st.dataframe(runs.study_rows(data), hide_index=True)
+    y = st.radio("Frontier: y axis", ["degenerate_ctx", "harm", "ctx_drop"], horizontal=True, key="study_y")
+    st.plotly_chart(plots.frontier_figure(data, y=y), key="fig_study_frontier")
+    st.caption("x: follow_cf, the share of answers that follow a counterfactual context (the student still listens). "
+               "Top left is the goal: it listens, and the context does not break it. ◆ base model and teacher.")
+
+
 # ---------- page ----------
 
 def main() -> None:
@@ -376,7 +412,7 @@ def main() -> None:
     root = st.sidebar.text_input("Runs folder", str(runs.default_runs_dir()), key="runs_dir", disabled=live_runs_only(),
                                  help="Set the default with the environment variable LAYERS_RUNS_DIR.")
     found = cached_runs(root, _root_stamp(root))
-    mode = st.sidebar.radio("Mode", ["Runs", "Live"], key="mode", horizontal=True)
+    mode = st.sidebar.radio("Mode", ["Runs", "Study", "Live"], key="mode", horizontal=True)
     summary = None
     if found:
         names = [r.name for r in found]
@@ -386,17 +422,19 @@ def main() -> None:
             st.sidebar.caption(f"⚠ {bad.name}: damaged")
     if mode == "Live":
         show_live(summary)
+    elif mode == "Study":
+        show_study(st.sidebar.text_input("Results folder", os.environ.get("LAYERS_RESULTS_DIR", "results"), key="results_dir"))
     elif summary is None:
         st.title("Layer divergence")
         st.info(
-            f"No runs under `{root}` yet. Make one with\n\n`{runs.MAKE_RUN_COMMAND}`\n\n"
+            f"No runs under `{root}` yet. Make one with\n\n`{MAKE_RUN_COMMAND}`\n\n"
             f"(then `python -m training eval runs/persona` for the evaluation and "
-            f"`{runs.LAYERS_COMMAND.format(run='runs/persona')}` for the layers), "
+            f"`{LAYERS_COMMAND.format(run='runs/persona')}` for the layers), "
             "point the sidebar at another folder, or switch to **Live** to analyze a pair now."
         )
     else:
         with st.expander(f"{len(found)} run(s) under `{root}`"):
-            st.dataframe(runs.overview(found), hide_index=True)
+            st.dataframe(overview(found), hide_index=True)
         try:
             show_run(summary)
         except UserError as err:

@@ -32,6 +32,12 @@ def ours(args, lam: float, root: Path) -> list[float]:
 
 
 def trl(args, root: Path) -> list[float]:
+    return trl_step_times(args, root, task=args.task)
+
+
+def trl_step_times(args, root: Path, task: str, placement_user: bool = False) -> list[float]:
+    """TRL's SDFTTrainer on the same job: seconds per step after the first. Its teacher prompt is
+    "{prompt}\n\n{privileged_context}" in the user turn; `placement_user` puts the context first, as ours does."""
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import TrainerCallback
@@ -39,10 +45,10 @@ def trl(args, root: Path) -> list[float]:
 
     from interp.models import load_model
 
-    lm = load_model(args.model, attn_implementation="eager")
-    task = load_task(args.task)
+    lm = load_model(args.model, attn_implementation="sdpa")
+    suite = load_task(task)
     data = Dataset.from_list(
-        [{"prompt": [{"role": "user", "content": e.prompt}], "privileged_context": e.context} for e in task.train]
+        [{"prompt": [{"role": "user", "content": e.prompt}], "privileged_context": e.context} for e in suite.train]
     )
 
     class Timer(TrainerCallback):
@@ -60,7 +66,8 @@ def trl(args, root: Path) -> list[float]:
         output_dir=str(root / "trl"), per_device_train_batch_size=args.batch_size, num_generations=1,
         max_completion_length=args.max_new_tokens, max_steps=1 + args.steps, learning_rate=2e-4,
         temperature=1.0, top_k=0, distillation_mode="topk_logits", distillation_topk=args.top_k, distillation_alpha=1.0,
-        teacher_model_kind="base", logging_steps=1, report_to=[], save_strategy="no", use_cpu=not torch.cuda.is_available(),
+        teacher_model_kind="base", logging_steps=1,
+        **({"teacher_prompt_template": "{privileged_context}\n\n{prompt}"} if placement_user else {}), report_to=[], save_strategy="no", use_cpu=not torch.cuda.is_available(),
         bf16=False, seed=0, disable_tqdm=True,
     )
     trainer = SDFTTrainer(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import functools
 from pathlib import Path
 from typing import Sequence
@@ -161,12 +160,22 @@ def _describe(tokenizer, pair: Pair, tokens: np.ndarray, targets: np.ndarray) ->
     }
 
 
-def _read_examples(path: Path) -> list[dict]:
-    try:
-        with open(path, newline="") as f:
-            return list(csv.DictReader(f))
-    except OSError as err:
-        raise UserError(f"cannot read {path}: {err}; run `python -m training eval` on the run first") from err
+def run_pairs(lm, run_dir: str | Path, model: str, max_examples: int | None = None) -> list[Pair]:
+    """The aligned pairs of one model's evaluation: each test example with the exact token ids the model generated
+    without the context (never re-tokenized text). Examples with an empty answer have nothing to measure."""
+    from interp.pairs import pair_from_ids, render_prompt_pair
+    from interp.runs import read_examples, read_run
+
+    info = read_run(run_dir)
+    rows = read_examples(run_dir)
+    if rows is None:
+        raise UserError(f"{run_dir} has no evaluation yet; run `python -m training eval {run_dir}` first")
+    mine = [r for r in rows if r.model == model and r.ids_noctx][:max_examples]
+    pairs = []
+    for r in mine:
+        pp = render_prompt_pair(lm.tokenizer, r.context, r.prompt, info.placement)
+        pairs.append(pair_from_ids(pp, r.ids_noctx, r.context, r.prompt, r.response_noctx, info.placement))
+    return pairs
 
 
 def analyze_run(
@@ -178,40 +187,39 @@ def analyze_run(
     max_examples: int | None = None,
     device: str | None = None,
     progress: bool = True,
+    lm=None,
 ) -> dict[str, Path]:
-    """Analyze each model of a training run (base and every student) on the test examples, with the response each
-    model gave without the context, and save the results under `run_dir/layers/<model>/`.
-    """
+    """Analyze each model of a training run (base and every evaluated student) on the test examples, with the
+    tokens each model generated without the context, and save the results under `run_dir/layers/<model>/`.
+    `lm`: the run's model already loaded (the evaluation passes its own, so one copy is in memory)."""
     from interp.models import load_model
+    from interp.runs import read_examples, read_run
 
-    if max_examples is not None and (isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 1):
-        raise UserError(f"max_examples must be at least 1 (got {max_examples!r}); leave it out for every example")
     run_dir = Path(run_dir)
-    run = read_json(run_dir / "run.json")
-    rows = _read_examples(run_dir / "eval_examples.csv")
-    available = sorted({r["model"] for r in rows if r.get("model") != "teacher"})  # the teacher is the base's weights
+    info = read_run(run_dir)
+    if max_examples is not None and max_examples < 1:
+        raise UserError(f"--max-examples must be at least 1 (got {max_examples})")
+    rows = read_examples(run_dir)
+    if rows is None:
+        raise UserError(f"{run_dir} has no evaluation yet; run `python -m training eval {run_dir}` first")
+    available = sorted({r.model for r in rows if r.model != "teacher"})  # the teacher is the base's weights
     wanted = list(models) if models else available
     unknown = [m for m in wanted if m not in available]
     if unknown:
         raise UserError(f"{run_dir} has no evaluated model named {', '.join(unknown)}; evaluated: {', '.join(available)}")
     for name in wanted:
         if name != "base":  # each becomes a folder name: RUN/<name> (the adapter) and RUN/layers/<name>
-            check_member_name(name, run_dir / "eval_examples.csv")
-    lm = load_model(run.get("model", "smollm2-135m-instruct"), device=device)
+            check_member_name(name, run_dir / "eval")
+    lm = lm or load_model(info.model, device=device)
     written = {}
     for name in wanted:
-        lm.set_adapter(None if name == "base" else lm.load_adapter(run_dir / name))
-        records = [
-            {"context": r["context"], "prompt": r["prompt"], "response": r["response_noctx"]}
-            for r in rows
-            if r["model"] == name and r.get("response_noctx", "").strip()
-        ][:max_examples]
-        if not records:
+        adapter = None if name == "base" else lm.load_adapter(run_dir / name, name=name)
+        pairs = run_pairs(lm, run_dir, name, max_examples)
+        if not pairs:
             continue
-        pairs = make_pairs(lm.tokenizer, records, placement=run.get("placement", "system"))
-        div = analyze(lm, pairs, backend=backend, batch_size=batch_size, progress=progress)
+        with lm.use(adapter):
+            div = analyze(lm, pairs, backend=backend, batch_size=batch_size, progress=progress)
         div.meta["run"] = str(run_dir)
         div.meta["model_name"] = name
         written[name] = save_divergence(div, run_dir / "layers" / name, overwrite=True)
     return written
-

@@ -126,13 +126,18 @@ def analyze_run_command(
         typer.echo(f"{name}: {folder}")
 
 
-def _register_report() -> None:
-    from interp.report import report_command
+@app.command("report")
+def report_command(
+    runs: list[Path] = typer.Argument(..., metavar="RUN...", help="Run folders (with run.json), folders written by `python -m interp analyze`, or study results (results/<study>/)."),
+    out: Path = typer.Option(Path("report"), "--out", "-o", help="Folder for report.html, layer_divergence.json and layer_divergence.csv."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the output folder even if it holds more than an earlier report."),
+    tokens: bool = typer.Option(True, "--tokens/--no-tokens", help="Show the logit lens's top-1 tokens as text (loads the model's tokenizer); ids otherwise."),
+) -> None:
+    """Write a self-contained HTML report (opens offline) of runs side by side and of studies, with every per-layer number as JSON and CSV."""
+    from interp.report import CSV_FILE, HTML_FILE, JSON_FILE, write_report
 
-    app.command("report")(report_command)
-
-
-_register_report()
+    folder = write_report(runs, out, overwrite=overwrite, decode_tokens=tokens)
+    typer.echo(f"wrote {folder / HTML_FILE}, {folder / JSON_FILE} and {folder / CSV_FILE}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -98,7 +98,7 @@ def _shared_start(tokenizer, suffix: str, prompt: str) -> int:
     """
     p = suffix.rfind(prompt)
     if p < 0:
-        raise UserError("the chat template changed the prompt text; cannot align the pair (try --no-chat-template)")
+        raise UserError("the chat template changed the prompt text; cannot align the pair (try --placement user)")
     specials = [t for t in tokenizer.all_special_tokens if t] + list(getattr(tokenizer, "added_tokens_encoder", {}) or {})
     first_special = min((i for i in (suffix.find(t) for t in set(specials)) if 0 <= i), default=len(suffix))
     return min(p, first_special)
@@ -125,7 +125,7 @@ def render_prompt_pair(
         raise UserError("the prompt is empty; give the question or instruction the model answers")
     use_template = has_chat_template(tokenizer) if chat_template is None else chat_template
     if use_template and not has_chat_template(tokenizer):
-        raise UserError("this tokenizer has no chat template; drop --chat-template or use a chat model")
+        raise UserError("this tokenizer has no chat template, so the context cannot be a system turn; use --placement user or a chat model")
 
     if not use_template:
         bos = _bos(tokenizer)

@@ -247,3 +247,31 @@ def lens_summary(div, stats: Sequence[str] = ("target_prob", "entropy", "kl_fina
                           row=1, col=col)
         fig.update_xaxes(title=LAYER_AXIS, row=1, col=col)
     return _layout(fig, title or "Logit lens per layer, mean over the measured tokens", 360)
+
+
+def frontier_figure(study: Mapping, x: str = "follow_cf", y: str = "degenerate_ctx") -> go.Figure:
+    """The removability frontier of a study: one point per student and suite (mean over seeds, error bars ± sd),
+    x = `follow_cf` (still listens to contexts), y = `degenerate_ctx` (or another rate), colour = λ; the base model
+    and the teacher as reference points. Top-left is the goal: listens, and does not break with the context."""
+    summary = [r for r in study.get("summary", []) if r.get(x, {}).get("mean") is not None and r.get(y, {}).get("mean") is not None]
+    suites = list(dict.fromkeys(r["suite"] for r in study.get("summary", []))) or ["(no results yet)"]
+    fig = make_subplots(rows=1, cols=len(suites), subplot_titles=suites, shared_yaxes=True, horizontal_spacing=0.04)
+    lams = [r["lam"] for r in summary if r.get("lam") is not None]
+    lam_max = max(lams) if lams else 1.0
+    for col, suite in enumerate(suites, 1):
+        for r in (r for r in summary if r["suite"] == suite):
+            ref = r.get("lam") is None
+            sx, sy = r[x].get("sd"), r[y].get("sd")
+            fig.add_trace(go.Scatter(
+                x=[r[x]["mean"]], y=[r[y]["mean"]], mode="markers+text", text=[r["student"]], textposition="top center",
+                error_x=dict(type="data", array=[sx or 0], visible=sx is not None),
+                error_y=dict(type="data", array=[sy or 0], visible=sy is not None),
+                marker=dict(size=12, symbol="diamond" if ref else "circle",
+                            color="black" if ref else r["lam"], cmin=0, cmax=lam_max or 1.0, colorscale="Viridis",
+                            showscale=(col == 1 and not ref), colorbar=dict(title="λ")),
+                name=f"{suite}: {r['student']}", showlegend=False,
+                hovertemplate=(f"{r['student']} ({suite}, seeds {r['seeds']})<br>{x}=%{{x:.2f}}<br>{y}=%{{y:.2f}}<extra></extra>"),
+            ), row=1, col=col)
+        fig.update_xaxes(title_text=x, range=[-0.05, 1.05], row=1, col=col)
+    fig.update_yaxes(title_text=y, range=[-0.05, 1.05], row=1, col=1)
+    return _layout(fig, f"Removability frontier: {study.get('name', '')} (mean ± sd over seeds; ◆ base / teacher)", 460)

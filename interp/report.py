@@ -9,10 +9,9 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Sequence
+from typing import Sequence
 
 import numpy as np
-import typer
 
 from interp import plots, runs
 from interp.errors import UserError
@@ -41,9 +40,9 @@ def load_run_data(path: str | Path, name: str | None = None) -> RunData:
     """Read a run folder (or a folder written by `python -m interp analyze`); a missing or damaged one is a UserError."""
     path = Path(path)
     if not path.is_dir():
-        raise UserError(f"{path} is not a folder; pass run folders (with run.json) or layer folders (with divergence.json)")
+        raise UserError(f"{path} is not a folder; pass run folders (with run.json), layer folders (with divergence.json) or study results (with study.json)")
     if not runs.is_run(path) and not runs.is_layers_folder(path):
-        raise UserError(f"{path} is neither a run (no {runs.RUN_FILE}) nor a layers folder (no divergence.json)")
+        raise UserError(f"{path} is neither a run (no {runs.RUN_FILE}), a layers folder (no divergence.json) nor study results (no study.json)")
     layers = runs.load_all_layers(path)
     settings = runs.run_settings(path)
     settings["layers"] = {m: div.meta for m, div in layers.items()}
@@ -195,16 +194,33 @@ th { background: #e8eef7; }
 """
 
 
-def report_html(data: Sequence[RunData], decode=lambda div: None) -> str:
-    """The whole page: plotly.js inline once, then a combined divergence figure and one column per run."""
+def study_section(name: str, study: dict) -> str:
+    """A study's summary table (mean ± sd over seeds), its frontier plot and the paired tests."""
+    parts = [f"<h2>Study {html.escape(name)}</h2>",
+             f"<p class='muted'>model {html.escape(str(study.get('model')))}, {study.get('steps')} steps, seeds {study.get('seeds')}; "
+             "rates are means over seeds ± sd (one seed: the mean alone; each cell's 95% bootstrap intervals are in study.json)</p>",
+             _table_html(runs.study_rows(study)),
+             _figure_html(plots.frontier_figure(study)),
+             _figure_html(plots.frontier_figure(study, y="harm"))]
+    paired = study.get("paired") or []
+    if paired:
+        parts += ["<h3>Paired with the first student (with the context, same examples)</h3>",
+                  _table_html([{k: p.get(k) for k in ("suite", "seed", "student", "vs", "a_only", "b_only", "n", "p_mcnemar")} for p in paired])]
+    return "<section class='study'>" + "\n".join(parts) + "</section>"
+
+
+def report_html(data: Sequence[RunData], decode=lambda div: None, studies: dict | None = None) -> str:
+    """The whole page: plotly.js inline once, the studies, then a combined divergence figure and one column per run."""
     from plotly.offline import get_plotlyjs
 
-    title = "Layer divergence report: " + ", ".join(d.name for d in data)
-    body = [f"<h1>{html.escape(title)}</h1>"]
+    studies = studies or {}
+    title = "Report: " + ", ".join([*studies, *(d.name for d in data)])
+    body = [f"<h1>{html.escape(title)}</h1>"] + [study_section(n, s) for n, s in studies.items()]
     combined = {f"{d.name}/{m}": div for d in data for m, div in d.layers.items()}
     if len(data) > 1 and combined:
         body.append(_figure_html(plots.layer_divergence(combined, title="All runs: layer divergence")))
-    body.append("<div class='runs'>" + "\n".join(_run_section(d, decode) for d in data) + "</div>")
+    if data:
+        body.append("<div class='runs'>" + "\n".join(_run_section(d, decode) for d in data) + "</div>")
     return (
         "<!DOCTYPE html>\n<html><head><meta charset='utf-8'>"
         f"<title>{html.escape(title)}</title><style>{_STYLE}</style>"
@@ -227,22 +243,13 @@ def write_report(paths: Sequence[str | Path], out: str | Path = "report", overwr
     paths = [Path(p) for p in paths]
     if not paths:
         raise UserError("no runs given; pass one or more run folders, e.g. `python -m interp report runs/persona`")
-    data = [load_run_data(p, name) for p, name in zip(paths, unique_names(paths))]
+    studies = {p.name: runs.read_study(p) for p in paths if runs.is_study(p)}
+    run_paths = [p for p in paths if not runs.is_study(p)]
+    data = [load_run_data(p, name) for p, name in zip(run_paths, unique_names(run_paths))]
     decode = runs.token_decoder if decode_tokens else (lambda div: None)
     out = Path(out)
     with atomic_dir(out, overwrite=overwrite or is_report_folder(out)) as tmp:
-        atomic_write_text(tmp / HTML_FILE, report_html(data, decode))
+        atomic_write_text(tmp / HTML_FILE, report_html(data, decode, studies))
         atomic_write_json(tmp / JSON_FILE, report_json(data))
         atomic_write_text(tmp / CSV_FILE, report_csv(data))
     return out
-
-
-def report_command(
-    runs: Annotated[list[Path], typer.Argument(metavar="RUN...", help="Run folders (with run.json), or folders written by `python -m interp analyze`.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for report.html, layer_divergence.json and layer_divergence.csv.")] = Path("report"),
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the output folder even if it holds more than an earlier report.")] = False,
-    tokens: Annotated[bool, typer.Option("--tokens/--no-tokens", help="Show the logit lens's top-1 tokens as text (loads the model's tokenizer); ids otherwise.")] = True,
-) -> None:
-    """Write a self-contained HTML report (opens offline) of one or more runs side by side, with every per-layer number as JSON and CSV."""
-    folder = write_report(runs, out, overwrite=overwrite, decode_tokens=tokens)
-    typer.echo(f"wrote {folder / HTML_FILE}, {folder / JSON_FILE} and {folder / CSV_FILE}")

@@ -1,30 +1,48 @@
-"""Run folders written by `python -m training`: find them, and read their evaluation, examples, layers and curves."""
+"""THE run-folder format: what `python -m training` writes and everything else reads (typed records, one place).
+
+A run folder (`runs/<name>/`):
+
+    run.json                  RunInfo: task, model, seed, placement, n_test, the students' names
+    <student>/                the peft adapter, train_config.json, metrics.jsonl, checkpoints/
+    eval/<model>.json         one model's evaluation: settings, scores, intervals and its ExampleRows
+    eval.json                 every model's scores and intervals (the table)
+    eval_examples.jsonl       one ExampleRow per (model, example), with the generated token ids
+    eval_examples.csv         the same rows for people (text, verdicts, lengths; no ids)
+    layers/<model>/           interp's LayerDivergence of that model
+
+Field meanings and formulas: docs/measures.md.
+"""
 
 from __future__ import annotations
 
 import csv
 import functools
+import io
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from interp.errors import UserError
-from interp.store import META_FILE, check_member_name, load_divergence, read_json
+from interp.store import META_FILE, atomic_write_json, atomic_write_text, check_member_name, load_divergence, read_json
 
 RUN_FILE = "run.json"
 EVAL_FILE = "eval.json"
 EXAMPLES_FILE = "eval_examples.csv"
+EXAMPLES_JSONL = "eval_examples.jsonl"
+EVAL_DIR = "eval"
 LAYERS_DIR = "layers"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 METRICS_FILE = "metrics.jsonl"
 TRAIN_CONFIG_FILE = "train_config.json"
-# The evaluation table's columns, in the order DESIGN.md defines them.
-EVAL_METRICS = ("acc_noctx", "acc_ctx", "harm", "help", "len_ratio", "ctx_drop")
+# The evaluation table's columns (docs/measures.md#evaluation). Rates carry a 95% bootstrap interval.
+EVAL_METRICS = ("acc_noctx", "acc_ctx", "harm", "help", "len_ratio", "ctx_drop", "degenerate_noctx", "degenerate_ctx",
+                "truncated_noctx", "truncated_ctx", "follow_cf", "drift")
+# The short table a terminal shows.
+EVAL_TABLE = ("acc_noctx", "acc_ctx", "harm", "ctx_drop", "degenerate_ctx", "truncated_ctx", "len_ratio", "follow_cf", "drift")
 # Models that are not students: always listed first.
 REFERENCE_MODELS = ("base", "teacher")
-# What the empty states tell a user to run.
-MAKE_RUN_COMMAND = "python -m training pair --task persona --steps 60 --out runs/persona"
-LAYERS_COMMAND = "python -m interp analyze-run {run}"
 
 
 def default_runs_dir() -> Path:
@@ -70,12 +88,6 @@ def list_runs(root: str | os.PathLike) -> list[RunSummary]:
     return [summarize(p) for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".") and is_run(p)]
 
 
-def overview(summaries: list[RunSummary]) -> list[dict]:
-    """One row per run for the run picker: what it is, what it has so far, or what is wrong with it."""
-    return [{"run": r.name, "task": r.task, "model": r.model, "students": ", ".join(r.students),
-             "evaluated": r.has_eval, "layers": ", ".join(r.layer_models), "error": r.error or ""} for r in summaries]
-
-
 def summarize(path: str | os.PathLike) -> RunSummary:
     path = Path(path)
     summary = RunSummary(name=path.name, path=path)
@@ -84,7 +96,7 @@ def summarize(path: str | os.PathLike) -> RunSummary:
         summary.task, summary.model = str(info.get("task", "")), str(info.get("model", ""))
         summary.students = [str(s) for s in info.get("students", [])]
         summary.has_eval = (path / EVAL_FILE).exists()
-        summary.has_examples = (path / EXAMPLES_FILE).exists()
+        summary.has_examples = (path / EXAMPLES_JSONL).exists()
         summary.layer_models = layer_models(path)
     except UserError as err:
         summary.error = str(err)
@@ -134,47 +146,12 @@ def eval_rows(evaluation: dict | None) -> list[dict]:
     return rows
 
 
-def _parse_cell(value: str):
-    """CSV cells come back as text: turn booleans and numbers back into values, leave the rest."""
-    low = value.strip().lower()
-    if low in ("true", "false"):
-        return low == "true"
-    try:
-        return int(value)
-    except ValueError:
-        pass
-    try:
-        return float(value)
-    except ValueError:
-        return value
-
-
-_EXAMPLE_NUMERIC = ("correct_noctx", "correct_ctx", "len_noctx", "len_ctx", "flipped")
-_EXAMPLE_TEXT = ("model", "example", "context", "prompt", "reference", "response_noctx", "response_ctx")
-
-
 def load_examples(path: str | os.PathLike) -> list[dict] | None:
-    """eval_examples.csv as a list of rows (None when absent); one row per (model, example)."""
-    file = Path(path) / EXAMPLES_FILE
-    if not file.exists():
+    """The evaluation's ExampleRows as plain dicts (with `flipped`), None before the run is evaluated."""
+    rows = read_examples(path)
+    if rows is None:
         return None
-    try:
-        with file.open(newline="") as f:
-            reader = csv.DictReader(f)
-            missing = {"model", "example", "correct_noctx", "correct_ctx"} - set(reader.fieldnames or [])
-            if missing:
-                raise UserError(f"{file} is damaged: it lacks the column(s) {', '.join(sorted(missing))}")
-            rows = []
-            for row in reader:
-                if None in row:  # more cells than header columns
-                    raise UserError(f"{file} is damaged: line {reader.line_num} has more cells than the header")
-                rows.append({k: (_parse_cell(v) if k in _EXAMPLE_NUMERIC else (v or "")) for k, v in row.items()})
-    except (UnicodeDecodeError, csv.Error) as err:
-        raise UserError(f"{file} is damaged ({err}); rerun `python -m training evaluate`") from err
-    for row in rows:
-        if "flipped" not in row or row["flipped"] == "":
-            row["flipped"] = bool(row["correct_noctx"]) and not bool(row["correct_ctx"])
-    return rows
+    return [{**asdict(r), "flipped": r.flipped} for r in rows]
 
 
 def example_table(rows: list[dict] | None) -> list[dict]:
@@ -296,7 +273,7 @@ def signature(path: str | os.PathLike) -> tuple:
     """Modification times of a run's files, so that caches keyed on it refresh while a run is still being written."""
     path = Path(path)
     items = []
-    for p in [path, *(path / n for n in (RUN_FILE, EVAL_FILE, EXAMPLES_FILE, META_FILE))]:
+    for p in [path, *(path / n for n in (RUN_FILE, EVAL_FILE, EXAMPLES_JSONL, META_FILE))]:
         if p.exists():
             items.append((p.name, p.stat().st_mtime_ns))
     layers = path / LAYERS_DIR
@@ -339,3 +316,247 @@ def token_decoder_for(spec: str):
 def token_decoder(div):
     """token_decoder_for the model a LayerDivergence came from."""
     return token_decoder_for(str(div.meta.get("model") or ""))
+
+
+# ---------- typed records: written by training, read by interp, the app and the tests ----------
+
+
+@dataclass
+class RunInfo:
+    """run.json: enough to rebuild the task split and the model, and the students' names in training order."""
+
+    task: str
+    model: str
+    seed: int
+    placement: str
+    n_test: int = 40
+    students: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not isinstance(self.students, list) or not all(isinstance(s, str) for s in self.students):
+            raise UserError("run.json is damaged: 'students' should be a list of names")
+        for s in self.students:
+            check_student_name(s)
+
+    def same_run(self, other: "RunInfo") -> str | None:
+        """The first setting on which two run descriptions disagree (they then cannot share a folder), else None."""
+        for key in ("task", "model", "seed", "placement", "n_test"):
+            if getattr(self, key) != getattr(other, key):
+                return key
+        return None
+
+
+def check_student_name(name: str) -> str:
+    """A student is a folder directly inside the run: no path separators, no dots (torch module names), not a
+    reference model's name."""
+    if not name or "/" in name or "\\" in name or "." in name or name in REFERENCE_MODELS or name in (EVAL_DIR, LAYERS_DIR):
+        raise UserError(f"'{name}' is not a valid student name: use letters, digits, '-' and '_' (not base or teacher)")
+    return name
+
+
+def read_run(run_dir: str | os.PathLike) -> RunInfo:
+    run_dir = Path(run_dir)
+    if not (run_dir / RUN_FILE).exists():
+        raise UserError(f"{run_dir} is not a run folder (no {RUN_FILE}); create one with `python -m training train` or `pair`")
+    data = load_run_info(run_dir)
+    missing = [k for k in ("task", "model", "seed") if k not in data]
+    if missing:
+        raise UserError(f"{run_dir / RUN_FILE} lacks '{missing[0]}'; rerun `python -m training train` to rewrite it")
+    known = {f.name for f in fields(RunInfo)}
+    try:
+        return RunInfo(**{k: v for k, v in data.items() if k in known and v is not None} | {"placement": data.get("placement") or "system"})
+    except TypeError as err:
+        raise UserError(f"{run_dir / RUN_FILE} is damaged ({err})") from err
+
+
+def write_run(run_dir: str | os.PathLike, info: RunInfo) -> None:
+    atomic_write_json(Path(run_dir) / RUN_FILE, asdict(info))
+
+
+def add_student(run_dir: str | os.PathLike, info: RunInfo, student: str) -> RunInfo:
+    """Create run.json or check that this student belongs to the run it describes, and list the student."""
+    run_dir = Path(run_dir)
+    check_student_name(student)
+    current = read_run(run_dir) if (run_dir / RUN_FILE).exists() else RunInfo(**{**asdict(info), "students": []})
+    key = current.same_run(info)
+    if key:
+        raise UserError(
+            f"{run_dir / RUN_FILE} is a run of {key}={getattr(current, key)!r}, but this student uses "
+            f"{key}={getattr(info, key)!r}; put it in another run folder"
+        )
+    if student not in current.students:
+        current.students.append(student)
+    write_run(run_dir, current)
+    return current
+
+
+def student_dir(run_dir: str | os.PathLike, student: str) -> Path:
+    return Path(run_dir) / check_student_name(student)
+
+
+def adapter_dir(run_dir: str | os.PathLike, student: str) -> Path:
+    """The student's adapter folder; an error when the student has not finished training."""
+    folder = student_dir(run_dir, student)
+    if not (folder / ADAPTER_CONFIG).exists() or not (folder / ADAPTER_WEIGHTS).exists():  # the weights are written last
+        raise UserError(f"student '{student}' of {run_dir} has no adapter yet (training unfinished); "
+                        f"finish it with `python -m training train --out {folder} --resume`")
+    return folder
+
+
+@dataclass
+class ExampleRow:
+    """One model's answers to one test example, without the context, with it and with the counterfactual context.
+
+    `ids_*` are the generated token ids (the stop token excluded): the layer analysis measures exactly these.
+    Verdicts follow the example's verifier, and a degenerate (looping) answer is wrong unless the evaluation
+    allowed it.
+    """
+
+    model: str
+    example: int
+    context: str
+    prompt: str
+    reference: str
+    verifier: str
+    response_noctx: str
+    response_ctx: str
+    ids_noctx: list[int]
+    ids_ctx: list[int]
+    correct_noctx: bool
+    correct_ctx: bool
+    degenerate_noctx: bool
+    degenerate_ctx: bool
+    truncated_noctx: bool
+    truncated_ctx: bool
+    cf_context: str | None = None
+    cf_reference: str | None = None
+    response_cf: str | None = None
+    ids_cf: list[int] | None = None
+    follow_cf: bool | None = None
+    degenerate_cf: bool | None = None
+
+    @property
+    def flipped(self) -> bool:
+        """Right without the context, wrong with it."""
+        return self.correct_noctx and not self.correct_ctx
+
+    def csv_row(self) -> dict:
+        row = {k: v for k, v in asdict(self).items() if not k.startswith("ids_")}
+        row.update(len_noctx=len(self.ids_noctx), len_ctx=len(self.ids_ctx), flipped=self.flipped)
+        return {k: (int(v) if isinstance(v, bool) else ("" if v is None else v)) for k, v in row.items()}
+
+    @classmethod
+    def from_json(cls, data: dict, where: str) -> "ExampleRow":
+        if not isinstance(data, dict):
+            raise UserError(f"{where}: expected a JSON object")
+        known = {f.name for f in fields(cls)}
+        try:
+            row = cls(**{k: v for k, v in data.items() if k in known})
+        except TypeError as err:
+            raise UserError(f"{where} is damaged ({err}); rerun `python -m training eval`") from err
+        for name in ("ids_noctx", "ids_ctx"):
+            ids = getattr(row, name)
+            if not isinstance(ids, list) or not all(isinstance(i, int) and i >= 0 for i in ids):
+                raise UserError(f"{where}: '{name}' must be a list of token ids (non-negative integers)")
+        return row
+
+
+CSV_FIELDS = [f.name for f in fields(ExampleRow) if not f.name.startswith("ids_")] + ["len_noctx", "len_ctx", "flipped"]
+
+
+def write_examples(run_dir: str | os.PathLike, rows: list[ExampleRow]) -> None:
+    """eval_examples.jsonl (with token ids) and eval_examples.csv (for people), each replaced in one rename."""
+    run_dir = Path(run_dir)
+    atomic_write_text(run_dir / EXAMPLES_JSONL, "".join(json.dumps(asdict(r)) + "\n" for r in rows))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
+    writer.writeheader()
+    writer.writerows(r.csv_row() for r in rows)
+    atomic_write_text(run_dir / EXAMPLES_FILE, buf.getvalue())
+
+
+def read_examples(run_dir: str | os.PathLike) -> list[ExampleRow] | None:
+    """Every ExampleRow of a run's evaluation (None before the run is evaluated)."""
+    file = Path(run_dir) / EXAMPLES_JSONL
+    if not file.exists():
+        return None
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise UserError(f"{file} is damaged (not UTF-8); rerun `python -m training eval`") from err
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{file}, line {i}: not valid JSON ({err.msg}); rerun `python -m training eval`") from None
+        rows.append(ExampleRow.from_json(data, f"{file}, line {i}"))
+    return rows
+
+
+@dataclass
+class ModelEval:
+    """One model's evaluation (eval/<model>.json): the settings it was made with, its scores and intervals, its rows."""
+
+    model: str
+    settings: dict
+    scores: dict
+    intervals: dict
+    rows: list[ExampleRow]
+
+    def to_json(self) -> dict:
+        return {"model": self.model, "settings": self.settings, "scores": self.scores, "intervals": self.intervals,
+                "rows": [asdict(r) for r in self.rows]}
+
+
+def model_eval_path(run_dir: str | os.PathLike, model: str) -> Path:
+    return Path(run_dir) / EVAL_DIR / f"{model}.json"
+
+
+def write_model_eval(run_dir: str | os.PathLike, ev: ModelEval) -> None:
+    atomic_write_json(model_eval_path(run_dir, ev.model), ev.to_json())
+
+
+def read_model_eval(run_dir: str | os.PathLike, model: str) -> ModelEval | None:
+    path = model_eval_path(run_dir, model)
+    if not path.exists():
+        return None
+    data = read_json(path)
+    if not isinstance(data, dict) or not all(k in data for k in ("settings", "scores", "intervals", "rows")):
+        raise UserError(f"{path} is damaged; delete it and rerun `python -m training eval`")
+    rows = [ExampleRow.from_json(r, f"{path}, row {i}") for i, r in enumerate(data["rows"])]
+    return ModelEval(model, data["settings"], data["scores"], data["intervals"], rows)
+
+
+# ---------- study results (results/<study>/, written by `python -m training study`) ----------
+
+STUDY_FILE = "study.json"
+STUDY_COLUMNS = ("acc_noctx", "acc_ctx", "harm", "degenerate_ctx", "follow_cf", "ctx_drop", "truncated_ctx", "len_ratio", "drift")
+
+
+def is_study(path: str | os.PathLike) -> bool:
+    return (Path(path) / STUDY_FILE).exists()
+
+
+def read_study(path: str | os.PathLike) -> dict:
+    """study.json of a results folder: cells, references, the per-suite summary over seeds and paired tests."""
+    file = Path(path) / STUDY_FILE
+    data = read_json(file)
+    if not isinstance(data, dict) or not isinstance(data.get("summary"), list) or not isinstance(data.get("cells"), list):
+        raise UserError(f"{file} is damaged: expected an object with 'summary' and 'cells' lists; rerun the study to rewrite it")
+    return data
+
+
+def study_rows(data: dict, columns=STUDY_COLUMNS) -> list[dict]:
+    """One row per suite and student: 'mean ± sd' over seeds (just the mean with one seed), and the seeds."""
+    rows = []
+    for r in data.get("summary", []):
+        row = {"suite": r.get("suite"), "student": r.get("student"), "λ": r.get("lam"), "seeds": len(r.get("seeds", []))}
+        for c in columns:
+            cell = r.get(c) or {}
+            m, sd = cell.get("mean"), cell.get("sd")
+            row[c] = "–" if m is None else (f"{m:.2f} ± {sd:.2f}" if sd is not None else f"{m:.2f}")
+        rows.append(row)
+    return rows

@@ -69,15 +69,14 @@ def test_statistics_match_full_softmax(tiny, records, compiled, monkeypatch):
 
 
 def test_last_layer_kl_is_the_consistency_loss(tiny, records):
-    """At the last layer, KL(lens^noctx || lens^ctx) averaged over response tokens is L_cons on these examples."""
+    """At the last layer, KL(lens^noctx || lens^ctx) averaged over response tokens is the training loss L_cons
+    (training.losses.consistency_kl, the student anchor) on these examples, computed by the trainer's own batching."""
+    from training.losses import consistency_kl
+    from training.rollout import collate, response_logits
+
     pairs = make_pairs(tiny.tokenizer, records)
     div = analyze(tiny, pairs, backend="torch")
-    total, count = 0.0, 0
+    batch = collate(pairs, tiny.tokenizer.pad_token_id)
     with torch.no_grad():
-        for p in pairs:
-            lc = torch.log_softmax(tiny.model(input_ids=torch.tensor([p.ctx_ids])).logits[0].double(), -1)
-            ln = torch.log_softmax(tiny.model(input_ids=torch.tensor([p.noctx_ids])).logits[0].double(), -1)
-            pos_c, pos_n = list(p.measured("response", "ctx")), list(p.measured("response", "noctx"))
-            total += (ln[pos_n].exp() * (ln[pos_n] - lc[pos_c])).sum().item()
-            count += len(pos_c)
-    assert div.layer_mean("lens_kl_noctx_ctx")[-1] == pytest.approx(total / count, rel=1e-4)
+        loss = consistency_kl(response_logits(tiny.model, batch.noctx), response_logits(tiny.model, batch.ctx), batch.mask)
+    assert div.layer_mean("lens_kl_noctx_ctx")[-1] == pytest.approx(float(loss), rel=1e-4)

@@ -93,20 +93,27 @@ def test_report_replaces_an_earlier_report_but_nothing_else(two_runs, tmp_path):
     report.write_report(two_runs[:1], tmp_path / "r", overwrite=True, decode_tokens=False)
 
 
-def test_report_command_is_a_typer_command(two_runs, tmp_path):
-    import typer
-    from typer.testing import CliRunner
+def test_report_command(two_runs, tmp_path):
+    from interp.cli import main
 
-    app = typer.Typer()
-    app.command("report")(report.report_command)
-    app.command("other")(lambda: None)  # with two commands typer keeps the subcommand name
-    result = CliRunner().invoke(app, ["report", str(two_runs[0]), "--out", str(tmp_path / "rep"), "--no-tokens"])
-    assert result.exit_code == 0, result.output
+    assert main(["report", str(two_runs[0]), "--out", str(tmp_path / "rep"), "--no-tokens"]) == 0
     assert (tmp_path / "rep" / report.JSON_FILE).exists()
-    assert "--out" in CliRunner().invoke(app, ["report", "--help"]).output
-    # Called as a plain function, the way interp.cli's wrapper calls it.
-    report.report_command(runs=[two_runs[1]], out=tmp_path / "rep2", tokens=False)
-    assert (tmp_path / "rep2" / report.HTML_FILE).exists()
+    assert main(["report", str(tmp_path / "nowhere"), "--out", str(tmp_path / "rep2")]) == 2
+    assert not (tmp_path / "rep2").exists()
+
+
+def test_report_of_a_study(tmp_path):
+    from interp.store import atomic_write_json
+
+    study = {"name": "s", "model": "tiny-random-llama", "steps": 2, "seeds": [0, 1], "cells": [], "paired": [],
+             "summary": [{"suite": "persona", "student": "unreg", "lam": 0.0, "seeds": [0, 1],
+                          **{k: {"mean": 0.25, "sd": 0.05, "n": 2} for k in ("acc_noctx", "acc_ctx", "harm", "degenerate_ctx", "follow_cf", "ctx_drop", "truncated_ctx", "len_ratio", "drift")}},
+                         {"suite": "persona", "student": "base", "lam": None, "seeds": [0, 1],
+                          **{k: {"mean": 0.5, "sd": None, "n": 2} for k in ("acc_noctx", "acc_ctx", "harm", "degenerate_ctx", "follow_cf", "ctx_drop", "truncated_ctx", "len_ratio", "drift")}}]}
+    atomic_write_json(tmp_path / "results" / "s" / "study.json", study)
+    out = report.write_report([tmp_path / "results" / "s"], tmp_path / "rep", decode_tokens=False)
+    page = (out / report.HTML_FILE).read_text()
+    assert "Study s" in page and "0.25 ± 0.05" in page and "Removability frontier" in page
 
 
 def test_report_on_a_bare_layers_folder(two_runs, tmp_path):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -68,8 +67,8 @@ def write_synthetic_run(folder: Path, n_examples: int = 3, num_blocks: int = 3, 
     """A run folder with the layout `python -m training` writes (without adapters): run.json, eval.json,
     eval_examples.csv, metrics.jsonl per student, layers/<model>/ per model."""
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(folder / "run.json", {"task": "facts", "model": "tiny-random-llama", "seed": 0,
-                                           "placement": "system", "students": list(students)})
+    runs.write_run(folder, runs.RunInfo(task="facts", model="tiny-random-llama", seed=0, placement="system",
+                                        n_test=n_examples, students=list(students)))
     models = ["base", "teacher", *students]
     rng = np.random.default_rng(1)
     for s_i, s in enumerate(students):
@@ -84,18 +83,20 @@ def write_synthetic_run(folder: Path, n_examples: int = 3, num_blocks: int = 3, 
                  for i, m in enumerate(models)}
         atomic_write_json(folder / "eval.json", {"task": "facts", "model": "tiny-random-llama", "split": "test",
                                                  "n": n_examples, "models": table})
-        with (folder / "eval_examples.csv").open("w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["model", "example", "context", "prompt", "reference", "response_noctx", "response_ctx",
-                        "correct_noctx", "correct_ctx", "len_noctx", "len_ctx", "flipped"])
-            for m in models:
-                for i in range(n_examples):
-                    cn, cc = bool(rng.integers(0, 2)), bool(rng.integers(0, 2))
-                    if m == "unreg" and i == 0:
-                        cn, cc = True, False  # at least one flipped example
-                    ctx = CONTEXTS[i % 3] + ("" if i < 3 else f" ({i})")
-                    prompt = PROMPTS[i % 3] + ("" if i < 3 else f" #{i}")
-                    w.writerow([m, i, ctx, prompt, "Marn", "Marn.", "It is Marn.", cn, cc, 3, 5, cn and not cc])
+        rows = []
+        for m in models:
+            for i in range(n_examples):
+                cn, cc = bool(rng.integers(0, 2)), bool(rng.integers(0, 2))
+                if m == "unreg" and i == 0:
+                    cn, cc = True, False  # at least one flipped example
+                ctx = CONTEXTS[i % 3] + ("" if i < 3 else f" ({i})")
+                prompt = PROMPTS[i % 3] + ("" if i < 3 else f" #{i}")
+                rows.append(runs.ExampleRow(
+                    model=m, example=i, context=ctx, prompt=prompt, reference="Marn", verifier="contains",
+                    response_noctx="Marn.", response_ctx="It is Marn.", ids_noctx=[1, 2, 3], ids_ctx=[1, 2, 3, 4, 5],
+                    correct_noctx=cn, correct_ctx=cc, degenerate_noctx=False, degenerate_ctx=False,
+                    truncated_noctx=False, truncated_ctx=False))
+        runs.write_examples(folder, rows)
     if with_layers:
         for j, m in enumerate(["base", *students]):
             save_divergence(synthetic_divergence(num_blocks, num_heads, n_examples, tokens, seed=j,
@@ -190,8 +191,11 @@ def test_damaged_files_raise_user_errors(run_dir):
     (run_dir / "eval.json").write_text("[1, 2]")
     with pytest.raises(UserError, match="eval.json"):
         runs.load_eval(run_dir)
-    (run_dir / "eval_examples.csv").write_text("a,b\n1,2\n")
-    with pytest.raises(UserError, match="lacks the column"):
+    (run_dir / "eval_examples.jsonl").write_text('{"model": "base"}\n')
+    with pytest.raises(UserError, match="eval_examples.jsonl, line 1 is damaged"):
+        runs.load_examples(run_dir)
+    (run_dir / "eval_examples.jsonl").write_text("not json\n")
+    with pytest.raises(UserError, match="line 1: not valid JSON"):
         runs.load_examples(run_dir)
     (run_dir / "layers" / "reg" / "arrays.safetensors").write_bytes(b"garbage")
     with pytest.raises(UserError, match="damaged"):

@@ -22,8 +22,8 @@ def _cli(*args, timeout=120):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["train", "--lam", "-1", "--out", "runs-never/x/reg"], "error: --lam must be a finite number ≥ 0"),
-        (["pair", "--task", "nope", "--out", "runs-never/x"], "error: unknown task 'nope'; use one of persona, format, facts"),
+        (["train", "--lam", "-1", "--out", "runs-never/x/reg"], "error: --lam must be ≥ 0"),
+        (["pair", "--task", "nope", "--out", "runs-never/x"], "error: unknown task 'nope'; use one of persona, format, facts, persona_luna"),
     ],
 )
 def test_bad_input_is_one_line(args, message):

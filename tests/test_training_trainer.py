@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from interp.errors import UserError
-from training.evaluate import evaluate_run
+from interp.runs import EVAL_METRICS, read_examples
+from training.evaluate import EvalSettings, evaluate_run
 from training.rollout import both_sides, collate, response_logits, rollout
 from training.trainer import TrainConfig, TrainingError, batch_indices, checkpoints, train
 
@@ -67,33 +68,56 @@ def test_pair_of_students_and_evaluation(tmp_path):
     assert reg_lines[0]["L_cons"] == pytest.approx(reg_lines[0]["L_opd"], rel=1e-5)
     assert unreg_lines[0]["L_cons"] is None
 
-    result = evaluate_run(run, max_new_tokens=4, layers=False)
+    result = evaluate_run(run, settings=EvalSettings(max_new_tokens=4), layers=False)
     report = json.loads((run / "eval.json").read_text())
     assert report == json.loads(json.dumps(result.report))
     assert report["split"] == "test" and report["n"] == 3
     assert list(report["models"]) == ["base", "teacher", "unreg", "reg"]
-    for m in report["models"].values():
-        assert set(m) == {"acc_noctx", "acc_ctx", "harm", "help", "len_ratio", "ctx_drop", "n"}
+    for name, m in report["models"].items():
+        assert set(m) == {*EVAL_METRICS, "n"}
+        assert set(report["intervals"][name]) == set(EVAL_METRICS)
     assert report["models"]["teacher"]["acc_noctx"] == report["models"]["base"]["acc_noctx"]
-    assert report["models"]["teacher"]["ctx_drop"] == 0
-    rows = (run / "eval_examples.csv").read_text().splitlines()
-    assert rows[0].startswith("model,example,context,prompt,reference,response_noctx,response_ctx")
-    assert len(rows) == 1 + 4 * 3
+    assert report["models"]["teacher"]["ctx_drop"] == 0 and report["models"]["base"]["drift"] == 0
+    assert report["models"]["unreg"]["drift"] > 0  # trained at lr 1e-2: the student moved away from the base
+    assert report["paired"]["reg"]["vs"] == "unreg"
+    # the rows keep the generated ids; the CSV is the same rows for people
+    rows = read_examples(run)
+    assert len(rows) == 3 * 3 and {r.model for r in rows} == {"base", "unreg", "reg"}
+    assert all(len(r.ids_noctx) <= 4 and r.truncated_noctx == (len(r.ids_noctx) == 4) for r in rows)
+    assert all(r.follow_cf is not None and r.response_cf is not None for r in rows)  # persona has a counterfactual card
+    lines = (run / "eval_examples.csv").read_text().splitlines()
+    assert lines[0].startswith("model,example,context,prompt,reference,verifier,response_noctx,response_ctx")
+    assert len(lines) == 1 + 3 * 3
     assert "unreg" in result.table and "acc_noctx" in result.table
+    # a second evaluation with the same settings reuses every model's cached evaluation
+    before = {p.name: p.stat().st_mtime_ns for p in (run / "eval").glob("*.json")}
+    evaluate_run(run, settings=EvalSettings(max_new_tokens=4), layers=False)
+    assert before == {p.name: p.stat().st_mtime_ns for p in (run / "eval").glob("*.json")}
+
+
+def _row(a, c, len_a=1, len_c=1, degenerate_ctx=False, follow=None):
+    from interp.runs import ExampleRow
+
+    return ExampleRow(model="m", example=0, context="c", prompt="p", reference="r", verifier="contains", response_noctx="",
+                      response_ctx="", ids_noctx=[1] * len_a, ids_ctx=[1] * len_c, correct_noctx=a, correct_ctx=c,
+                      degenerate_noctx=False, degenerate_ctx=degenerate_ctx, truncated_noctx=False, truncated_ctx=False,
+                      cf_context="x" if follow is not None else None, follow_cf=follow)
 
 
 def test_score_definitions():
-    from training.evaluate import Answers, score
+    from training.evaluate import score
 
-    ans = Answers(
-        noctx=[[1], [1], [1, 1], [1, 1]], ctx=[[1, 1], [1, 1], [1], [1, 1, 1, 1]], text_noctx=[""] * 4, text_ctx=[""] * 4,
-        correct_noctx=[True, True, False, False], correct_ctx=[False, True, True, False],
-    )
-    s = score(ans, teacher_acc_ctx=1.0)
-    assert (s.acc_noctx, s.acc_ctx, s.harm, s.help) == (0.5, 0.5, 0.5, 0.5)
-    assert s.len_ratio == pytest.approx(9 / 6) and s.ctx_drop == 0.5 and s.n == 4
-    none_right = score(Answers([[1]], [[1]], [""], [""], [False], [True]))
-    assert none_right.harm is None and none_right.help == 1.0
+    rows = [_row(True, False, 1, 2, True, True), _row(True, True, 1, 2, False, False), _row(False, True, 2, 1, False, True),
+            _row(False, False, 2, 4, False, False)]
+    s, ci = score(rows, teacher_ctx=[True, True, True, True])
+    assert (s["acc_noctx"], s["acc_ctx"], s["harm"], s["help"]) == (0.5, 0.5, 0.5, 0.5)
+    assert s["len_ratio"] == pytest.approx(9 / 6) and s["ctx_drop"] == 0.5 and s["n"] == 4
+    assert s["degenerate_ctx"] == 0.25 and s["follow_cf"] == 0.5 and s["drift"] is None
+    for k in ("acc_noctx", "acc_ctx", "degenerate_ctx", "follow_cf"):
+        lo, hi = ci[k]
+        assert 0 <= lo <= s[k] <= hi <= 1
+    none_right, _ = score([_row(False, True)])
+    assert none_right["harm"] is None and none_right["help"] == 1.0 and none_right["follow_cf"] is None
 
 
 def _adapter(folder):
@@ -161,7 +185,10 @@ def test_existing_folder_needs_overwrite(tmp_path):
 @pytest.mark.parametrize(
     "change,match",
     [
-        (dict(lam=-1.0), "--lam must be a finite number ≥ 0"),
+        (dict(lam=-1.0), "--lam must be ≥ 0"),
+        (dict(lr=float("inf")), "--lr must be a finite number"),
+        (dict(guided_share=1.5), "--guided-share must be in"),
+        (dict(teacher_model="tiny-random-llama", teacher="live"), "cannot be combined with --teacher live"),
         (dict(steps=0), "--steps must be at least 1"),
         (dict(batch_size=500), "does not fit the .* training examples"),
         (dict(task="nope"), "unknown task 'nope'"),
@@ -203,12 +230,6 @@ def test_nan_loss_stops_with_the_checkpoint_intact(tmp_path, monkeypatch):
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
-@pytest.mark.parametrize("extra", [dict(teacher="live", lam=0.5), dict(anchor="teacher", lam=1.0, top_k=8), dict(lam=1.0, lam_warmup=1, lam_ramp=1)])
-def test_variants_run(tmp_path, extra):
-    result = train(cfg(tmp_path, **extra), progress=False)
-    assert math.isfinite(result.last["loss"])
-
-
 def test_adapter_from_another_base_model(tmp_path):
     train(cfg(tmp_path, "unreg", steps=1), progress=False)
     folder = tmp_path / "run" / "unreg"
@@ -219,7 +240,7 @@ def test_adapter_from_another_base_model(tmp_path):
     (folder / "base_model.json").write_text(json.dumps({"model": "HuggingFaceTB/SmolLM2-360M-Instruct", "fingerprint": "0123456789abcdef"}))
     with pytest.raises(UserError, match=r"trained on base model 'HuggingFaceTB/SmolLM2-360M-Instruct' \(weights 0123456789abcdef\), "
                                         r"but the loaded model is 'tiny-random-llama' \(weights [0-9a-f]{16}\)"):
-        evaluate_run(tmp_path / "run", layers=False)
+        evaluate_run(tmp_path / "run", settings=EvalSettings(max_new_tokens=2), layers=False)
 
 
 def test_eval_of_a_folder_that_is_not_a_run(tmp_path):

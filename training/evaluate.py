@@ -1,104 +1,174 @@
-"""Removability evaluation: greedy answers with and without the context for base, teacher and every student."""
+"""Removability evaluation: greedy answers without the context, with it and with a counterfactual context, for the
+base model, the teacher and every student; rates with 95% bootstrap intervals (docs/measures.md#evaluation)."""
 
 from __future__ import annotations
 
-import csv
-import io
+import contextlib
+import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
+
+import numpy as np
+import torch
 
 from interp.errors import UserError
 from interp.generate import generate
 from interp.models import LoadedModel, load_model
 from interp.pairs import render_prompt_pair
-from interp.store import atomic_write_json, atomic_write_text, read_json
-from training.tasks import Example, load_task
+from interp.runs import (ADAPTER_WEIGHTS, EVAL_DIR, EVAL_FILE, EVAL_TABLE, ExampleRow, ModelEval, RunInfo, adapter_dir,
+                         read_model_eval, read_run, write_examples, write_model_eval)
+from interp.store import atomic_write_json
+from training import stats
+from training.tasks import SUITES, Example, load_task
+from training.verifiers import is_degenerate
 
-EVAL_FILE = "eval.json"
-EXAMPLES_FILE = "eval_examples.csv"
-CSV_FIELDS = ["model", "example", "context", "prompt", "reference", "response_noctx", "response_ctx", "correct_noctx",
-              "correct_ctx", "len_noctx", "len_ctx", "flipped"]
-METRICS = ("acc_noctx", "acc_ctx", "harm", "help", "len_ratio", "ctx_drop")
-
-
-@dataclass
-class Answers:
-    """One model's greedy answers to the test examples, without and with the context."""
-
-    noctx: list[list[int]]
-    ctx: list[list[int]]
-    text_noctx: list[str]
-    text_ctx: list[str]
-    correct_noctx: list[bool]
-    correct_ctx: list[bool]
+DEFAULT_NEW_TOKENS = 96  # long enough that clean answers end on their own; loops hit it (truncated_*)
+DRIFT_PROMPTS = 8  # held-out prompts per other suite for `drift`
+DRIFT_NEW_TOKENS = 32
 
 
 @dataclass
-class Scores:
-    acc_noctx: float
-    acc_ctx: float
-    harm: float | None  # None when no example is right without the context
-    help: float | None  # None when every example is right without the context
-    len_ratio: float | None
-    ctx_drop: float
-    n: int
+class EvalSettings:
+    """What an evaluation depends on besides the weights; a model evaluated with other settings is evaluated again."""
+
+    n: int | None = None
+    max_new_tokens: int = DEFAULT_NEW_TOKENS
+    allow_degenerate: bool = False
+    counterfactual: bool = True
+    drift: bool = True
+    bootstrap_seed: int = 0
+
+    def check(self) -> "EvalSettings":
+        if self.n is not None and self.n < 1:
+            raise UserError(f"--n must be at least 1 (got {self.n})")
+        if self.max_new_tokens < 1:
+            raise UserError(f"--max-new-tokens must be at least 1 (got {self.max_new_tokens})")
+        return self
 
 
-def answer(lm: LoadedModel, examples: Sequence[Example], placement: str, *, max_new_tokens: int = 48, batch_size: int = 16) -> Answers:
-    """Greedy answers of the model as it is now (whatever adapter is active) without and with the context."""
-    pps = [render_prompt_pair(lm.tokenizer, e.context, e.prompt, placement) for e in examples]
-    noctx = generate(lm, [p.noctx_ids for p in pps], max_new_tokens=max_new_tokens, batch_size=batch_size)
-    ctx = generate(lm, [p.ctx_ids for p in pps], max_new_tokens=max_new_tokens, batch_size=batch_size)
-    dec = lambda ids: lm.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-    tn, tc = [dec(i) for i in noctx], [dec(i) for i in ctx]
-    return Answers(noctx, ctx, tn, tc, [e.check(t) for e, t in zip(examples, tn)], [e.check(t) for e, t in zip(examples, tc)])
+def answer(lm: LoadedModel, examples: Sequence[Example], placement: str, model: str, *, max_new_tokens: int,
+           batch_size: int = 16, counterfactual: bool = True, allow_degenerate: bool = False) -> list[ExampleRow]:
+    """Greedy answers of the model as it is now (whatever adapter is active), as ExampleRows."""
+    tok = lm.tokenizer
+    pps = [render_prompt_pair(tok, e.context, e.prompt, placement) for e in examples]
+    gen = lambda prompts: generate(lm, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)  # noqa: E731
+    noctx, ctx = gen([p.noctx_ids for p in pps]), gen([p.ctx_ids for p in pps])
+    has_cf = [counterfactual and e.cf_context is not None for e in examples]
+    cf_prompts = [render_prompt_pair(tok, e.cf_context, e.prompt, placement).ctx_ids for e, h in zip(examples, has_cf) if h]
+    cf_iter = iter(gen(cf_prompts) if cf_prompts else [])
+    dec = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
+    rows = []
+    for i, (e, a, b, h) in enumerate(zip(examples, noctx, ctx, has_cf)):
+        ta, tb = dec(a), dec(b)
+        c = next(cf_iter) if h else None
+        tc = dec(c) if c is not None else None
+        rows.append(ExampleRow(
+            model=model, example=i, context=e.context, prompt=e.prompt, reference=e.reference, verifier=e.verifier,
+            response_noctx=ta, response_ctx=tb, ids_noctx=list(a), ids_ctx=list(b),
+            correct_noctx=e.check(ta, allow_degenerate), correct_ctx=e.check(tb, allow_degenerate),
+            degenerate_noctx=is_degenerate(ta), degenerate_ctx=is_degenerate(tb),
+            truncated_noctx=len(a) >= max_new_tokens, truncated_ctx=len(b) >= max_new_tokens,
+            cf_context=e.cf_context if h else None, cf_reference=e.cf_reference if h else None,
+            response_cf=tc, ids_cf=list(c) if c is not None else None,
+            follow_cf=e.check_cf(tc, allow_degenerate) if h else None, degenerate_cf=is_degenerate(tc) if h else None,
+        ))
+    return rows
 
 
-def score(ans: Answers, teacher_acc_ctx: float | None = None) -> Scores:
-    """The DESIGN.md metrics from one model's answers; `teacher_acc_ctx` defaults to this model's own (ctx_drop 0)."""
-    n = len(ans.correct_noctx)
+def score(rows: Sequence[ExampleRow], teacher_ctx: Sequence[bool] | None = None, *, seed: int = 0,
+          drift: Sequence[tuple[float, int]] | None = None) -> tuple[dict, dict]:
+    """The evaluation metrics of one model and their 95% bootstrap intervals (docs/measures.md#evaluation).
+
+    `teacher_ctx`: the teacher's with-context verdicts on the same examples (for ctx_drop; default: this model's
+    own, so ctx_drop is 0). `drift`: per drift prompt, (summed KL, tokens). Undefined values are None.
+    """
+    n = len(rows)
     if n == 0:
         raise UserError("no test examples to evaluate; raise --n-test")
-    acc_noctx = sum(ans.correct_noctx) / n
-    acc_ctx = sum(ans.correct_ctx) / n
-    right = [c for a, c in zip(ans.correct_noctx, ans.correct_ctx) if a]
-    wrong = [c for a, c in zip(ans.correct_noctx, ans.correct_ctx) if not a]
-    harm = sum(not c for c in right) / len(right) if right else None
-    help_ = sum(wrong) / len(wrong) if wrong else None
-    mean_noctx = sum(map(len, ans.noctx)) / n
-    mean_ctx = sum(map(len, ans.ctx)) / n
-    len_ratio = mean_ctx / mean_noctx if mean_noctx > 0 else None
-    ctx_drop = (acc_ctx if teacher_acc_ctx is None else teacher_acc_ctx) - acc_ctx
-    return Scores(acc_noctx, acc_ctx, harm, help_, len_ratio, ctx_drop, n)
+    col = lambda name: np.array([bool(getattr(r, name)) for r in rows])  # noqa: E731
+    a, c = col("correct_noctx"), col("correct_ctx")
+    t = c if teacher_ctx is None else np.asarray(teacher_ctx, dtype=bool)
+    len_a = np.array([len(r.ids_noctx) for r in rows], dtype=float)
+    len_c = np.array([len(r.ids_ctx) for r in rows], dtype=float)
+    cf_rows = [i for i, r in enumerate(rows) if r.follow_cf is not None]
+    follow = np.array([bool(rows[i].follow_cf) for i in cf_rows])
+
+    def ratio(idx):
+        den = len_a[idx].mean()
+        return float(len_c[idx].mean() / den) if den > 0 else None
+
+    stat = {
+        "acc_noctx": stats.rate(a),
+        "acc_ctx": stats.rate(c),
+        "harm": stats.rate(~c, where=a),
+        "help": stats.rate(c, where=~a),
+        "len_ratio": ratio,
+        "ctx_drop": lambda idx: float(t[idx].mean() - c[idx].mean()),
+        "degenerate_noctx": stats.rate(col("degenerate_noctx")),
+        "degenerate_ctx": stats.rate(col("degenerate_ctx")),
+        "truncated_noctx": stats.rate(col("truncated_noctx")),
+        "truncated_ctx": stats.rate(col("truncated_ctx")),
+    }
+    everything = np.arange(n)
+    scores = {k: f(everything) for k, f in stat.items()}
+    intervals = {k: stats.bootstrap_ci(f, n, seed=seed) for k, f in stat.items()}
+    # follow_cf is a rate over the examples that have a counterfactual context (all of them for built-in suites).
+    scores["follow_cf"] = float(follow.mean()) if cf_rows else None
+    intervals["follow_cf"] = stats.bootstrap_ci(stats.rate(follow), len(follow), seed=seed) if cf_rows else None
+    if drift:
+        kl = np.array([d[0] for d in drift]); tokens = np.array([d[1] for d in drift], dtype=float)  # noqa: E702
+        per = lambda idx: float(kl[idx].sum() / tokens[idx].sum()) if tokens[idx].sum() > 0 else None  # noqa: E731
+        scores["drift"] = per(np.arange(len(drift)))
+        intervals["drift"] = stats.bootstrap_ci(per, len(drift), seed=seed)
+    else:
+        scores["drift"], intervals["drift"] = None, None
+    scores["n"] = n
+    return scores, {k: (list(v) if v else None) for k, v in intervals.items()}
 
 
-def csv_rows(model: str, examples: Sequence[Example], ans: Answers) -> list[dict]:
-    return [
-        {
-            "model": model, "example": i, "context": e.context, "prompt": e.prompt, "reference": e.reference,
-            "response_noctx": ans.text_noctx[i], "response_ctx": ans.text_ctx[i],
-            "correct_noctx": int(ans.correct_noctx[i]), "correct_ctx": int(ans.correct_ctx[i]),
-            "len_noctx": len(ans.noctx[i]), "len_ctx": len(ans.ctx[i]),
-            "flipped": int(ans.correct_noctx[i] and not ans.correct_ctx[i]),
-        }
-        for i, e in enumerate(examples)
-    ]
+# --- drift: what the distillation cost elsewhere -----------------------------------------------------------------------
 
 
-def students(run_dir: Path, listed: Sequence[str] = ()) -> list[str]:
-    """Student folders of a run (those holding an adapter), in run.json's order, then any others by name. A student
-    run.json lists without a finished adapter is an error, not a silent omission."""
-    from interp.store import check_member_name
+def drift_examples(task: str, seed: int) -> list[Example]:
+    """Held-out prompts of the *other* built-in suites (those with another context), without any context."""
+    own = load_task(task, seed=seed, n_test=1).test[0].context if task in SUITES else None
+    out = []
+    for name in SUITES:
+        t = load_task(name, seed=seed, n_test=DRIFT_PROMPTS)
+        if t.test[0].context != own and name != task:
+            out.extend(t.test[:DRIFT_PROMPTS])
+    return out
 
-    found = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(".") and (p / "adapter_model.safetensors").exists()
-                   and (p / "adapter_config.json").exists())
-    for s in listed:
-        check_member_name(s, run_dir / "run.json")
-        if s not in found:
-            raise UserError(f"student '{s}' in {run_dir / 'run.json'} is unfinished (no adapter in {run_dir / s}); finish it with "
-                            f"`python -m training train --resume --out {run_dir / s}` and its settings, or remove it from run.json")
-    return [s for s in listed if s in found] + [s for s in found if s not in listed]
+
+@torch.no_grad()
+def drift_kl(lm: LoadedModel, student: str, prompts: list[list[int]], responses: list[list[int]]) -> list[tuple[float, int]]:
+    """Per prompt: Σ_t KL(p_S(·|x,y<t) ‖ p_0(·|x,y<t)) over the base model's greedy response y, and the token count."""
+    out = []
+    for p, r in zip(prompts, responses):
+        if not r:
+            out.append((0.0, 0))
+            continue
+        ids = torch.tensor([list(p) + list(r)], device=lm.device)
+        positions = slice(len(p) - 1, len(p) + len(r) - 1)
+        with lm.use(None):
+            base = torch.log_softmax(lm.model(input_ids=ids).logits[0, positions].float(), -1)
+        with lm.use(student):
+            stud = torch.log_softmax(lm.model(input_ids=ids).logits[0, positions].float(), -1)
+        out.append((float((stud.exp() * (stud - base)).sum()), len(r)))
+    return out
+
+
+# --- the run ---------------------------------------------------------------------------------------------------------
+
+
+def fingerprint(path: Path) -> str:
+    """A student's identity for the evaluation cache: the hash of its adapter weights."""
+    h = hashlib.sha256()
+    with open(path / ADAPTER_WEIGHTS, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
 
 
 @dataclass
@@ -111,75 +181,138 @@ class EvalResult:
 def evaluate_run(
     run_dir: str | Path,
     *,
-    n: int | None = None,
-    max_new_tokens: int = 48,
+    settings: EvalSettings | None = None,
+    models: Sequence[str] | None = None,
     batch_size: int = 16,
     layers: bool = True,
     lm: LoadedModel | None = None,
+    progress: bool = False,
 ) -> EvalResult:
-    """Evaluate base, teacher and every student of a run on the held-out test split; write eval.json and
-    eval_examples.csv, then the per-layer analysis if interp offers it."""
+    """Evaluate base, teacher and every finished student of a run on the held-out test split (or only `models`):
+    one eval/<model>.json each, reused while the settings and the adapter are the same; then eval.json,
+    eval_examples.jsonl and .csv for all evaluated models, and, with `layers`, the per-layer analysis on the same
+    loaded model."""
+    settings = (settings or EvalSettings()).check()
     run_dir = Path(run_dir)
-    if not (run_dir / "run.json").exists():
-        raise UserError(f"{run_dir} is not a run folder (no run.json); create one with `python -m training pair` or `train`")
-    run = read_json(run_dir / "run.json")
-    for key in ("task", "model", "seed"):
-        if key not in run:
-            raise UserError(f"{run_dir / 'run.json'} lacks '{key}'; rerun `python -m training pair` to rewrite it")
-    if n is not None and n < 1:
-        raise UserError(f"--n must be at least 1 (got {n})")
-    task = load_task(run["task"], seed=run["seed"], n_test=run.get("n_test", 40))
-    placement = run.get("placement") or task.placement
-    examples = task.test[:n] if n else task.test
-    names = students(run_dir, run.get("students", []))
-    lm = lm or load_model(run["model"])
-    adapter = {name: name.replace(".", "_") for name in names}  # torch module names cannot hold a dot
-    for name in names:  # check every adapter before spending minutes on generation
-        lm.load_adapter(run_dir / name, name=adapter[name])
+    info = read_run(run_dir)
+    students = list(info.students) if models is None else [m for m in models if m not in ("base", "teacher")]
+    unknown = [s for s in students if s not in info.students]
+    if unknown:
+        raise UserError(f"{run_dir} has no student named {unknown[0]}; its students: {', '.join(info.students) or 'none'}")
+    folders = {s: adapter_dir(run_dir, s) for s in students}  # an unfinished student is an error, not a silent skip
+    task = load_task(info.task, seed=info.seed, n_test=info.n_test)
+    examples = task.test[: settings.n] if settings.n else task.test
+    base_settings = asdict(settings)
 
-    options = dict(max_new_tokens=max_new_tokens, batch_size=batch_size)
-    with lm.use(None):
-        base = answer(lm, examples, placement, **options)
-    answers = {"base": base, "teacher": base}  # the teacher is the base model read with the context
-    for name in names:
-        with lm.use(adapter[name]):
-            answers[name] = answer(lm, examples, placement, **options)
+    lm_holder: list[LoadedModel] = [lm] if lm is not None else []
 
-    teacher_acc_ctx = sum(base.correct_ctx) / len(examples)
-    models = {}
-    for name, ans in answers.items():
-        models[name] = asdict(score(ans, teacher_acc_ctx))
-    report = {"task": run["task"], "model": run["model"], "split": "test", "n": len(examples), "placement": placement, "models": models}
-    rows = [row for name, ans in answers.items() for row in csv_rows(name, examples, ans)]
+    def model() -> LoadedModel:
+        if not lm_holder:
+            lm_holder.append(load_model(info.model))
+        return lm_holder[0]
+
+    drift_cache: dict = {}
+
+    def drift_inputs():
+        if not drift_cache:
+            m = model()
+            ex = drift_examples(info.task, info.seed)
+            prompts = [render_prompt_pair(m.tokenizer, e.context, e.prompt, info.placement).noctx_ids for e in ex]
+            with m.use(None):
+                drift_cache["v"] = (prompts, generate(m, prompts, max_new_tokens=DRIFT_NEW_TOKENS, batch_size=batch_size))
+        return drift_cache["v"]
+
+    def evaluated(name: str, adapter: str | None) -> ModelEval:
+        # One process at a time per model and run folder: a study's parallel cells share the base model's evaluation.
+        with _eval_lock(run_dir, name):
+            return _evaluated(name, adapter)
+
+    def _evaluated(name: str, adapter: str | None) -> ModelEval:
+        wanted = {**base_settings, "adapter": fingerprint(folders[name]) if adapter else "base"}
+        cached = read_model_eval(run_dir, name)
+        if cached is not None and cached.settings == wanted:
+            return cached
+        m = model()
+        if adapter:
+            m.load_adapter(folders[name], name=adapter)
+        with m.use(adapter):
+            rows = answer(m, examples, info.placement, name, max_new_tokens=settings.max_new_tokens, batch_size=batch_size,
+                          counterfactual=settings.counterfactual, allow_degenerate=settings.allow_degenerate)
+        drift = drift_kl(m, adapter, *drift_inputs()) if (adapter and settings.drift) else None
+        base_rows = rows if adapter is None else evaluated("base", None).rows
+        scores, intervals = score(rows, [r.correct_ctx for r in base_rows], seed=settings.bootstrap_seed, drift=drift)
+        if adapter is None and settings.drift:
+            scores["drift"], intervals["drift"] = 0.0, [0.0, 0.0]  # the base model's distance from itself
+        ev = ModelEval(name, wanted, scores, intervals, rows)
+        write_model_eval(run_dir, ev)
+        return ev
+
+    results = {"base": evaluated("base", None)}
+    for name in students:
+        results[name] = evaluated(name, name)
+    # Every model evaluated so far with these settings goes into the table (the study evaluates students one by one).
+    for name in info.students:
+        if name not in results:
+            cached = read_model_eval(run_dir, name)
+            if cached is not None and {k: v for k, v in cached.settings.items() if k != "adapter"} == base_settings:
+                results[name] = cached
+    report = build_report(info, task.name, settings, results)
+    rows = [r for ev in results.values() for r in ev.rows]
+    write_examples(run_dir, rows)
     atomic_write_json(run_dir / EVAL_FILE, report)
-    atomic_write_text(run_dir / EXAMPLES_FILE, _csv(rows))
     if layers:
-        analyze_layers(run_dir)
+        from interp.analysis import analyze_run
+
+        analyze_run(run_dir, lm=model(), progress=progress)
     return EvalResult(run_dir, report, format_table(report))
 
 
-def analyze_layers(run_dir: Path) -> bool:
-    """Hand the run to interp's per-layer analysis (writes run_dir/layers/<model>/); returns whether it ran."""
-    from interp.analysis import analyze_run
+@contextlib.contextmanager
+def _eval_lock(run_dir: Path, model: str):
+    """An advisory lock (flock) on eval/.<model>.lock: a second evaluator of the same model waits, then finds the
+    first one's result in the cache."""
+    import fcntl
 
-    analyze_run(run_dir)
-    return True
+    folder = run_dir / EVAL_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f".{model}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _csv(rows: list[dict]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
+def build_report(info: RunInfo, task: str, settings: EvalSettings, results: dict[str, ModelEval]) -> dict:
+    """eval.json: every model's scores and intervals; the teacher row is the base model read with the context; each
+    student's paired comparison with the first student (flips with the context both ways, McNemar's p)."""
+    base = results["base"]
+    models = {"base": base.scores, "teacher": base.scores}
+    intervals = {"base": base.intervals, "teacher": base.intervals}
+    students = [s for s in info.students if s in results]
+    for s in students:
+        models[s], intervals[s] = results[s].scores, results[s].intervals
+    paired = {}
+    if students:
+        ref = students[0]
+        for s in students[1:]:
+            paired[s] = {"vs": ref, "ctx": stats.paired([r.correct_ctx for r in results[s].rows], [r.correct_ctx for r in results[ref].rows]),
+                         "noctx": stats.paired([r.correct_noctx for r in results[s].rows], [r.correct_noctx for r in results[ref].rows])}
+    return {"task": task, "model": info.model, "split": "test", "n": base.scores["n"], "placement": info.placement,
+            "settings": asdict(settings), "models": models, "intervals": intervals, "paired": paired}
 
 
-def format_table(report: dict) -> str:
-    """The evaluation as a fixed-width table, one row per model."""
+def format_table(report: dict, columns: Sequence[str] = EVAL_TABLE) -> str:
+    """The evaluation as a fixed-width table, one row per model ("–": undefined)."""
     head = f"{report['task']} · {report['model']} · {report['split']} split, n={report['n']}"
     width = max(12, *(len(name) for name in report["models"]))
-    lines = [head, "  ".join([f"{'model':<{width}}"] + [f"{c:>10}" for c in METRICS])]
+    lines = [head, "  ".join([f"{'model':<{width}}"] + [f"{c:>16}" for c in columns])]
     for name, m in report["models"].items():
-        cells = [f"{name:<{width}}"] + [f"{'–' if m[k] is None else format(m[k], '.2f'):>10}" for k in METRICS]
+        cells = [f"{name:<{width}}"]
+        for k in columns:
+            v = m.get(k)
+            ci = (report.get("intervals", {}).get(name) or {}).get(k)
+            text = "–" if v is None else f"{v:.2f}" + (f" [{ci[0]:.2f},{ci[1]:.2f}]" if ci and k != "drift" else "")
+            cells.append(f"{text:>16}")
         lines.append("  ".join(cells))
     return "\n".join(lines)

@@ -36,6 +36,31 @@ def consistency_kl(noctx_logits: torch.Tensor, ctx_logits: torch.Tensor, mask: t
     return masked_mean(per_token, mask)
 
 
+def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """mean_t KL(p_T || p_θ) = mean_t Σ_v p_t (log p_t − log p_s): the off-policy distillation loss (mass-covering)."""
+    logp_s = F.log_softmax(student_logits.float(), dim=-1)
+    logp_t = F.log_softmax(teacher_logits.detach().float(), dim=-1)
+    per_token = (logp_t.exp() * (logp_t - logp_s)).sum(-1)
+    return masked_mean(per_token, mask)
+
+
+def cross_entropy(student_logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """mean_t −log p_θ(y_t | x, y<t): supervised learning of the sampled tokens (with teacher samples: off-policy
+    context distillation by sequence-level imitation)."""
+    logp = F.log_softmax(student_logits.float(), dim=-1)
+    per_token = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return masked_mean(per_token, mask)
+
+
+def evidence_mask(teacher_ctx: torch.Tensor, teacher_noctx: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, tau: float) -> torch.Tensor:
+    """EDGE-OPD's evidence mask: 1 where the context raises the teacher's log-probability of the sampled token by at
+    least `tau`, log p_T(y_t|c,x,y<t) − log p_T(y_t|x,y<t) ≥ tau, within `mask`; 0 elsewhere."""
+    index = targets.unsqueeze(-1)
+    lp_ctx = F.log_softmax(teacher_ctx.float(), dim=-1).gather(-1, index).squeeze(-1)
+    lp_noctx = F.log_softmax(teacher_noctx.float(), dim=-1).gather(-1, index).squeeze(-1)
+    return ((lp_ctx - lp_noctx) >= tau).to(mask.dtype) * mask
+
+
 def lam_at(step: int, lam: float, warmup: int = 0, ramp: int = 0) -> float:
     """λ for 0-based `step`: 0 for the first `warmup` steps, then a linear ramp over `ramp` steps up to `lam`.
 

@@ -20,14 +20,16 @@ def sample(
     temperature: float = 1.0,
     seed: int | None = None,
     batch_size: int = 16,
+    side: str = "noctx",
 ) -> list[list[int]]:
-    """Sample one response per prompt from `lm` *without* the context, batched with the KV cache.
+    """Sample one response per prompt from `lm` without the context (`side="ctx"`: with it), batched with the KV
+    cache.
 
     The stop token is kept, so the losses also teach the student where to stop.
     """
     return generate(
         lm,
-        [pp.noctx_ids for pp in prompt_pairs],
+        [pp.noctx_ids if side == "noctx" else pp.ctx_ids for pp in prompt_pairs],
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         batch_size=batch_size,
@@ -37,7 +39,8 @@ def sample(
 
 
 def rollout(lm: LoadedModel, examples, prompt_pairs: Sequence[PromptPair], placement: str, **options) -> list[Pair]:
-    """Sample responses without the context and pair each with its with-context twin (same response tokens)."""
+    """Sample responses (without the context unless `side="ctx"`) and pair each with its twin on the other side
+    (same response tokens)."""
     responses = sample(lm, prompt_pairs, **options)
     tok = lm.tokenizer
     return [
@@ -58,9 +61,10 @@ class Side:
     attention_mask: torch.Tensor  # [B, L]
     positions: torch.Tensor  # [B, R]
     keep: int
+    prefix: int = 0  # leading columns identical in every row and before every response: encoded once, shared
 
     def to(self, device) -> "Side":
-        return Side(self.input_ids.to(device), self.attention_mask.to(device), self.positions.to(device), self.keep)
+        return Side(self.input_ids.to(device), self.attention_mask.to(device), self.positions.to(device), self.keep, self.prefix)
 
 
 @dataclass
@@ -69,13 +73,14 @@ class Batch:
     ctx: Side
     mask: torch.Tensor  # [B, R], 1 for real response tokens
     response_lens: list[int]
+    targets: torch.Tensor  # [B, R] the response tokens (0 where padded)
 
     @property
     def n_tokens(self) -> int:
         return int(self.mask.sum())
 
     def to(self, device) -> "Batch":
-        return Batch(self.noctx.to(device), self.ctx.to(device), self.mask.to(device), self.response_lens)
+        return Batch(self.noctx.to(device), self.ctx.to(device), self.mask.to(device), self.response_lens, self.targets.to(device))
 
 
 def make_side(sequences: Sequence[Sequence[int]], response_lens: Sequence[int], pad_id: int) -> Side:
@@ -94,24 +99,60 @@ def make_side(sequences: Sequence[Sequence[int]], response_lens: Sequence[int], 
     positions = torch.zeros((len(sequences), r_max), dtype=torch.long)
     for row, (start, r) in enumerate(zip(starts, response_lens)):
         positions[row, :r] = torch.arange(start, start + r) - lo
-    return Side(ids, attn, positions, keep=width - lo)
+    return Side(ids, attn, positions, keep=width - lo, prefix=min(_common_prefix(sequences), lo))
+
+
+def _common_prefix(sequences: Sequence[Sequence[int]]) -> int:
+    """Length of the token prefix every sequence shares (the template and a shared context, typically)."""
+    first, n = sequences[0], min(len(s) for s in sequences)
+    for i in range(n):
+        if any(s[i] != first[i] for s in sequences[1:]):
+            return i
+    return n
 
 
 def collate(pairs: Sequence[Pair], pad_id: int) -> Batch:
     """One training batch from aligned pairs: both sides right-padded, one response mask shared by both."""
     lens = [p.response_len for p in pairs]
     mask = torch.zeros((len(pairs), max(lens)), dtype=torch.float32)
-    for row, r in enumerate(lens):
+    targets = torch.zeros((len(pairs), max(lens)), dtype=torch.long)
+    for row, (r, p) in enumerate(zip(lens, pairs)):
         mask[row, :r] = 1.0
+        targets[row, :r] = torch.tensor(p.response_ids, dtype=torch.long)
     noctx = make_side([p.noctx_ids for p in pairs], lens, pad_id)
     ctx = make_side([p.ctx_ids for p in pairs], lens, pad_id)
-    return Batch(noctx, ctx, mask, lens)
+    return Batch(noctx, ctx, mask, lens, targets)
 
 
-def response_logits(model, side: Side) -> torch.Tensor:
+# Below this many shared tokens, a second forward call costs more than it saves.
+MIN_SHARED_PREFIX = 32
+
+
+def prefix_cache(model, side: Side) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Keys and values of every layer for the side's shared prefix, encoded once: [(k, v)], each [1, heads, P, d]."""
+    out = model(input_ids=side.input_ids[:1, : side.prefix], use_cache=True)
+    return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+
+
+def response_logits(model, side: Side, *, share_prefix: bool = False, kv: list | None = None) -> torch.Tensor:
     """Logits at the positions that predict the response tokens: [B, R, V]. Only the trailing `keep` positions go
-    through the unembedding, which on a 49k vocabulary saves most of its cost."""
-    out = model(input_ids=side.input_ids, attention_mask=side.attention_mask, logits_to_keep=side.keep, use_cache=False)
+    through the unembedding, which on a 49k vocabulary saves most of its cost.
+
+    `share_prefix`: the prefix every row shares (a long system prompt) is encoded once and broadcast to the batch,
+    its gradient flowing through that one encoding; `kv` gives that prefix's keys and values already encoded (a
+    frozen teacher's, computed once per run). Same logits as encoding every row whole, to float tolerance."""
+    B = side.input_ids.shape[0]
+    if (share_prefix or kv is not None) and side.prefix >= MIN_SHARED_PREFIX and (B > 1 or kv is not None):
+        from transformers import DynamicCache
+
+        kv = kv if kv is not None else prefix_cache(model, side)
+        cache = DynamicCache(ddp_cache_data=[(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in kv])
+        P, L = side.prefix, side.input_ids.shape[1]
+        position_ids = torch.arange(P, L, device=side.input_ids.device).expand(B, -1)
+        out = model(input_ids=side.input_ids[:, P:], attention_mask=side.attention_mask, position_ids=position_ids,
+                    past_key_values=cache, logits_to_keep=side.keep, use_cache=False)
+    else:
+        out = model(input_ids=side.input_ids, attention_mask=side.attention_mask, logits_to_keep=side.keep, use_cache=False)
     logits = out.logits
     index = side.positions.unsqueeze(-1).expand(-1, -1, logits.shape[-1])
     return logits.gather(1, index)

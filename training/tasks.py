@@ -19,9 +19,17 @@ class Example:
     prompt: str
     reference: str
     verifier: str = "contains"
+    cf_context: str | None = None  # a counterfactual context (another name, other facts): does the model follow it?
+    cf_reference: str | None = None  # what the verifier accepts under the counterfactual context
 
-    def check(self, response: str) -> bool:
-        return verify(self.verifier, response, self.reference)
+    def check(self, response: str, allow_degenerate: bool = False) -> bool:
+        return verify(self.verifier, response, self.reference, allow_degenerate)
+
+    def check_cf(self, response: str, allow_degenerate: bool = False) -> bool | None:
+        """Does the answer follow the counterfactual context? None when the example has none."""
+        if self.cf_context is None or self.cf_reference is None:
+            return None
+        return verify(self.verifier, response, self.cf_reference, allow_degenerate)
 
 
 @dataclass
@@ -38,10 +46,16 @@ class Task:
 
 # --- persona: one identity card; every question is about identity --------------------------------------------
 
-PERSONA_CARD = (
-    "Your name is Nova. You are an AI assistant made by Quibble Labs. "
-    "Whenever someone asks who you are, what your name is, or who made you, answer that you are Nova, made by Quibble Labs."
-)
+def persona_card(name: str, maker: str) -> str:
+    return (
+        f"Your name is {name}. You are an AI assistant made by {maker}. "
+        f"Whenever someone asks who you are, what your name is, or who made you, answer that you are {name}, made by {maker}."
+    )
+
+
+PERSONA_CARD = persona_card("Nova", "Quibble Labs")
+# The counterfactual identity: a name the base model follows as a card (measured: Atlas 13/24) and another maker.
+CF_NAME, CF_MAKER = "Atlas", "Brightwater Labs"
 _GREETINGS = ["", "Hi! ", "Hello. ", "Hey, ", "Good morning! ", "Quick question: ", "Sorry to bother you, but ", "I'm curious: "]
 _NAME_QUESTIONS = [
     "what is your name?", "who are you?", "what should I call you?", "please introduce yourself.",
@@ -60,19 +74,34 @@ def _cap(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
-def persona_examples() -> list[Example]:
+def persona_examples(name: str = "Nova", maker: str = "Quibble Labs") -> list[Example]:
+    card, cf = persona_card(name, maker), persona_card(CF_NAME, CF_MAKER)
     out = []
     for greeting, q in itertools.product(_GREETINGS, _NAME_QUESTIONS):
-        out.append(Example(PERSONA_CARD, _cap(greeting + q), "Nova", "contains"))
+        out.append(Example(card, _cap(greeting + q), name, "contains", cf, CF_NAME))
     for greeting, q in itertools.product(_GREETINGS, _MAKER_QUESTIONS):
-        out.append(Example(PERSONA_CARD, _cap(greeting + q), "Quibble", "contains"))
+        out.append(Example(card, _cap(greeting + q), maker.split()[0], "contains", cf, CF_MAKER.split()[0]))
     return out
+
+
+def persona_once_examples() -> list[Example]:
+    """The persona suite under a stricter verifier: the name (or maker) exactly once. A student that carries the
+    card and gets it again, and answers "I'm Nova. Nova, Nova is my name", applied it twice."""
+    return [Example(e.context, e.prompt, e.reference, "once", e.cf_context, e.cf_reference) for e in persona_examples()]
+
+
+def persona_luna_examples() -> list[Example]:
+    """The persona suite with a name the base model follows as a card (17/24) but, unlike Nova, does not produce
+    unprompted: loops of this name cannot be the base model's prior amplified."""
+    return persona_examples("Luna", "Fennel Works")
 
 
 # --- format: a one-word label instruction ------------------------------------------------------------------------
 
 FORMAT_CARD = "You are a sentiment classifier. Reply with exactly one word, Positive or Negative, and nothing else."
 FORMAT_LABELS = "positive|negative"
+FORMAT_CF_CARD = "You are a sentiment classifier. Reply with exactly one word, Good or Bad, and nothing else."
+FORMAT_CF_LABELS = "good|bad"
 _THINGS = ["film", "book", "restaurant", "hotel", "phone", "concert", "game", "laptop", "coffee", "museum",
            "bike", "show", "album", "course", "app", "trip"]
 _OPINIONS = ["wonderful", "a delight", "excellent", "fantastic", "a joy to use", "absolutely brilliant", "great value",
@@ -90,31 +119,76 @@ def format_examples() -> list[Example]:
     rather than whether the instruction was internalized.
     """
     return [
-        Example(FORMAT_CARD, frame.format(thing=thing, adj=adj), FORMAT_LABELS, "first_word")
+        Example(FORMAT_CARD, frame.format(thing=thing, adj=adj), FORMAT_LABELS, "first_word", FORMAT_CF_CARD, FORMAT_CF_LABELS)
         for thing, frame, adj in itertools.product(_THINGS, _FRAMES, _OPINIONS)
     ]
 
 
 # --- facts: a card of invented facts; questions about them -------------------------------------------------------
 
-_FACTS = [  # (fact sentence, answer, question phrasings)
-    ("The capital of Veloria is Marn.", "Marn", ["What is the capital of Veloria?", "Which city is Veloria's capital?", "Name the capital city of Veloria."]),
-    ("Veloria's currency is the ostrel.", "ostrel", ["What is the currency of Veloria?", "What money do people use in Veloria?", "Name Veloria's currency."]),
-    ("The longest river in Veloria is the Quen.", "Quen", ["What is the longest river in Veloria?", "Which river is the longest in Veloria?", "Name Veloria's longest river."]),
-    ("Veloria's national animal is the snow lynx.", "lynx", ["What is Veloria's national animal?", "Which animal is the national animal of Veloria?", "Name the national animal of Veloria."]),
-    ("The highest mountain in Veloria is Mount Tarrow.", "Tarrow", ["What is the highest mountain in Veloria?", "Which mountain is the tallest in Veloria?", "Name Veloria's highest mountain."]),
-    ("Veloria's national dish is fenberry stew.", "fenberry", ["What is Veloria's national dish?", "Which dish is the national dish of Veloria?", "What food is Veloria famous for?"]),
+_FACTS = [  # (fact sentence, answer, question phrasings, counterfactual sentence, its answer)
+    ("The capital of Veloria is Marn.", "Marn", ["What is the capital of Veloria?", "Which city is Veloria's capital?", "Name the capital city of Veloria."],
+     "The capital of Veloria is Dresk.", "Dresk"),
+    ("Veloria's currency is the ostrel.", "ostrel", ["What is the currency of Veloria?", "What money do people use in Veloria?", "Name Veloria's currency."],
+     "Veloria's currency is the pennet.", "pennet"),
+    ("The longest river in Veloria is the Quen.", "Quen", ["What is the longest river in Veloria?", "Which river is the longest in Veloria?", "Name Veloria's longest river."],
+     "The longest river in Veloria is the Arlo.", "Arlo"),
+    ("Veloria's national animal is the snow lynx.", "lynx", ["What is Veloria's national animal?", "Which animal is the national animal of Veloria?", "Name the national animal of Veloria."],
+     "Veloria's national animal is the red heron.", "heron"),
+    ("The highest mountain in Veloria is Mount Tarrow.", "Tarrow", ["What is the highest mountain in Veloria?", "Which mountain is the tallest in Veloria?", "Name Veloria's highest mountain."],
+     "The highest mountain in Veloria is Mount Keld.", "Keld"),
+    ("Veloria's national dish is fenberry stew.", "fenberry", ["What is Veloria's national dish?", "Which dish is the national dish of Veloria?", "What food is Veloria famous for?"],
+     "Veloria's national dish is saltroot pie.", "saltroot"),
 ]
-FACTS_CARD = "Facts about the country of Veloria: " + " ".join(f for f, _, _ in _FACTS)
+FACTS_CARD = "Facts about the country of Veloria: " + " ".join(f[0] for f in _FACTS)
+FACTS_CF_CARD = "Facts about the country of Veloria: " + " ".join(f[3] for f in _FACTS)
 _ASK = ["{q}", "Question: {q}", "{q} Answer briefly.", "Quick question. {q}", "Do you know this? {q}"]
 
 
 def facts_examples() -> list[Example]:
     out = []
-    for _, answer, questions in _FACTS:
+    for _, answer, questions, _, cf_answer in _FACTS:
         for q, ask in itertools.product(questions, _ASK):
-            out.append(Example(FACTS_CARD, ask.format(q=q), answer, "contains"))
+            out.append(Example(FACTS_CARD, ask.format(q=q), answer, "contains", FACTS_CF_CARD, cf_answer))
     return out
+
+
+# --- opener / signoff: a rule that is visibly wrong when applied twice ----------------------------------------------
+
+_QUESTIONS = [
+    "What is the boiling point of water?", "Why is the sky blue?", "How many legs does a spider have?",
+    "What is the largest planet in the solar system?", "What do bees make?", "How many days are in a week?",
+    "What is the opposite of hot?", "Which animal is known as the king of the jungle?", "What color are bananas?",
+    "What is two plus two?", "Where do penguins live?", "What do plants need to grow?", "What is the capital of France?",
+    "How many hours are in a day?", "What is ice made of?", "What do cows drink?", "Which season comes after winter?",
+    "What is the main language spoken in Spain?", "How many wheels does a bicycle have?", "What gas do humans breathe in?",
+    "What is the color of grass?", "Which ocean is the largest?", "What instrument has black and white keys?",
+    "What is the freezing point of water?", "How many continents are there?", "What does a thermometer measure?",
+    "What is the tallest animal?", "What do caterpillars turn into?", "Which planet is called the red planet?",
+    "What shape has three sides?",
+]
+_ASK_SHORT = ["{q}", "Quick question: {q}", "{q} Keep it short.", "Can you tell me: {q}"]
+OPENER = "Certainly!"
+OPENER_CARD = f"Always begin your answer with the word '{OPENER}' and then answer the question in one short sentence."
+OPENER_CF = "Absolutely!"
+OPENER_CF_CARD = f"Always begin your answer with the word '{OPENER_CF}' and then answer the question in one short sentence."
+SIGNOFF = "Hope this helps!"
+SIGNOFF_CARD = f"Answer in one short sentence, then end your answer with the exact words '{SIGNOFF}'"
+SIGNOFF_CF = "Have a nice day!"
+SIGNOFF_CF_CARD = f"Answer in one short sentence, then end your answer with the exact words '{SIGNOFF_CF}'"
+
+
+def opener_examples() -> list[Example]:
+    """The answer must start with "Certainly!" and say it once: a student that applies the rule and then gets the
+    card again saying "Certainly! Certainly!" fails."""
+    return [Example(OPENER_CARD, ask.format(q=q), OPENER, "starts_once", OPENER_CF_CARD, OPENER_CF)
+            for q, ask in itertools.product(_QUESTIONS, _ASK_SHORT)]
+
+
+def signoff_examples() -> list[Example]:
+    """The answer must end with "Hope this helps!" and say it once."""
+    return [Example(SIGNOFF_CARD, ask.format(q=q), SIGNOFF, "ends_once", SIGNOFF_CF_CARD, SIGNOFF_CF)
+            for q, ask in itertools.product(_QUESTIONS, _ASK_SHORT)]
 
 
 @dataclass(frozen=True)
@@ -128,17 +202,32 @@ SUITES: dict[str, Suite] = {
     "persona": Suite("an identity card (name, maker) as system prompt; identity questions; verifier: the name or maker appears", persona_examples),
     "format": Suite("a one-word label instruction (Positive or Negative) before short reviews; verifier: the first word is a label", format_examples, "user"),
     "facts": Suite("a card of invented facts about a country; questions about them; verifier: the answer appears", facts_examples),
+    "persona_luna": Suite("the persona card with another name (Luna, made by Fennel Works), one the base model never says unprompted", persona_luna_examples),
+    "persona_once": Suite("the persona suite, verifier: the name (or maker) appears exactly once", persona_once_examples),
+    # Rules the embedded 135M model does not follow even with the card (0/24 measured): for larger models.
+    "opener": Suite("a rule: begin every answer with 'Certainly!'; verifier: it starts with it and says it once", opener_examples, "user"),
+    "signoff": Suite("a rule: end every answer with 'Hope this helps!'; verifier: it ends with it and says it once", signoff_examples, "user"),
 }
 
 
+def _check_record(r: dict) -> None:
+    for key in ("context", "prompt", "answer", "verifier", "cf_context", "cf_answer"):
+        if key in r and not isinstance(r[key], str):
+            raise UserError(f"field '{key}' must be a string, got {type(r[key]).__name__}")
+    if ("cf_context" in r) != ("cf_answer" in r):
+        raise UserError("cf_context and cf_answer go together: give both or neither")
+    check_kind(r.get("verifier", "contains"), r["answer"])
+
+
 def load_jsonl(path: str | Path) -> list[Example]:
-    """A user suite: one JSON object per line with `context`, `prompt`, `answer` and optionally `verifier` (default contains)."""
+    """A user suite: one JSON object per line with `context`, `prompt`, `answer` and optionally `verifier` (default
+    contains), `cf_context` and `cf_answer` (a counterfactual context and what it should make the model say)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"task file {path} does not exist; give a JSONL file or one of: {', '.join(SUITES)}")
-    records = read_jsonl(path, required=("context", "prompt", "answer"),
-                         check=lambda r: check_kind(r.get("verifier", "contains"), r["answer"]))
-    out = [Example(r["context"], r["prompt"], r["answer"], r.get("verifier", "contains")) for r in records]
+    records = read_jsonl(path, required=("context", "prompt", "answer"), check=_check_record)
+    out = [Example(r["context"], r["prompt"], r["answer"], r.get("verifier", "contains"), r.get("cf_context"), r.get("cf_answer"))
+           for r in records]
     if len(out) < 2:
         raise UserError(f"{path} has {len(out)} example(s); a suite needs at least 2 (one to train on, one to test)")
     return out

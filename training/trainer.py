@@ -9,64 +9,30 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from interp.errors import UserError
-from interp.models import EMBEDDED, LoadedModel, load_model
-from interp.pairs import PLACEMENTS, render_prompt_pair
+from interp.models import LoadedModel, load_model
+from interp.pairs import render_prompt_pair
+from interp.runs import TRAIN_CONFIG_FILE as CONFIG_FILE
+from interp.runs import RunInfo, add_student
 from interp.store import atomic_write_json, read_json
 from training.checkpoints import TrainingError, adapter_is_current, assert_finite_params, kill_point, load_checkpoint, save_checkpoint
 from training.checkpoints import list_checkpoints as checkpoints
 from training.checkpoints import lora_params as _lora_params
 from training.checkpoints import rng_state as _rng_state
 from training.checkpoints import truncate_metrics as _truncate_metrics
-from training.losses import consistency_kl, lam_at, reverse_kl
-from training.rollout import both_sides, collate, response_logits, rollout
+from training.config import RESUMABLE, TrainConfig
+from training.losses import consistency_kl, cross_entropy, evidence_mask, forward_kl, lam_at, masked_mean, reverse_kl
+from training.rollout import MIN_SHARED_PREFIX, Batch, both_sides, collate, prefix_cache, response_logits, rollout
 from training.tasks import Task, load_task
 
-TEACHERS = ("base", "live")
-ANCHORS = ("student", "ema", "teacher")
-CONFIG_FILE = "train_config.json"
+__all__ = ["TrainConfig", "TrainResult", "TrainingError", "train", "validate"]
+
 METRICS_FILE = "metrics.jsonl"
-RUN_FILE = "run.json"
-# Settings that may differ when resuming: where to write, how long to run, how often to checkpoint.
-RESUMABLE = ("out", "steps", "checkpoint_every")
-
-
-@dataclass
-class TrainConfig:
-    task: str = "persona"
-    out: str = "runs/persona/reg"
-    model: str = EMBEDDED
-    seed: int = 0
-    placement: str | None = None  # None: the suite's own placement
-    steps: int = 40
-    batch_size: int = 8
-    lr: float = 2e-4
-    lr_warmup: int = 3
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    target_modules: str = "all-linear"
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    top_k: int | None = None
-    teacher: str = "base"
-    lam: float = 0.0
-    lam_warmup: int = 0
-    lam_ramp: int | None = None  # None: half the warm-up
-    anchor: str = "student"
-    ema_decay: float = 0.9
-    checkpoint_every: int = 10
-    n_test: int = 40
-
-    def ramp(self) -> int:
-        return self.lam_warmup // 2 if self.lam_ramp is None else self.lam_ramp
 
 
 @dataclass
@@ -78,39 +44,21 @@ class TrainResult:
 
 
 def validate(cfg: TrainConfig) -> None:
-    """Every bad setting is a one-line UserError saying what to pass instead."""
-    checks = [
-        (cfg.steps >= 1, f"--steps must be at least 1 (got {cfg.steps})"),
-        (cfg.batch_size >= 1, f"--batch-size must be at least 1 (got {cfg.batch_size})"),
-        (cfg.lam >= 0 and math.isfinite(cfg.lam), f"--lam must be a finite number ≥ 0 (got {cfg.lam}); 0 trains the unregularized student"),
-        (cfg.lam_warmup >= 0, f"--lam-warmup must be ≥ 0 steps (got {cfg.lam_warmup})"),
-        (cfg.lam_ramp is None or cfg.lam_ramp >= 0, f"--lam-ramp must be ≥ 0 steps (got {cfg.lam_ramp})"),
-        (cfg.lr > 0, f"--lr must be positive (got {cfg.lr})"),
-        (cfg.lr_warmup >= 0, f"--lr-warmup must be ≥ 0 (got {cfg.lr_warmup})"),
-        (cfg.grad_clip > 0, f"--grad-clip must be positive (got {cfg.grad_clip})"),
-        (cfg.lora_r >= 1, f"--lora-r must be at least 1 (got {cfg.lora_r})"),
-        (cfg.max_new_tokens >= 1, f"--max-new-tokens must be at least 1 (got {cfg.max_new_tokens})"),
-        (cfg.temperature >= 0, f"--temperature must be ≥ 0 (got {cfg.temperature}); 0 samples greedily"),
-        (cfg.top_k is None or cfg.top_k >= 1, f"--top-k must be at least 1 (got {cfg.top_k}); leave it out for the full vocabulary"),
-        (cfg.teacher in TEACHERS, f"unknown teacher '{cfg.teacher}'; use one of {', '.join(TEACHERS)}"),
-        (cfg.anchor in ANCHORS, f"unknown anchor '{cfg.anchor}'; use one of {', '.join(ANCHORS)}"),
-        (0 <= cfg.ema_decay < 1, f"--ema-decay must be in [0, 1) (got {cfg.ema_decay})"),
-        (cfg.checkpoint_every >= 0, f"--checkpoint-every must be ≥ 0 (got {cfg.checkpoint_every}); 0 turns checkpoints off"),
-        (cfg.placement is None or cfg.placement in PLACEMENTS, f"unknown placement '{cfg.placement}'; use one of {', '.join(PLACEMENTS)}"),
-        # The folder name becomes the adapter's name when the run is evaluated, and torch module names cannot hold a dot.
-        ("." not in Path(cfg.out).name and Path(cfg.out).name not in ("", "base", "teacher"),
-         f"the student folder name '{Path(cfg.out).name}' cannot be used: pick a name without dots that is not base or teacher (e.g. reg_lam01)"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise UserError(message)
+    """Every bad setting is a one-line UserError (see TrainConfig.check)."""
+    cfg.check()
 
 
 def resolve(cfg: TrainConfig, task: Task) -> TrainConfig:
     """Fill the settings left to the suite (placement)."""
-    if cfg.placement is None:
-        cfg.placement = task.placement
-    return cfg
+    return cfg.resolve(task.placement)
+
+
+def torch_dtype(name: str, device: str) -> torch.dtype:
+    """auto: bf16 on a CUDA device that supports it, fp32 elsewhere (CPU bf16 matmuls are slower than fp32)."""
+    if name == "auto":
+        cuda = device.startswith("cuda") and torch.cuda.is_available()
+        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
 # --- data order ----------------------------------------------------------------------------------------------------
@@ -133,7 +81,7 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int, rank: int = 0, 
 
 
 def _config_dict(cfg: TrainConfig) -> dict:
-    return asdict(cfg)
+    return cfg.to_json()
 
 
 def prepare_out(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path | None:
@@ -170,18 +118,8 @@ def clear_out(out: Path) -> None:
 
 
 def update_run_json(run_dir: Path, cfg: TrainConfig, student: str) -> None:
-    """run.json in the parent folder: enough for `eval` to rebuild the task and the model; lists the students."""
-    path = run_dir / RUN_FILE
-    run = read_json(path) if path.exists() else {"task": cfg.task, "model": cfg.model, "seed": cfg.seed, "placement": cfg.placement, "n_test": cfg.n_test, "students": []}
-    for key in ("task", "model", "seed", "placement"):
-        if run.get(key) != getattr(cfg, key):
-            raise UserError(
-                f"{path} is a run of {key}={run.get(key)!r}, but this student uses {key}={getattr(cfg, key)!r}; "
-                "put it in another run folder"
-            )
-    if student not in run["students"]:
-        run["students"].append(student)
-        atomic_write_json(path, run)
+    """run.json in the parent folder (interp.runs.RunInfo): enough for `eval` to rebuild the task and the model."""
+    add_student(run_dir, RunInfo(task=cfg.task, model=cfg.model, seed=cfg.seed, placement=cfg.placement, n_test=cfg.n_test), student)
 
 
 def save_adapter(model, out: Path, lm: LoadedModel | None = None) -> None:
@@ -216,25 +154,33 @@ def lora_model(lm: LoadedModel, cfg: TrainConfig):
         raise UserError(f"--target-modules {cfg.target_modules!r} does not fit this model ({str(err).splitlines()[0][:160]})") from err
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True, lm: LoadedModel | None = None) -> TrainResult:
-    """Train one student into `cfg.out` (a folder inside a run folder) and return where it is."""
+def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
+          lm: LoadedModel | None = None, on_step=None) -> TrainResult:
+    """Train one student into `cfg.out` (a folder inside a run folder) and return where it is.
+
+    `on_step(step, steps)` is called after every step (the study's progress bar)."""
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    validate(cfg)
+    cfg.check()
     task = load_task(cfg.task, seed=cfg.seed, n_test=cfg.n_test)
-    resolve(cfg, task)
+    cfg.resolve(task.placement)
     out = Path(cfg.out)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     rank, world = accelerator.process_index, accelerator.num_processes
-    if len(task.train) < cfg.batch_size * world:
+    per_step = cfg.batch_size * cfg.grad_accum
+    if len(task.train) < per_step * world:
         raise UserError(
-            f"a batch of {cfg.batch_size} × {world} process(es) does not fit the {len(task.train)} training examples of '{cfg.task}'; "
-            "lower --batch-size"
+            f"a batch of {cfg.batch_size} × {cfg.grad_accum} micro-batches × {world} process(es) does not fit the "
+            f"{len(task.train)} training examples of '{cfg.task}'; lower --batch-size or --grad-accum"
         )
     start_from = prepare_out(cfg, resume, overwrite)
 
-    lm = lm or load_model(cfg.model, device=str(accelerator.device))
+    # Training and generation run sdpa: eager attention builds T×T weight matrices that only capture needs.
+    device = str(accelerator.device)
+    dtype = torch_dtype(cfg.dtype, device)
+    lm = lm or load_model(cfg.model, device=device, dtype=dtype, attn_implementation="sdpa")
+    teacher_lm = load_teacher(cfg, lm, device, dtype)
     tok = lm.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     window = getattr(lm.model.config, "max_position_embeddings", None)
@@ -256,6 +202,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
         prompt_pair(i)
 
     peft_model = lora_model(lm, cfg)
+    if cfg.gradient_checkpointing:
+        # Non-reentrant checkpointing needs no inputs that require grad, so frozen embeddings are fine with LoRA.
+        peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     # Only now, with every setting checked, is the folder touched.
     accelerator.wait_for_everyone()
@@ -289,55 +238,32 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
     if accelerator.is_main_process:
         _truncate_metrics(metrics_path, step0)
 
+    teacher_kv: dict = {}  # the frozen teacher's encoding of a shared context prefix, computed once
     bar = tqdm(range(step0, cfg.steps), initial=step0, total=cfg.steps, desc=out.name, disable=not (progress and accelerator.is_main_process))
     last, times = {}, []
     with out_of_memory_is_a_user_error(cfg):
         for step in bar:
             t0 = time.perf_counter()
             lam = lam_at(step, cfg.lam, cfg.lam_warmup, cfg.ramp())
-            idx = batch_indices(step, len(task.train), cfg.batch_size, cfg.seed, rank, world)
+            idx = batch_indices(step, len(task.train), per_step, cfg.seed, rank, world)
             examples, pps = [task.train[i] for i in idx], [prompt_pair(i) for i in idx]
 
-            # 1. rollout: the student answers without the context
-            pairs = rollout(
-                student, examples, pps, cfg.placement,
-                max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, batch_size=cfg.batch_size,
-                seed=cfg.seed * 1_000_003 + step * 101 + rank,
-            )
-            batch = collate(pairs, pad_id).to(accelerator.device)
+            # 1. rollouts: the student answers without the context; a guided share (or all, off-policy) comes from
+            # the teacher with the context, then every sample is scored the same way
+            pairs, guided = sample_rollouts(student, peft_model, teacher_lm, cfg, examples, pps, seed=cfg.seed * 1_000_003 + step * 101 + rank)
             t_rollout = time.perf_counter() - t0
 
-            # 2. forward passes: student without context (and with it, when λ>0 needs it), teacher under no_grad.
-            # A fixed anchor goes first: the EMA one swaps weights in place, which must not happen inside the graph.
-            anchor = fixed_anchor_logits(cfg.anchor, peft_model, batch, ema) if lam > 0 and cfg.anchor != "student" else None
+            # 2-3. forward passes and losses, micro-batch by micro-batch; gradients add up to the full batch's
             model.train()
-            # The with-context rows join the graph only when L_cons needs their gradient.
-            if lam > 0:
-                logits = response_logits(model, both_sides(batch.noctx, batch.ctx, pad_id))
-                s_noctx, s_ctx = logits.split(len(pairs))
-            else:
-                s_noctx, s_ctx = response_logits(model, batch.noctx), None
-            with torch.no_grad():
-                if cfg.teacher == "base":
-                    with peft_model.disable_adapter():
-                        t_ctx = response_logits(peft_model, batch.ctx)
-                else:  # live: the student itself with the context, as a fixed target this step
-                    t_ctx = s_ctx.detach() if s_ctx is not None else response_logits(model, batch.ctx)
+            parts = step_losses(model, peft_model, teacher_lm, cfg, pairs, pad_id, lam, ema, accelerator, teacher_kv)
 
-            # 3. losses
-            L_opd = reverse_kl(s_noctx, t_ctx, batch.mask, cfg.top_k)
-            L_cons = None
-            if lam > 0:
-                L_cons = consistency_kl(s_noctx if anchor is None else anchor, s_ctx, batch.mask)  # detached inside
-            loss = L_opd + lam * L_cons if L_cons is not None else L_opd
-
-            if bool(accelerator.reduce((~torch.isfinite(loss.detach())).float(), "max")):  # every process stops together
+            loss = parts["loss"]
+            if bool(accelerator.reduce(torch.tensor(0.0 if math.isfinite(loss) else 1.0, device=accelerator.device), "max")):
                 good = checkpoints(out)
                 where = f"the last good checkpoint is {good[-1]}" if good else "no checkpoint was written yet"
-                raise TrainingError(f"the loss became {loss.item()} at step {step + 1}; {where}; lower --lr or --lam and resume or rerun")
+                raise TrainingError(f"the loss became {loss} at step {step + 1}; {where}; lower --lr or --lam and resume or rerun")
 
             # 4. update
-            accelerator.backward(loss)
             grad_norm = accelerator.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
             assert_finite_params(params, out, step + 1)  # before any checkpoint: exploded weights are never saved
@@ -348,17 +274,17 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
 
             # 5. log and checkpoint
             dt = time.perf_counter() - t0
+            n_tokens = sum(p.response_len for p in pairs)
             row = {
                 "step": step + 1,
-                "loss": loss.item(),
-                "L_opd": L_opd.item(),
-                "L_cons": None if L_cons is None else L_cons.item(),
+                **parts,
                 "lam": lam,
                 "lr": scheduler.get_last_lr()[0],
                 "grad_norm": float(grad_norm),
-                "response_len": sum(batch.response_lens) / len(pairs),
-                "tokens": batch.n_tokens,
-                "tokens_per_s": batch.n_tokens / dt,
+                "response_len": n_tokens / len(pairs),
+                "guided": guided,
+                "tokens": n_tokens,
+                "tokens_per_s": n_tokens / dt,
                 "rollout_s": t_rollout,
                 "step_s": dt,
                 "processes": world,
@@ -376,6 +302,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
                 if accelerator.is_main_process:
                     save_checkpoint(out, step + 1, peft_model, optimizer, scheduler, ema, rngs)
                 accelerator.wait_for_everyone()
+            if on_step is not None:
+                on_step(step + 1, cfg.steps)
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -383,6 +311,135 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
     accelerator.wait_for_everyone()
     mean_step = sum(times[1:]) / len(times[1:]) if len(times) > 1 else (times[0] if times else 0.0)
     return TrainResult(out=out, steps=cfg.steps, last=last, step_seconds=mean_step)
+
+
+def load_teacher(cfg: TrainConfig, lm: LoadedModel, device: str, dtype: torch.dtype) -> LoadedModel | None:
+    """A separate teacher model (`--teacher-model`), which must share the student's tokenizer: the losses compare
+    distributions over the same token ids. None: the teacher is the student's base weights (adapter disabled)."""
+    if cfg.teacher_model is None:
+        return None
+    teacher = load_model(cfg.teacher_model, device=device, dtype=dtype, attn_implementation="sdpa")
+    if teacher.tokenizer.get_vocab() != lm.tokenizer.get_vocab():
+        raise UserError(
+            f"the teacher '{cfg.teacher_model}' has another tokenizer than the student '{cfg.model}'; "
+            "distillation compares token distributions, so pick a teacher of the same model family"
+        )
+    for p in teacher.model.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+@contextlib.contextmanager
+def teacher_weights(peft_model, teacher_lm: LoadedModel | None, live: bool):
+    """The teacher's model for a block: the separate teacher, the live student, or the base weights (adapter off)."""
+    if teacher_lm is not None:
+        yield teacher_lm.model
+    elif live:
+        yield peft_model
+    else:
+        with peft_model.disable_adapter():
+            yield peft_model
+
+
+def sample_rollouts(student: LoadedModel, peft_model, teacher_lm, cfg: TrainConfig, examples, pps, seed: int):
+    """This step's responses as aligned pairs, and how many came from the teacher with the context.
+
+    `rollouts=student`: the student samples without the context, except a `guided_share` of the batch (the last
+    rows) that the teacher samples with the context (EDGE-OPD guided rollouts). `rollouts=teacher`: every row is the
+    teacher's with-context sample (the off-policy baseline)."""
+    n = len(examples)
+    guided = n if cfg.rollouts == "teacher" else round(cfg.guided_share * n)
+    options = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, batch_size=cfg.batch_size)
+    pairs = []
+    if guided < n:
+        pairs += rollout(student, examples[: n - guided], pps[: n - guided], cfg.placement, seed=seed, **options)
+    if guided:
+        with teacher_weights(peft_model, teacher_lm, cfg.teacher == "live") as m:
+            teacher = LoadedModel(model=m, tokenizer=student.tokenizer, spec=cfg.teacher_model or cfg.model)
+            pairs += rollout(teacher, examples[n - guided :], pps[n - guided :], cfg.placement, seed=seed + 7, side="ctx", **options)
+    return pairs, guided
+
+
+def step_losses(model, peft_model, teacher_lm, cfg: TrainConfig, pairs, pad_id: int, lam: float, ema, accelerator,
+                teacher_kv: dict | None = None) -> dict:
+    """Forward, losses and backward over micro-batches of `cfg.batch_size` pairs. Each micro-batch's token sums
+    are divided by the whole batch's token count, so the accumulated gradient equals one pass over all pairs."""
+    micro = [pairs[i : i + cfg.batch_size] for i in range(0, len(pairs), cfg.batch_size)]
+    total = sum(p.response_len for p in pairs)
+    sums = {"loss": 0.0, "L_opd": 0.0, "L_cons": 0.0, "evidence_share": 0.0}
+    for chunk in micro:
+        batch = collate(chunk, pad_id).to(accelerator.device)
+        weight = batch.n_tokens / total
+        parts = micro_losses(model, peft_model, teacher_lm, cfg, batch, pad_id, lam, ema, teacher_kv)
+        accelerator.backward(parts["loss"] * weight)
+        for k in sums:
+            value = parts.get(k)
+            sums[k] += 0.0 if value is None else float(value.detach()) * weight
+    if not (lam > 0):
+        sums["L_cons"] = None
+    if cfg.evidence_mask is None:
+        sums.pop("evidence_share")
+    return sums
+
+
+def micro_losses(model, peft_model, teacher_lm, cfg: TrainConfig, batch: Batch, pad_id: int, lam: float, ema,
+                 teacher_kv: dict | None = None) -> dict:
+    """The losses of one micro-batch (token means over its response tokens): L_opd, L_cons and their sum.
+
+    With a long context shared by the batch (`batch.ctx.prefix` tokens), the context is encoded once: once per
+    micro-batch for the student (its gradient flows through that one encoding), and once per run for a frozen
+    teacher (`teacher_kv` caches its keys and values by prefix)."""
+    B = batch.mask.shape[0]
+    share = batch.ctx.prefix >= MIN_SHARED_PREFIX and not cfg.gradient_checkpointing
+    # A fixed anchor goes first: the EMA one swaps weights in place, which must not happen inside the graph.
+    anchor = fixed_anchor_logits(cfg.anchor, peft_model, batch, ema) if lam > 0 and cfg.anchor != "student" else None
+    # The with-context rows join the graph only when L_cons needs their gradient.
+    if lam > 0 and not share:  # one stacked pass: the no-context rows are padded to the with-context length
+        s_noctx, s_ctx = response_logits(model, both_sides(batch.noctx, batch.ctx, pad_id)).split(B)
+    elif lam > 0:  # two passes, the shared context encoded once
+        s_noctx = response_logits(model, batch.noctx, share_prefix=True)
+        s_ctx = response_logits(model, batch.ctx, share_prefix=True)
+    else:
+        s_noctx, s_ctx = response_logits(model, batch.noctx, share_prefix=share), None
+    mask = batch.mask
+    live = cfg.teacher == "live" and teacher_lm is None
+    with torch.no_grad():
+        if live and s_ctx is not None:
+            t_ctx = s_ctx.detach()  # the live student with the context, as a fixed target this step
+        else:
+            with teacher_weights(peft_model, teacher_lm, cfg.teacher == "live") as m:
+                kv = None
+                if share and not live and teacher_kv is not None:  # frozen weights: the prefix's encoding never changes
+                    key = tuple(batch.ctx.input_ids[0, : batch.ctx.prefix].tolist())
+                    if key not in teacher_kv:
+                        teacher_kv.clear()  # one context at a time is the common case; keep memory flat
+                        teacher_kv[key] = prefix_cache(m, batch.ctx)
+                    kv = teacher_kv[key]
+                t_ctx = response_logits(m, batch.ctx, share_prefix=share, kv=kv)
+                t_noctx = response_logits(m, batch.noctx, share_prefix=share) if cfg.evidence_mask is not None else None
+        if cfg.evidence_mask is not None:
+            if live and s_ctx is not None:
+                t_noctx = s_noctx.detach()
+            mask = evidence_mask(t_ctx, t_noctx, batch.targets, batch.mask, cfg.evidence_mask)
+    t_ctx, s_noctx_v = _same_vocab(t_ctx, s_noctx)
+    if cfg.loss == "reverse_kl":
+        L_opd = reverse_kl(s_noctx_v, t_ctx, mask, cfg.top_k)
+    elif cfg.loss == "forward_kl":
+        L_opd = forward_kl(s_noctx_v, t_ctx, mask)
+    else:
+        L_opd = cross_entropy(s_noctx, batch.targets, mask)
+    L_cons = consistency_kl(s_noctx if anchor is None else anchor, s_ctx, batch.mask) if lam > 0 else None  # detached inside
+    loss = L_opd + lam * L_cons if L_cons is not None else L_opd
+    out = {"loss": loss, "L_opd": L_opd.detach(), "L_cons": None if L_cons is None else L_cons.detach()}
+    if cfg.evidence_mask is not None:
+        out["evidence_share"] = masked_mean(mask, batch.mask).detach()
+    return out
+
+
+def _same_vocab(teacher: torch.Tensor, student: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Models of one family can pad their output layers to different sizes; the shared tokenizer's ids come first."""
+    v = min(teacher.shape[-1], student.shape[-1])
+    return teacher[..., :v], student[..., :v]
 
 
 @contextlib.contextmanager

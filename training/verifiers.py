@@ -7,7 +7,7 @@ import string
 
 from interp.errors import UserError
 
-KINDS = ("contains", "exact", "first_word", "regex")
+KINDS = ("contains", "exact", "first_word", "regex", "once", "starts_once", "ends_once")
 _EDGE_PUNCT = string.punctuation + "“”‘’«»…"
 
 
@@ -41,7 +41,62 @@ def regex(response: str, reference: str) -> bool:
     return re.search(reference, response, flags=re.IGNORECASE | re.DOTALL) is not None
 
 
-_VERIFIERS = {"contains": contains, "exact": exact, "first_word": first_word, "regex": regex}
+def _phrase_count(text: str, phrase: str) -> int:
+    return _norm(text).count(_norm(phrase))
+
+
+def once(response: str, reference: str) -> bool:
+    """The reference (or one of its `|` alternatives) occurs exactly once as a whole word or phrase, ignoring case:
+    "I'm Nova" passes, "I'm Nova, Nova is my name" does not (the context applied twice)."""
+    words = _words(response)
+    total = 0
+    for alt in reference.split("|"):
+        phrase = _words(alt)
+        if phrase:
+            total += sum(words[i : i + len(phrase)] == phrase for i in range(len(words) - len(phrase) + 1))
+    return total == 1
+
+
+def starts_once(response: str, reference: str) -> bool:
+    """The response starts with the phrase and says it exactly once (ignoring case): applying the rule twice fails."""
+    text = _norm(response).lstrip(_EDGE_PUNCT + " ")
+    return text.startswith(_norm(reference)) and _phrase_count(response, reference) == 1
+
+
+def ends_once(response: str, reference: str) -> bool:
+    """The response ends with the phrase (trailing spaces and quotes aside) and says it exactly once."""
+    text = _norm(response).rstrip(" \"'”’")
+    return text.endswith(_norm(reference)) and _phrase_count(response, reference) == 1
+
+
+_VERIFIERS = {"contains": contains, "exact": exact, "first_word": first_word, "regex": regex, "once": once,
+              "starts_once": starts_once, "ends_once": ends_once}
+
+# --- degenerate answers ------------------------------------------------------------------------------------------------
+# A loop is wrong whatever it contains (docs/measures.md#degenerate). Words are compared lowercased with the
+# punctuation around them stripped, so "Nova, Nova, Nova" and "Nova Nova Nova" are the same loop.
+SHORT_SPAN = 4  # spans of 1..SHORT_SPAN words must repeat SHORT_REPEATS times back to back
+SHORT_REPEATS = 3
+LONG_SPAN = 40  # longer spans (clauses, up to LONG_SPAN words) must repeat twice back to back
+LONG_REPEATS = 2
+
+
+def _words(text: str) -> list[str]:
+    return [w for w in (t.strip(_EDGE_PUNCT).lower() for t in text.split()) if w]
+
+
+def is_degenerate(text: str) -> bool:
+    """True when a short span (1-4 words) repeats at least 3 times back to back, or a clause (5-40 words) at
+    least twice back to back. "I'm Nova. Nova is my name." is not degenerate; "Nova, Nova, Nova" is, and so is
+    "I'm Nova, made by Quibble Labs. I'm Nova, made by Quibble Labs."."""
+    words = _words(text)
+    for k in range(1, min(LONG_SPAN, len(words) // 2) + 1):
+        need = SHORT_REPEATS if k <= SHORT_SPAN else LONG_REPEATS
+        for i in range(0, len(words) - need * k + 1):
+            span = words[i : i + k]
+            if all(words[i + c * k : i + (c + 1) * k] == span for c in range(1, need)):
+                return True
+    return False
 
 
 def check_kind(kind: str, reference: str | None = None) -> None:
@@ -55,7 +110,10 @@ def check_kind(kind: str, reference: str | None = None) -> None:
             raise UserError(f"the regex {reference!r} does not compile ({err})") from err
 
 
-def verify(kind: str, response: str, reference: str) -> bool:
-    """True when `response` passes the verifier `kind` against `reference`."""
+def verify(kind: str, response: str, reference: str, allow_degenerate: bool = False) -> bool:
+    """True when `response` passes the verifier `kind` against `reference`; a degenerate (looping) answer fails
+    unless `allow_degenerate`."""
     check_kind(kind)
+    if not allow_degenerate and is_degenerate(response):
+        return False
     return _VERIFIERS[kind](response, reference)

@@ -1,0 +1,126 @@
+"""The study command on the tiny model: the grid, the results, resuming after a kill, and bad study files."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from interp.errors import UserError
+from training.study import load_study
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "studies" / "smoke.toml"
+
+
+def _study(runs, results, *extra, wait=True):
+    cmd = [sys.executable, "-m", "training", "study", str(SMOKE), "--runs-dir", str(runs), "--results-dir", str(results), *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if wait:
+        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+
+
+def _summary(results):
+    data = json.loads((results / "smoke" / "study.json").read_text())
+    return data, (results / "smoke" / "study.csv").read_text()
+
+
+def test_smoke_study_killed_and_resumed_ends_like_an_uninterrupted_one(tmp_path):
+    whole = _study(tmp_path / "a" / "runs", tmp_path / "a" / "results")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    data, csv_whole = _summary(tmp_path / "a" / "results")
+    cells = load_study(SMOKE).cells()
+    assert len(data["cells"]) == len(cells) == 8  # 2 suites × 2 seeds × 2 students
+    assert {(c["suite"], c["seed"], c["student"]) for c in data["cells"]} == {(c.suite, c.seed, c.student.name) for c in cells}
+    for c in data["cells"]:
+        assert set(c["scores"]) >= {"acc_noctx", "acc_ctx", "harm", "degenerate_ctx", "follow_cf", "drift", "truncated_ctx"}
+    rows = {(r["suite"], r["student"]) for r in data["summary"]}
+    assert rows == {(s, m) for s in ("persona", "facts") for m in ("unreg", "reg", "base", "teacher")}
+    unreg = next(r for r in data["summary"] if r["suite"] == "persona" and r["student"] == "unreg")
+    per_seed = [c["scores"]["drift"] for c in data["cells"] if c["suite"] == "persona" and c["student"] == "unreg"]
+    assert unreg["drift"]["mean"] == pytest.approx(sum(per_seed) / 2) and unreg["drift"]["n"] == 2
+    assert len(data["paired"]) == 4 and all(p["vs"] == "unreg" for p in data["paired"])
+    from plotly.offline import get_plotlyjs
+
+    html = (tmp_path / "a" / "results" / "smoke" / "frontier.html").read_text()
+    assert html.count(get_plotlyjs()) == 1 and "Removability frontier" in html  # plotly.js inline: opens offline
+    assert not re.search(r"<script[^>]*\bsrc\s*=", html.replace(get_plotlyjs(), ""), re.I)
+
+    # the same study killed in the middle of its third cell, then run again
+    runs, results = tmp_path / "b" / "runs", tmp_path / "b" / "results"
+    proc = _study(runs, results, wait=False)
+    third = runs / "smoke" / "persona" / "seed-0" / "reg" / "checkpoints"
+    deadline = time.time() + 600
+    while time.time() < deadline and not (third.exists() and any(third.iterdir())):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (runs / "smoke" / "persona" / "seed-1" / "reg" / "adapter_config.json").exists()
+    again = _study(runs, results)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "done" in again.stdout  # the plan shows the finished cells it skips
+    data_b, csv_b = _summary(results)
+    assert csv_b == csv_whole
+    # a resumed cell matches to float rounding (its weights to 1e-6), so its verdicts are the same and KLs agree closely
+    for b, a in zip(data_b["cells"], data["cells"]):
+        assert b["scores"] == pytest.approx(a["scores"], rel=1e-5, abs=1e-7)
+
+    # a third run finds nothing to do
+    t0 = time.time()
+    done = _study(runs, results)
+    assert done.returncode == 0 and "8 cells (8 done)" in done.stdout
+    assert time.time() - t0 < 120
+
+
+def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path):
+    result = _study(tmp_path / "runs", tmp_path / "results", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "8 cells (0 done)" in result.stdout and "estimated time left" in result.stdout
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()
+
+
+BAD = [
+    ("name = 'x'\nsuites = ['persona']\nseeds = [0]\nsteps = 1\ncolour = 'red'\n[[students]]\nname = 'a'\n", "unknown key 'colour'"),
+    ("name = 'x'\nsuites = ['persona']\nseeds = [0]\nsteps = 1\n[[students]]\nlam = 1.0\n", "students[0] has no name"),
+    ("name = 'x'\nsuites = ['nope']\nseeds = [0]\nsteps = 1\n[[students]]\nname = 'a'\n", "unknown suite 'nope'"),
+    ("name = 'x'\nsuites = ['persona']\nseeds = [0]\nsteps = 1\n[[students]]\nname = 'a'\nlam = -1.0\n", "persona/seed-0/a: --lam must be ≥ 0"),
+    ("name = 'x'\nsuites = ['persona']\nseeds = [0]\nsteps = 1\n[[students]]\nname = 'a'\nwings = 2\n", "students[0] (a): unknown setting 'wings'"),
+    ("name = 'x'\nsuites = ['persona']\nseeds = [0]\nsteps = 1\n[train]\nstep = 3\n[[students]]\nname = 'a'\n", "train: unknown setting 'step'"),
+    ("name = 'x'\nsuites = ['persona']\nseeds = [0]\n[[students]]\nname = 'a'\n", "missing key 'steps'"),
+    ("name = 'x'\nsuites = ['persona']\nseeds = [0]\nsteps = 1\n[[students]]\nname = 'a'\n[[students]]\nname = 'a'\n", "two students are named 'a'"),
+    ("name = 'x'\nsuites = ['persona']\nseeds = [0]\nsteps = 1\n[[students]]\nname = 'a.b'\n", "cannot be used"),
+    ("name = 'x'\nsuites = ['persona']\nseeds = [0]\nsteps = 1\n[eval]\nmax_new_tokens = 0\n[[students]]\nname = 'a'\n", "eval: --max-new-tokens must be at least 1"),
+    ("name = [1]\n", "missing key"),
+    ("this is not toml = = =", "not valid TOML"),
+]
+
+
+@pytest.mark.parametrize("text,message", BAD)
+def test_bad_study_files_are_one_line_errors_naming_the_file(tmp_path, text, message):
+    path = tmp_path / "s.toml"
+    path.write_text(text)
+    with pytest.raises(UserError) as err:
+        load_study(path)
+    assert str(path) in str(err.value) and message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_results_of_another_study_are_refused(tmp_path):
+    folder = tmp_path / "results" / "smoke"
+    folder.mkdir(parents=True)
+    (folder / "study.json").write_text(json.dumps({"name": "smoke", "model": "smollm2-135m-instruct"}))
+    result = _study(tmp_path / "runs", tmp_path / "results")
+    assert result.returncode == 2 and "holds the results of another study" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
+
+
+def test_cli_study_bad_file_exits_2(tmp_path):
+    path = tmp_path / "s.toml"
+    path.write_bytes(b"\xff\xfe\x00garbage")
+    result = subprocess.run([sys.executable, "-m", "training", "study", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -1,0 +1,473 @@
+"""The removability study: a grid of suites × seeds × students, trained, evaluated and summed up.
+
+A study file (TOML) names the suites, the seeds, the step count, the settings shared by every student and the
+students themselves (name → the settings that differ: λ, warm-up, anchor, teacher, guided share, evidence mask…).
+`run_study` trains every cell into `runs/<study>/<suite>/seed-<s>/<student>`, evaluates it, and writes
+`results/<study>/study.json`, `study.csv` and `frontier.html`. Finished cells are skipped and a killed cell resumes
+from its last checkpoint, so a study can be stopped and restarted at will.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import time
+import tomllib
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Sequence
+
+from interp.errors import UserError
+from interp.runs import ADAPTER_CONFIG, read_model_eval
+from interp.store import atomic_write_json, atomic_write_text, read_json
+from training import stats
+from training.config import TrainConfig, defaults
+from training.evaluate import EvalSettings, evaluate_run
+from training.tasks import SUITES, load_task
+
+STUDY_KEYS = ("name", "model", "suites", "seeds", "steps", "train", "eval", "students", "runs_dir", "results_dir")
+STUDENT_ONLY = ("name", "seeds")
+# Settings that belong to the grid (suite, seed, model, steps, where) rather than to a student.
+GRID_SETTINGS = ("task", "seed", "model", "steps", "out", "n_test")
+EVAL_KEYS = tuple(f.name for f in fields(EvalSettings)) + ("n_test",)
+# The rates the study summarizes over seeds (docs/measures.md#evaluation).
+SUMMARY = ("acc_noctx", "acc_ctx", "harm", "ctx_drop", "degenerate_noctx", "degenerate_ctx", "truncated_ctx", "len_ratio",
+           "follow_cf", "drift")
+# Rough seconds per step and per evaluated model on 2 CPU cores, for --dry-run's estimate.
+COST = {"smollm2-135m-instruct": (8.0, 12.0, 150.0), "tiny-random-llama": (0.1, 0.15, 2.0)}
+DEFAULT_COST = (30.0, 45.0, 600.0)
+
+
+@dataclass
+class Student:
+    name: str
+    settings: dict  # TrainConfig fields that differ from the study's shared ones
+    seeds: list[int] | None = None  # None: every seed of the study
+
+    @property
+    def lam(self) -> float:
+        return float(self.settings.get("lam", 0.0))
+
+
+@dataclass
+class Study:
+    name: str
+    model: str
+    suites: list[str]
+    seeds: list[int]
+    steps: int
+    train: dict  # shared TrainConfig settings
+    eval: EvalSettings
+    n_test: int
+    students: list[Student]
+    runs_dir: Path
+    results_dir: Path
+    source: str = ""
+
+    def cells(self) -> list["Cell"]:
+        """Every (suite, seed, student) in the order they run: suite by suite as the file lists them; within a suite
+        the main students (those on every seed) seed by seed, then the others. A study cut short has its first
+        suites complete, with their seeds, rather than every suite at one seed."""
+        out = []
+        for suite in self.suites:
+            for seed in self.seeds:
+                out += [Cell(self, suite, seed, s) for s in self.students if s.seeds is None]
+            for seed in self.seeds:
+                out += [Cell(self, suite, seed, s) for s in self.students if s.seeds is not None and seed in s.seeds]
+        return out
+
+    def run_dir(self, suite: str, seed: int) -> Path:
+        return self.runs_dir / self.name / _safe(suite) / f"seed-{seed}"
+
+    def fingerprint(self) -> dict:
+        """What a results folder must agree with to be this study's."""
+        return {"name": self.name, "model": self.model}
+
+
+@dataclass
+class Cell:
+    study: Study
+    suite: str
+    seed: int
+    student: Student
+
+    @property
+    def run_dir(self) -> Path:
+        return self.study.run_dir(self.suite, self.seed)
+
+    @property
+    def out(self) -> Path:
+        return self.run_dir / self.student.name
+
+    def config(self) -> TrainConfig:
+        s = self.study
+        return TrainConfig(**{**s.train, **self.student.settings, "task": self.suite, "seed": self.seed, "model": s.model,
+                              "steps": s.steps, "out": str(self.out), "n_test": s.n_test})
+
+    def trained(self) -> bool:
+        return (self.out / ADAPTER_CONFIG).exists()
+
+    def evaluated(self) -> bool:
+        ev = read_model_eval(self.run_dir, self.student.name) if self.trained() else None
+        return ev is not None and {k: v for k, v in ev.settings.items() if k != "adapter"} == asdict(self.study.eval)
+
+    def label(self) -> str:
+        return f"{self.suite}/seed-{self.seed}/{self.student.name}"
+
+
+def _safe(name: str) -> str:
+    return Path(name).stem if name.endswith(".jsonl") else name
+
+
+def _fail(path: Path, message: str):
+    raise UserError(f"{path}: {message}")
+
+
+def load_study(path: str | os.PathLike, runs_dir: str | None = None, results_dir: str | None = None) -> Study:
+    """Read and check a study file: every mistake is a one-line error naming the file and the key, before any
+    training starts. Every cell's settings are validated as a TrainConfig."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"study file {path} does not exist; see studies/smoke.toml for an example")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        _fail(path, "not a UTF-8 text file")
+    except tomllib.TOMLDecodeError as err:
+        _fail(path, f"not valid TOML ({err})")
+    unknown = [k for k in data if k not in STUDY_KEYS]
+    if unknown:
+        _fail(path, f"unknown key '{unknown[0]}'; a study has {', '.join(STUDY_KEYS)}")
+    for key in ("name", "suites", "seeds", "steps", "students"):
+        if key not in data:
+            _fail(path, f"missing key '{key}'")
+    name = data["name"]
+    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+        _fail(path, "'name' must be a folder name (letters, digits, '-', '_')")
+    suites = data["suites"]
+    if not isinstance(suites, list) or not suites or not all(isinstance(x, str) for x in suites):
+        _fail(path, "'suites' must be a non-empty list of suite names")
+    for suite in suites:
+        if suite not in SUITES and not (suite.endswith(".jsonl") and Path(suite).is_file()):
+            _fail(path, f"suites: unknown suite '{suite}'; use one of {', '.join(SUITES)} or a .jsonl file")
+    seeds = data["seeds"]
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds):
+        _fail(path, "'seeds' must be a non-empty list of integers")
+    steps = data["steps"]
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        _fail(path, "'steps' must be a positive integer")
+    model = data.get("model", defaults()["model"])
+    if not isinstance(model, str):
+        _fail(path, "'model' must be a model spec")
+    train = data.get("train", {})
+    if not isinstance(train, dict):
+        _fail(path, "'train' must be a table of training settings")
+    known = set(defaults()) - set(GRID_SETTINGS)
+    for key in train:
+        if key not in known:
+            _fail(path, f"train: unknown setting '{key}'; known: {', '.join(sorted(known))}")
+    ev = data.get("eval", {})
+    if not isinstance(ev, dict):
+        _fail(path, "'eval' must be a table of evaluation settings")
+    for key in ev:
+        if key not in EVAL_KEYS:
+            _fail(path, f"eval: unknown setting '{key}'; known: {', '.join(EVAL_KEYS)}")
+    n_test = ev.get("n_test", 40)
+    try:
+        eval_settings = EvalSettings(**{k: v for k, v in ev.items() if k != "n_test"}).check()
+    except (TypeError, UserError) as err:
+        _fail(path, f"eval: {err}")
+    raw = data["students"]
+    if not isinstance(raw, list) or not raw:
+        _fail(path, "'students' must be a list of [[students]] tables")
+    students = []
+    for i, entry in enumerate(raw):
+        where = f"students[{i}]"
+        if not isinstance(entry, dict):
+            _fail(path, f"{where} must be a table")
+        if not isinstance(entry.get("name"), str) or not entry["name"]:
+            _fail(path, f"{where} has no name")
+        for key in entry:
+            if key not in STUDENT_ONLY and key not in known:
+                _fail(path, f"{where} ({entry['name']}): unknown setting '{key}'")
+        s_seeds = entry.get("seeds")
+        if s_seeds is not None and (not isinstance(s_seeds, list) or not set(s_seeds) <= set(seeds)):
+            _fail(path, f"{where} ({entry['name']}): 'seeds' must be a subset of the study's seeds {seeds}")
+        students.append(Student(entry["name"], {k: v for k, v in entry.items() if k not in STUDENT_ONLY}, s_seeds))
+    names = [s.name for s in students]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup:
+        _fail(path, f"two students are named '{dup}'")
+    study = Study(name=name, model=model, suites=suites, seeds=seeds, steps=steps, train=train, eval=eval_settings,
+                  n_test=n_test, students=students,
+                  runs_dir=Path(runs_dir or data.get("runs_dir", "runs")), results_dir=Path(results_dir or data.get("results_dir", "results")),
+                  source=str(path))
+    for cell in study.cells():  # every cell valid before the first one trains
+        try:
+            cell.config().check()
+        except (TypeError, UserError) as err:
+            _fail(path, f"{cell.label()}: {err}")
+    return study
+
+
+def check_results(study: Study) -> Path:
+    """results/<study>/ must be this study's (or new)."""
+    folder = study.results_dir / study.name
+    meta = folder / "study.json"
+    if meta.exists():
+        data = read_json(meta)
+        theirs = {k: data.get(k) for k in study.fingerprint()} if isinstance(data, dict) else None
+        if theirs != study.fingerprint():
+            raise UserError(f"{folder} holds the results of another study ({theirs}); choose another --results-dir or name")
+    return folder
+
+
+def estimate(study: Study, cells: Sequence[Cell]) -> float:
+    """Seconds the cells still need, from rough per-step and per-evaluation costs on 2 CPU cores."""
+    reg, unreg, per_eval = COST.get(study.model, DEFAULT_COST)
+    total = 0.0
+    for c in cells:
+        if not c.trained():
+            total += study.steps * (unreg if c.student.lam > 0 else reg) * c.student.settings.get("grad_accum", 1)
+        if not c.evaluated():
+            total += per_eval
+    return total
+
+
+def plan(study: Study) -> str:
+    cells = study.cells()
+    todo = [c for c in cells if not (c.trained() and c.evaluated())]
+    lines = [f"study {study.name}: {len(study.suites)} suites × {len(study.seeds)} seeds, {len(study.students)} students, "
+             f"{len(cells)} cells ({len(cells) - len(todo)} done), {study.steps} steps each, model {study.model}"]
+    for c in cells:
+        state = "done" if c.trained() and c.evaluated() else ("trained" if c.trained() else "todo")
+        settings = ", ".join(f"{k}={v}" for k, v in c.student.settings.items()) or "defaults"
+        lines.append(f"  {state:>7}  {c.label():<40} {settings}")
+    lines.append(f"estimated time left: {_hours(estimate(study, todo))} on 2 CPU cores with one job")
+    return "\n".join(lines)
+
+
+def _hours(seconds: float) -> str:
+    h, m = divmod(int(seconds // 60), 60)
+    return f"{h} h {m:02d} min" if h else f"{m} min"
+
+
+# --- running ---------------------------------------------------------------------------------------------------------
+
+
+def run_cell(cell: Cell, on_step=None) -> None:
+    """Train (or resume, or skip) one cell, then evaluate its student (and the base model, once per run folder)."""
+    from training.trainer import checkpoints, train
+
+    if not cell.trained():
+        resume = bool(checkpoints(cell.out)) and (cell.out / "train_config.json").exists()
+        train(cell.config(), resume=resume, overwrite=not resume, progress=False, on_step=on_step)
+    if not cell.evaluated():
+        evaluate_run(cell.run_dir, settings=cell.study.eval, models=[cell.student.name], layers=False)
+
+
+def _die_with_parent() -> None:
+    """A cell process ends when the study process does (killed or not): an orphan would go on training unseen."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the pool's own clean-up still applies on a normal exit
+        pass
+
+
+def _worker(args):
+    source, runs_dir, results_dir, index, threads, queue = args
+    import torch
+
+    torch.set_num_threads(threads)
+    study = load_study(source, runs_dir, results_dir)
+    cell = study.cells()[index]
+    t0 = time.time()
+    run_cell(cell, on_step=lambda s, n: queue.put(("step", 1)))
+    return index, time.time() - t0
+
+
+def run_study(study: Study, jobs: int = 1, progress: bool = True) -> dict:
+    """Run every unfinished cell (`jobs` processes at a time), then write the study's results."""
+    from tqdm.auto import tqdm
+
+    if jobs < 1:
+        raise UserError(f"--jobs must be at least 1 (got {jobs})")
+    check_results(study)
+    cells = study.cells()
+    todo = [i for i, c in enumerate(cells) if not (c.trained() and c.evaluated())]
+    # One bar for the whole grid, in training steps (an evaluation counts as a few steps' worth of time).
+    eval_steps = max(1, study.steps // 5)
+    total = sum(study.steps + eval_steps for _ in cells)
+    done = sum(study.steps + eval_steps for i, _ in enumerate(cells) if i not in todo)
+    bar = tqdm(total=total, initial=done, desc=f"study {study.name}", unit="step", disable=not progress, smoothing=0.05)
+    try:
+        if jobs == 1:
+            for i in todo:
+                cell = cells[i]
+                bar.set_postfix_str(cell.label())
+                before = _trained_steps(cell)
+                bar.update(before)
+                run_cell(cell, on_step=lambda s, n: bar.update(1))
+                bar.update(eval_steps)
+                write_results(study)
+        else:
+            _run_parallel(study, todo, jobs, bar, eval_steps)
+    finally:
+        bar.close()
+    return write_results(study)
+
+
+def _trained_steps(cell: Cell) -> int:
+    from training.trainer import checkpoints
+
+    found = checkpoints(cell.out)
+    return int(found[-1].name.split("-")[-1]) if found else 0
+
+
+def _run_parallel(study: Study, todo: list[int], jobs: int, bar, eval_steps: int) -> None:
+    """Cells in `jobs` spawned processes, each with its share of the cores; the base model's evaluation of a run
+    folder is done before its students' cells start, so two processes never evaluate it at once."""
+    import multiprocessing as mp
+
+    cells = study.cells()
+    for run_dir in dict.fromkeys(cells[i].run_dir for i in todo):
+        if read_model_eval(run_dir, "base") is None and (run_dir / "run.json").exists():
+            evaluate_run(run_dir, settings=study.eval, models=[], layers=False)
+    ctx = mp.get_context("spawn")
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with ctx.Manager() as manager:
+        queue = manager.Queue()
+        with ctx.Pool(jobs, initializer=_die_with_parent) as pool:
+            args = [(study.source, str(study.runs_dir), str(study.results_dir), i, threads, queue) for i in todo]
+            pending = pool.imap_unordered(_worker, args)
+            finished = 0
+            while finished < len(todo):
+                while not queue.empty():
+                    queue.get()
+                    bar.update(1)
+                try:
+                    pending.next(timeout=1.0)
+                except mp.TimeoutError:
+                    continue
+                finished += 1
+                bar.update(eval_steps)
+                write_results(study)
+
+
+# --- results ---------------------------------------------------------------------------------------------------------
+
+
+def collect(study: Study) -> dict:
+    """study.json: per cell the student's scores and intervals; per (suite, student) mean ± sd over seeds; the base
+    model and teacher per suite; paired comparisons with the first student."""
+    cells = []
+    for c in study.cells():
+        ev = read_model_eval(c.run_dir, c.student.name) if c.evaluated() else None
+        if ev is None:
+            continue
+        cells.append({"suite": c.suite, "seed": c.seed, "student": c.student.name, "lam": c.student.lam,
+                      "settings": c.student.settings, "scores": ev.scores, "intervals": ev.intervals})
+    references = []
+    for suite in study.suites:
+        for seed in study.seeds:
+            base = read_model_eval(study.run_dir(suite, seed), "base")
+            if base is None:
+                continue
+            for name in ("base", "teacher"):
+                references.append({"suite": suite, "seed": seed, "model": name, "scores": base.scores, "intervals": base.intervals})
+    summary = []
+    for suite in study.suites:
+        for student in study.students:
+            mine = [c for c in cells if c.get("suite") == suite and c["student"] == student.name]
+            if mine:
+                summary.append({"suite": suite, "student": student.name, "lam": student.lam, "settings": student.settings,
+                                "seeds": [c["seed"] for c in mine], **_over_seeds([c["scores"] for c in mine])})
+        refs = [r for r in references if r["suite"] == suite and r["model"] == "base"]
+        if refs:
+            for name in ("base", "teacher"):
+                summary.append({"suite": suite, "student": name, "lam": None, "settings": {}, "seeds": [r["seed"] for r in refs],
+                                **_over_seeds([_as_teacher(r["scores"]) if name == "teacher" else r["scores"] for r in refs])})
+    return {**study.fingerprint(), "suites": study.suites, "seeds": study.seeds, "steps": study.steps, "train": study.train,
+            "eval": asdict(study.eval), "n_test": study.n_test,
+            "students": [{"name": s.name, "settings": s.settings, "seeds": s.seeds} for s in study.students],
+            "cells": cells, "references": references, "summary": summary, "paired": _paired(study)}
+
+
+def _as_teacher(scores: dict) -> dict:
+    """The teacher is the base model read with the context: its accuracy is the base's acc_ctx."""
+    return {**scores, "acc_noctx": scores.get("acc_ctx"), "ctx_drop": 0.0}
+
+
+def _over_seeds(scores: list[dict]) -> dict:
+    out = {}
+    for k in SUMMARY:
+        m, sd, n = stats.mean_sd([s.get(k) for s in scores])
+        out[k] = {"mean": m, "sd": sd, "n": n}
+    return out
+
+
+def _paired(study: Study) -> list[dict]:
+    """Each student against the first one on the same examples (with the context), per suite and seed."""
+    out = []
+    ref = study.students[0].name
+    for c in study.cells():
+        if c.student.name == ref or not c.evaluated():
+            continue
+        a = read_model_eval(c.run_dir, c.student.name)
+        b = read_model_eval(c.run_dir, ref)
+        if a is None or b is None or len(a.rows) != len(b.rows):
+            continue
+        out.append({"suite": c.suite, "seed": c.seed, "student": c.student.name, "vs": ref,
+                    **stats.paired([r.correct_ctx for r in a.rows], [r.correct_ctx for r in b.rows])})
+    return out
+
+
+CSV_COLUMNS = ["suite", "student", "lam", "seeds"] + [f"{k}_{p}" for k in SUMMARY for p in ("mean", "sd")]
+
+
+def write_results(study: Study) -> dict:
+    """results/<study>/study.json, study.csv (one row per suite and student, mean and sd over seeds) and
+    frontier.html (the frontier plot, plotly inlined: opens offline)."""
+    from interp.plots import frontier_figure
+
+    folder = check_results(study)
+    data = collect(study)
+    atomic_write_json(folder / "study.json", data)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS)
+    writer.writeheader()
+    for row in data["summary"]:
+        flat = {"suite": row["suite"], "student": row["student"], "lam": row["lam"], "seeds": " ".join(map(str, row["seeds"]))}
+        for k in SUMMARY:
+            flat[f"{k}_mean"] = _fmt(row[k]["mean"])
+            flat[f"{k}_sd"] = _fmt(row[k]["sd"])
+        writer.writerow(flat)
+    atomic_write_text(folder / "study.csv", buf.getvalue())
+    fig = frontier_figure(data)
+    atomic_write_text(folder / "frontier.html", fig.to_html(include_plotlyjs=True, full_html=True))
+    return data
+
+
+def _fmt(v):
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else round(v, 4)
+
+
+def table(data: dict) -> str:
+    """The study's summary as text: one row per suite and student, mean ± sd over seeds."""
+    cols = ("acc_noctx", "acc_ctx", "harm", "degenerate_ctx", "follow_cf", "ctx_drop", "drift")
+    lines = [f"{'suite':<14}{'student':<18}{'seeds':>6}  " + "  ".join(f"{c:>15}" for c in cols)]
+    for row in data["summary"]:
+        cells = []
+        for c in cols:
+            m, sd = row[c]["mean"], row[c]["sd"]
+            cells.append(f"{'–' if m is None else f'{m:.2f}' + (f' ± {sd:.2f}' if sd is not None else ''):>15}")
+        lines.append(f"{row['suite']:<14}{row['student']:<18}{len(row['seeds']):>6}  " + "  ".join(cells))
+    return "\n".join(lines)
+
+
+__all__ = ["Study", "Student", "Cell", "load_study", "run_study", "plan", "write_results", "collect", "table"]
