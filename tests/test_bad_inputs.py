@@ -258,14 +258,11 @@ CASES = [
     # interp analyze-run and report
     Case("analyze-run-max-examples-0", ["interp", "analyze-run", "{tmp}/run", "--max-examples", "0"], "--max-examples must be at least 1",
          setup=_run_copy()),
-    Case("analyze-run-not-a-run", ["interp", "analyze-run", "{tmp}"], "run.json is missing"),
+    Case("analyze-run-not-a-run", ["interp", "analyze-run", "{tmp}"], "is not a run folder"),
     Case("analyze-run-run-json-damaged", ["interp", "analyze-run", "{tmp}/run"], "run.json is damaged",
          setup=_run_copy(lambda run: (run / "run.json").write_bytes(b"\xff\xfe{"))),
     Case("analyze-run-device", ["interp", "analyze-run", "{tmp}/run", "--device", "quantum"], "unknown device 'quantum'", setup=_run_copy()),
-    Case("analyze-run-escaping-model", ["interp", "analyze-run", "{tmp}/run"], "is not a plain folder name",
-         setup=_run_copy(lambda run: (run / "eval_examples.csv").write_text(
-             "model,example,context,prompt,reference,response_noctx,response_ctx,correct_noctx,correct_ctx,len_noctx,len_ctx,flipped\n"
-             "../../elsewhere,0,c,p,r,x,y,1,1,1,1,0\n"))),
+    Case("analyze-run-not-evaluated", ["interp", "analyze-run", "{tmp}/run"], "has no evaluation yet", setup=_run_copy()),
     Case("report-wrong-shapes", ["interp", "report", "{tmp}/in/layers", "--out", "{tmp}/report"], "'cka' has shape",
          setup=_damage_layers(_wrong_shape)),
     Case("report-float-offsets", ["interp", "report", "{tmp}/in/layers", "--out", "{tmp}/report"], "attn_ctx_tokens_offsets",
@@ -284,7 +281,7 @@ CASES = [
          setup=_task_file(_jsonl({"context": "c", "prompt": "p", "answer": "a"}))),
     Case("task-unknown", ["training", "train", *SMALL_TRAIN, "--task", "nope", "--out", "{tmp}/r/s"], "unknown task 'nope'"),
     # training train: options
-    Case("lam-negative", ["training", "train", *SMALL_TRAIN, "--lam", "-1", "--out", "{tmp}/r/s"], "--lam must be a finite number"),
+    Case("lam-negative", ["training", "train", *SMALL_TRAIN, "--lam", "-1", "--out", "{tmp}/r/s"], "--lam must be ≥ 0"),
     Case("lam-nan", ["training", "train", *SMALL_TRAIN, "--lam", "nan", "--out", "{tmp}/r/s"], "--lam must be a finite number"),
     Case("steps-0", ["training", "train", *SMALL_TRAIN, "--steps", "0", "--out", "{tmp}/r/s"], "--steps must be at least 1"),
     Case("batch-too-big", ["training", "train", *SMALL_TRAIN, "--batch-size", "5000", "--out", "{tmp}/r/s"], "does not fit the"),
@@ -293,11 +290,12 @@ CASES = [
     Case("top-k-0", ["training", "train", *SMALL_TRAIN, "--top-k", "0", "--out", "{tmp}/r/s"], "--top-k must be at least 1"),
     Case("teacher-unknown", ["training", "train", *SMALL_TRAIN, "--teacher", "oracle", "--out", "{tmp}/r/s"], "unknown teacher"),
     Case("out-with-dot", ["training", "train", *SMALL_TRAIN, "--out", "{tmp}/r/reg_0.1"], "cannot be used"),
-    Case("lr-inf", ["training", "train", *SMALL_TRAIN, "--lr", "inf", "--out", "{tmp}/r/s"], "--lr", lead=True),
+    Case("lr-inf", ["training", "train", *SMALL_TRAIN, "--lr", "inf", "--out", "{tmp}/r/s"], "--lr must be a finite number"),
+    Case("lr-1e30", ["training", "train", *SMALL_TRAIN, "--lr", "1e30", "--out", "{tmp}/r/s"], "--lr must be in (0, 1]"),
     Case("lr-nan", ["training", "train", *SMALL_TRAIN, "--lr", "nan", "--out", "{tmp}/r/s"], "--lr must be positive"),
-    Case("lora-alpha-negative", ["training", "train", *SMALL_TRAIN, "--lora-alpha", "-5", "--out", "{tmp}/r/s"], "--lora-alpha", lead=True),
-    Case("n-test-negative", ["training", "train", *SMALL_TRAIN, "--n-test", "-5", "--out", "{tmp}/r/s"], "--n-test", lead=True),
-    Case("temperature-inf", ["training", "train", *SMALL_TRAIN, "--temperature", "inf", "--out", "{tmp}/r/s"], "--temperature", lead=True),
+    Case("lora-alpha-negative", ["training", "train", *SMALL_TRAIN, "--lora-alpha", "-5", "--out", "{tmp}/r/s"], "--lora-alpha must be positive"),
+    Case("n-test-negative", ["training", "train", *SMALL_TRAIN, "--n-test", "-5", "--out", "{tmp}/r/s"], "--n-test must be at least 1"),
+    Case("temperature-inf", ["training", "train", *SMALL_TRAIN, "--temperature", "inf", "--out", "{tmp}/r/s"], "--temperature must be a finite number"),
     Case("temperature-nan", ["training", "train", *SMALL_TRAIN, "--temperature", "nan", "--out", "{tmp}/r/s"], "--temperature must be"),
     Case("lr-warmup-negative", ["training", "train", *SMALL_TRAIN, "--lr-warmup", "-1", "--out", "{tmp}/r/s"], "--lr-warmup must be"),
     # training train --resume with a damaged student folder
@@ -313,11 +311,11 @@ CASES = [
     Case("resume-pickle-only", ["training", "train", *SMALL_TRAIN, "--steps", "2", "--checkpoint-every", "1", "--resume", "--out", "{tmp}/run/s"],
          "is not loaded because unpickling a file can run code", setup=_run_copy(_plant_pickle)),
     Case("resume-config-not-object", ["training", "train", *SMALL_TRAIN, "--steps", "2", "--checkpoint-every", "1", "--resume", "--out", "{tmp}/run/s"],
-         "train_config.json", setup=_run_copy(_set_json("s/train_config.json", [1, 2])), lead=True),
+         "train_config.json is damaged: expected a JSON object, found array", setup=_run_copy(_set_json("s/train_config.json", [1, 2]))),
     # training eval
     Case("eval-escaping-student", ["training", "eval", "{tmp}/run", "--no-layers"], "is not a plain folder name",
          setup=_run_copy(_set_json("run.json", {"task": "persona", "model": "tiny-random-llama", "seed": 0, "students": ["../../../../etc"]}))),
-    Case("eval-unfinished-student", ["training", "eval", "{tmp}/run", "--no-layers"], "student 'late' in",
+    Case("eval-unfinished-student", ["training", "eval", "{tmp}/run", "--no-layers"], "student 'late' of",
          setup=_run_copy(lambda run: (run / "run.json").write_text(json.dumps(
              {**json.loads((run / "run.json").read_text()), "students": ["s", "late"]})))),
     Case("eval-truncated-adapter", ["training", "eval", "{tmp}/run", "--no-layers"], "adapter_model.safetensors is damaged",
@@ -418,20 +416,6 @@ def test_bad_input(case: Case, made, tiny, tmp_path, monkeypatch):
         assert len(err.splitlines()) == 1, err
         assert err.startswith("error: ") and case.expect in err, err
     assert _listing(tmp) == before
-
-
-def test_an_exploding_update_stops_before_any_checkpoint(tmp_path):
-    # --lr 1e30 passes as a finite number; the first update blows the LoRA weights up. The run must stop in one
-    # line before they are checkpointed or used for sampling, naming that no good checkpoint exists.
-    out = tmp_path / "run" / "s"
-    result = subprocess.run([sys.executable, "-m", "training", "train", *SMALL_TRAIN, "--steps", "3", "--checkpoint-every", "1",
-                             "--lr", "1e30", "--out", str(out)], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
-    # The progress bar of the started run comes first; the error is one line after it.
-    err = "\n".join(x for x in result.stderr.strip().splitlines() if "it/s]" not in x)
-    assert result.returncode == 2 and "Traceback" not in result.stderr and len(err.splitlines()) == 1, result.stderr
-    assert "the weights became exploded" in err and "after the update of step 1" in err and "no checkpoint was written yet" in err, err
-    assert not (out / "checkpoints").exists() or not list((out / "checkpoints").iterdir())
-    assert not (out / "adapter_model.safetensors").exists()
 
 
 # --- the JSONL reader on arbitrary bytes ---------------------------------------------------------------------------------

@@ -143,6 +143,38 @@ def test_exploded_or_non_finite_weights_are_refused(tmp_path):
         ck.assert_finite_params({"a": torch.tensor([1.0, float("nan")])}, tmp_path, 5)
 
 
+@pytest.mark.parametrize("at_step", [1, 2])
+def test_an_exploding_update_stops_before_it_is_checkpointed(tmp_path, monkeypatch, at_step):
+    # An update that blows the LoRA weights up (what --lr 1e30 did before validation capped the rate) must stop the
+    # run in one line before the weights are checkpointed or sampled from, naming the last good checkpoint.
+    real, calls = torch.optim.AdamW.step, []
+
+    def blows_up(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == at_step:
+            with torch.no_grad():
+                for group in self.param_groups:
+                    for p in group["params"]:
+                        p.add_(2.5e29)
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", blows_up)
+    with pytest.raises(ck.TrainingError) as info:
+        train(cfg(tmp_path, steps=3, checkpoint_every=1), progress=False)
+    message = str(info.value)
+    assert f"the weights became exploded (largest |w| = 2.5e+29, limit 1e+04) after the update of step {at_step}" in message
+    out = tmp_path / "run" / "s"
+    if at_step == 1:
+        assert "no checkpoint was written yet" in message and not ck.list_checkpoints(out)
+    else:
+        assert message.endswith("the last good checkpoint is " + str(out / "checkpoints" / "step-000001") + "; lower --lr and resume or rerun")
+        assert [p.name for p in ck.list_checkpoints(out)] == ["step-000001"]
+        weights = load_file(str(ck.list_checkpoints(out)[0] / ck.WEIGHTS_FILE))
+        assert all(w.abs().max() < 1e4 for w in weights.values())
+    assert not (out / "adapter_model.safetensors").exists()
+
+
 def test_leftovers_of_killed_writes_are_removed(tmp_path):
     folder = tmp_path / ck.CHECKPOINTS_DIR
     for name in (".step-000002.tmp-abc", ".step-000001.old-x", "step-000001"):

@@ -91,7 +91,7 @@ def prepare_out(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path | None:
     if resume:
         if not (out / CONFIG_FILE).exists():
             raise UserError(f"nothing to resume in {out}: it has no {CONFIG_FILE}; drop --resume to start a new run")
-        saved = read_json(out / CONFIG_FILE)
+        saved = read_json(out / CONFIG_FILE, expect=dict)
         ours = _config_dict(cfg)
         diff = [k for k in ours if k not in RESUMABLE and saved.get(k) != ours[k]]
         if diff:
