@@ -384,9 +384,9 @@ def add_student(run_dir: str | os.PathLike, info: RunInfo, student: str) -> RunI
             f"{run_dir / RUN_FILE} is a run of {key}={getattr(current, key)!r}, but this student uses "
             f"{key}={getattr(info, key)!r}; put it in another run folder"
         )
-    if student not in current.students:
+    if student not in current.students:  # unchanged, it is not rewritten: a resume that fails leaves the run as it was
         current.students.append(student)
-    write_run(run_dir, current)
+        write_run(run_dir, current)
     return current
 
 
