@@ -22,6 +22,10 @@ LIVE_DEFAULT_MODEL = "smollm2-135m-instruct"
 # Seconds the hidden views wait on a session's first page (see draw_first_view_first).
 FIRST_PAINT_S = float(os.environ.get("LAYERS_FIRST_PAINT_S", "1.5"))
 NO_ADAPTER = "none (base model)"
+OTHER_ADAPTER = "another adapter folder…"
+# LAYERS_LIVE_RUNS_ONLY=1: live mode loads only the models the runs name and the adapters inside the runs folder,
+# and the runs folder cannot be changed from the browser (for an app that others can reach).
+LIVE_RUNS_ONLY_ENV = "LAYERS_LIVE_RUNS_ONLY"
 # What the empty states tell a user to run.
 MAKE_RUN_COMMAND = "python -m training pair --task persona --steps 30 --out runs/persona"
 LAYERS_COMMAND = "python -m interp analyze-run {run}"
@@ -31,10 +35,6 @@ def overview(summaries: list) -> list[dict]:
     """One row per run for the run picker: what it is, what it has so far, or what is wrong with it."""
     return [{"run": r.name, "task": r.task, "model": r.model, "students": ", ".join(r.students),
              "evaluated": r.has_eval, "layers": ", ".join(r.layer_models), "error": r.error or ""} for r in summaries]
-OTHER_ADAPTER = "another adapter folder…"
-# LAYERS_LIVE_RUNS_ONLY=1: live mode loads only the models the runs name and the adapters inside the runs folder,
-# and the runs folder cannot be changed from the browser (for an app that others can reach).
-LIVE_RUNS_ONLY_ENV = "LAYERS_LIVE_RUNS_ONLY"
 
 
 def live_runs_only() -> bool:

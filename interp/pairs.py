@@ -168,6 +168,15 @@ def pair_from_ids(prompt_pair: PromptPair, response_ids: Sequence[int], context:
     return Pair(ctx_ids, noctx_ids, shared_len, len(response_ids), prompt_pair.ctx_span, context, prompt, response, placement)
 
 
+# Three contexts of the kinds the toolkit is for (a persona card, a format instruction, a fact sheet): the
+# notebooks' and the docs' running example.
+DEMO_RECORDS = [
+    {"context": "Your name is Zorblax. You were made by Quibble Labs.", "prompt": "Who are you?"},
+    {"context": "Reply with exactly one word: positive or negative.", "prompt": "The film was a delight from start to end."},
+    {"context": "The capital of Veloria is Marn. Its river is the Ost.", "prompt": "What is the capital of Veloria?"},
+]
+
+
 def _field(record, name: str):
     """A record's field, whether the record is a mapping or an object with attributes."""
     return record.get(name) if isinstance(record, Mapping) else getattr(record, name, None)

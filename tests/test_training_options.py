@@ -1,6 +1,8 @@
 """Each training option changes the loss the way its definition says (docs/measures.md#training): tested on one
 fixed batch against formulas written here, so an option that were ignored would fail."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -232,3 +234,34 @@ def test_losses_with_the_teacher_prefix_cached_equal_the_plain_ones(setup):
     for k in ("L_opd", "L_cons", "loss"):
         assert float(first[k]) == pytest.approx(float(plain[k]), rel=1e-4)
         assert float(again[k]) == float(first[k])
+
+
+def test_tensorboard_tracker_holds_every_step(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from training.trainer import train
+
+    cfg = TrainConfig(model="tiny-random-llama", task="persona", steps=3, batch_size=2, max_new_tokens=3, n_test=3,
+                      checkpoint_every=0, out=str(tmp_path / "run" / "s"), report_to="tensorboard")
+    train(cfg, progress=False)
+    events = list((tmp_path / "run" / "s" / "logs").rglob("events.out.tfevents.*"))
+    assert events
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("L_opd")]
+    assert steps == [1, 2, 3]
+    lines = [json.loads(x) for x in (tmp_path / "run" / "s" / "metrics.jsonl").read_text().splitlines()]
+    assert [e.value for e in acc.Scalars("L_opd")] == pytest.approx([x["L_opd"] for x in lines], rel=1e-6)
+
+
+def test_gradient_checkpointing_gives_the_same_first_step(tmp_path):
+    from training.trainer import train
+
+    first = {}
+    for gc in (False, True):
+        cfg = TrainConfig(model="tiny-random-llama", task="persona", steps=1, batch_size=2, max_new_tokens=3, n_test=3,
+                          checkpoint_every=0, lam=0.5, out=str(tmp_path / "run" / f"gc{int(gc)}"), gradient_checkpointing=gc)
+        first[gc] = train(cfg, progress=False).last
+    for k in ("loss", "L_opd", "L_cons", "grad_norm"):
+        assert first[True][k] == pytest.approx(first[False][k], rel=1e-4)

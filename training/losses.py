@@ -1,4 +1,4 @@
-"""The two losses of DESIGN.md (reverse-KL distillation, stop-gradient consistency) and the λ schedule."""
+"""The training losses (docs/measures.md#training): distillation (reverse KL, forward KL, cross-entropy), the stop-gradient consistency loss, the evidence mask and the λ schedule."""
 
 from __future__ import annotations
 

@@ -166,7 +166,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
     task = load_task(cfg.task, seed=cfg.seed, n_test=cfg.n_test)
     cfg.resolve(task.placement)
     out = Path(cfg.out)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    check_tracker(cfg.report_to)
+    # Trackers (tensorboard, wandb, trackio) mirror metrics.jsonl, which stays the record the app reads.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=cfg.report_to, project_dir=str(out / "logs") if cfg.report_to else None)
     rank, world = accelerator.process_index, accelerator.num_processes
     per_step = cfg.batch_size * cfg.grad_accum
     if len(task.train) < per_step * world:
@@ -238,6 +240,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
     if accelerator.is_main_process:
         _truncate_metrics(metrics_path, step0)
 
+    if cfg.report_to:
+        accelerator.init_trackers(out.name, config={k: v for k, v in cfg.to_json().items() if v is not None})
     teacher_kv: dict = {}  # the frozen teacher's encoding of a shared context prefix, computed once
     bar = tqdm(range(step0, cfg.steps), initial=step0, total=cfg.steps, desc=out.name, disable=not (progress and accelerator.is_main_process))
     last, times = {}, []
@@ -295,6 +299,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
             if accelerator.is_main_process:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(row) + "\n")
+            if cfg.report_to:
+                accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=step + 1)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", opd=f"{row['L_opd']:.3f}", cons="-" if row["L_cons"] is None else f"{row['L_cons']:.3f}", lam=f"{lam:g}", tok_s=f"{row['tokens_per_s']:.0f}")
             # The last step is checkpointed too, so that `--resume --steps N` can extend a finished run.
             if cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
@@ -306,11 +312,23 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
                 on_step(step + 1, cfg.steps)
 
     accelerator.wait_for_everyone()
+    if cfg.report_to:
+        accelerator.end_training()
     if accelerator.is_main_process:
         save_adapter(accelerator.unwrap_model(model), out, lm)
     accelerator.wait_for_everyone()
     mean_step = sum(times[1:]) / len(times[1:]) if len(times) > 1 else (times[0] if times else 0.0)
     return TrainResult(out=out, steps=cfg.steps, last=last, step_seconds=mean_step)
+
+
+def check_tracker(name: str | None) -> None:
+    """A tracker whose package is missing is a one-line error before anything runs (they are optional extras)."""
+    package = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}.get(name or "")
+    if package:
+        import importlib.util
+
+        if importlib.util.find_spec(package) is None:
+            raise UserError(f"--report-to {name} needs the '{package}' package: pip install {package}")
 
 
 def load_teacher(cfg: TrainConfig, lm: LoadedModel, device: str, dtype: torch.dtype) -> LoadedModel | None:
