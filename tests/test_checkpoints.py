@@ -241,7 +241,7 @@ def test_killed_at_several_moments_resumes_to_the_uninterrupted_result(tmp_path)
     assert [p.name for p in ck.list_checkpoints(out)] == ["step-000004"]
     assert not (out / "adapter_model.safetensors").exists()
     # the evaluation names the unfinished student instead of leaving it out
-    with pytest.raises(UserError, match=r"student 's' in .*run\.json is unfinished.*--resume"):
+    with pytest.raises(UserError, match=r"student 's' of .* has no adapter yet \(training unfinished\).*--resume"):
         evaluate_run(out.parent, layers=False)
     # 4. resuming at the last step only writes the adapter
     result = _train(out, "--resume")
