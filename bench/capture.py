@@ -5,9 +5,13 @@ On the embedded model, 32 pairs with responses of about 32 tokens, everything me
   plain Hugging Face forwards per batch (with and without context, the model's default attention);
 - lens_ratio: the logit-lens statistics for every layer on the measured tokens of both runs, over the bare
   projections lm_head(final_norm(h)) for the same layers and tokens;
-- mem_ratio: peak resident memory of a process during the capture with lens, over one during the plain forwards.
+- mem_ratio: peak resident memory of a process during the capture with lens, over one during the plain forwards;
+- a bf16 row: the same capture with the weights in bf16 (statistics stay float32/float64; on CPU bf16 matmuls are
+  often slower than fp32, so this row is for GPUs, reported here as measured);
+- loss memory: peak resident memory of L_opd + L_cons, forward and backward, on bf16 logits [8, 128, 49152]
+  (a bf16 model's output at the embedded vocabulary), chunked (training.losses) against the unchunked formula.
 
-    python bench/capture.py [--pairs 32] [--repeats 3] [--backend nnsight] [--memory-only]
+    python bench/capture.py [--pairs 32] [--repeats 3] [--backend nnsight] [--memory-only] [--loss-only]
 """
 
 from __future__ import annotations
@@ -71,6 +75,12 @@ def timed_pair(baseline, measured, repeats: int) -> tuple[float, float]:
     return best[0], best[1]
 
 
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def bare_projections(model, hidden_ctx, hidden_noctx, chunk: int) -> None:
     with torch.no_grad():
         for hidden in (hidden_ctx, hidden_noctx):
@@ -105,11 +115,75 @@ class PeakRSS(threading.Thread):
         self.join()
 
 
+def unchunked_losses(s_noctx, s_ctx, t_ctx, mask):
+    """L_opd + L_cons as the losses were written before chunking: whole-batch fp32 log-probabilities."""
+    import torch.nn.functional as F
+
+    def kl(a, b):
+        la, lb = F.log_softmax(a.float(), dim=-1), F.log_softmax(b.float(), dim=-1)
+        return ((la.exp() * (la - lb)).sum(-1) * mask).sum() / mask.sum()
+
+    return kl(s_noctx, t_ctx) + kl(s_noctx.detach(), s_ctx)
+
+
+def loss_child(kind: str) -> None:
+    """Peak memory of one loss forward+backward on bf16 logits at a 49k vocabulary, in this fresh process.
+
+    Measured as the kernel's high-water mark of the resident set (VmHWM), reset just before the loss: exact for a
+    peak, where sampling the resident set from a thread can miss short-lived blocks (getrusage's maximum would not
+    do either: a child started by exec inherits its parent's). The logits are drawn directly in bf16, so no fp32
+    temporary raises the baseline.
+    """
+    from training.losses import consistency_kl, reverse_kl
+
+    B, R, V = 8, 128, 49152
+    g = torch.Generator().manual_seed(0)
+    draw = lambda: torch.empty(B, R, V, dtype=torch.bfloat16).normal_(generator=g)  # noqa: E731
+    s_noctx, s_ctx, t_ctx = draw().requires_grad_(True), draw().requires_grad_(True), draw()
+    mask = torch.ones(B, R)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident set
+    before = _hwm_mib()
+    start = time.perf_counter()
+    if kind == "loss-chunked":
+        loss = reverse_kl(s_noctx, t_ctx, mask) + consistency_kl(s_noctx, s_ctx, mask)
+    else:
+        loss = unchunked_losses(s_noctx, s_ctx, t_ctx, mask)
+    loss.backward()
+    seconds = time.perf_counter() - start
+    peak = _hwm_mib()
+    print(json.dumps({"peak_mib": peak, "before_mib": before, "seconds": seconds, "loss": loss.item()}))
+
+
+def _hwm_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
+def loss_memory(kind: str) -> dict:
+    cmd = [sys.executable, __file__, "--child", kind]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+    return json.loads(out)
+
+
+def report_loss_memory() -> None:
+    rows = {kind: loss_memory(kind) for kind in ("loss-unchunked", "loss-chunked")}
+    for kind, r in rows.items():
+        print(f"L_opd + L_cons, bf16 logits [8, 128, 49152], forward+backward, {kind.removeprefix('loss-')}: "
+              f"peak +{r['peak_mib'] - r['before_mib']:.0f} MiB over the logits, gradients included "
+              f"({r['seconds']:.2f} s, loss {r['loss']:.6f})")
+    extra = {k: r["peak_mib"] - r["before_mib"] for k, r in rows.items()}
+    print(f"loss_mem_unchunked_mib={extra['loss-unchunked']:.0f} loss_mem_chunked_mib={extra['loss-chunked']:.0f}")
+
+
 def child(kind: str, args) -> None:
     """Run one workload in a fresh process on pairs saved by the parent; print its peak memory during the workload."""
     import pickle
 
-    lm = interp.load_model(args.model, device="cpu", attn_implementation="sdpa" if kind == "plain" else "eager")
+    if kind.startswith("loss-"):
+        return loss_child(kind)
+    # Both load with sdpa (the default); capture switches to eager in place while it reads attention weights.
+    lm = interp.load_model(args.model, device="cpu", dtype="fp32")
     with open(args.pairs_file, "rb") as f:
         pairs = pickle.load(f)
     before = _rss_mib()
@@ -136,15 +210,18 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--backend", default="nnsight")
-    parser.add_argument("--child", choices=["plain", "capture"])
+    parser.add_argument("--child", choices=["plain", "capture", "loss-chunked", "loss-unchunked"])
     parser.add_argument("--pairs-file", help=argparse.SUPPRESS)
     parser.add_argument("--memory-only", action="store_true", help="Measure only mem_ratio.")
+    parser.add_argument("--loss-only", action="store_true", help="Measure only the loss memory, chunked and unchunked.")
     args = parser.parse_args()
     if args.child:
         return child(args.child, args)
+    if args.loss_only:
+        return report_loss_memory()
 
-    lm = interp.load_model(args.model, device="cpu")  # eager: attention weights
-    plain = interp.load_model(args.model, device="cpu", attn_implementation="sdpa")  # the model's default attention
+    lm = interp.load_model(args.model, device="cpu", dtype="fp32")  # sdpa; eager inside capture for attention weights
+    plain = interp.load_model(args.model, device="cpu", dtype="fp32")  # the model's default attention (sdpa)
     pairs = build_pairs(lm, args.pairs, args.response_tokens)
     n_tokens = sum(p.response_len for p in pairs)
     pad = lm.tokenizer.pad_token_id
@@ -177,6 +254,15 @@ def main() -> None:
     print(f"plain forwards (sdpa, with and without context): {t_plain:.2f} s")
     print(f"paired capture + cos + CKA + attn_ctx ({args.backend}): {t_capture:.2f} s")
 
+    # The same capture with bf16 weights; the statistics stay float32/float64 (interp.capture, interp.metrics).
+    half = interp.load_model(args.model, device="cpu", dtype="bf16")
+    interp.analyze(half, pairs[: args.batch_size], backend=args.backend, lens=False)
+    t_bf16 = min(_timed(lambda: interp.analyze(half, pairs, backend=args.backend, batch_size=args.batch_size, lens=False))
+                 for _ in range(max(1, args.repeats - 1)))
+    print(f"paired capture + cos + CKA + attn_ctx ({args.backend}), bf16 weights: {t_bf16:.2f} s "
+          f"({t_bf16 / t_capture:.2f}x the fp32 capture)")
+    del half
+
     # The lens on the measured tokens of both runs, against the bare projections of the same tokens.
     hidden = {}
     for which in ("ctx", "noctx"):
@@ -193,8 +279,9 @@ def main() -> None:
     print(f"bare projections lm_head(final_norm(h)), {lm.num_layers} layers x {2 * n_tokens} tokens: {t_bare:.2f} s")
     print(f"logit-lens statistics, same layers and tokens: {t_lens:.2f} s")
 
+    report_loss_memory()
     print(f"capture_ratio={t_capture / t_plain:.2f} lens_ratio={t_lens / t_bare:.2f} "
-          f"mem_ratio={mem_ratio:.2f}")
+          f"mem_ratio={mem_ratio:.2f} bf16_over_fp32={t_bf16 / t_capture:.2f}")
 
 
 if __name__ == "__main__":

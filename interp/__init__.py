@@ -15,8 +15,8 @@ _LAZY = {
     "analyze": "interp.analysis",
     "LayerDivergence": "interp.divergence",
 }
-_SUBMODULES = {"analysis", "attention", "capture", "cli", "divergence", "generate", "lens", "metrics", "models",
-               "pairs", "plots", "report", "runs", "store"}
+_SUBMODULES = {"analysis", "archs", "attention", "capture", "cli", "distributed", "divergence", "generate", "lens",
+               "metrics", "models", "pairs", "plots", "remote", "report", "runs", "store"}
 
 
 def __getattr__(name):

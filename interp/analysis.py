@@ -10,11 +10,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from interp import distributed
 from interp.capture import get_backend, make_batch
 from interp.divergence import LayerDivergence, lens_field_names
 from interp.errors import UserError
 from interp.lens import DEFAULT_CHUNK, lens_statistics
 from interp.metrics import CKAAccumulator, cosine_per_token
+from interp.models import unembed
 from interp.pairs import SCOPES, Pair, make_pairs
 from interp.store import check_member_name, read_json, save_divergence
 
@@ -41,12 +43,17 @@ def analyze(
     the response tokens (`scope="response"`, the positions the training losses score) or every shared token
     (`scope="shared"`: user turn and response). Batches are padded; the numbers equal one pair at a time.
     `attention=False` or `lens=False` skip those measures (their arrays are NaN). `remote=True` (nnsight only)
-    runs the traces on NDIF.
+    runs the traces on NDIF, on the model and adapter named by their Hugging Face ids (`interp.remote`); what NDIF
+    cannot load by id is refused before any work, and the artifact names what ran remotely.
     """
     capture = get_backend(backend)
+    target = None
     if remote:
+        from interp.remote import remote_target
+
         if backend != "nnsight":
             raise UserError(f"remote execution needs the nnsight backend, not '{backend}'")
+        target = remote_target(lm)
         capture = functools.partial(capture, remote=True)
     if scope not in SCOPES:
         raise UserError(f"unknown scope '{scope}'; use one of {', '.join(SCOPES)}")
@@ -70,54 +77,75 @@ def analyze(
             raise UserError(f"pair {i} has {len(p.ctx_ids)} tokens with the context, more than the model's window of {max_len}")
     pad_id = lm.tokenizer.pad_token_id or 0
 
-    cka = None
-    cos, lens_parts, token_example, token_id, target_id = [], [], [], [], []
-    attn_ctx, attn_sink, attn_sink_noctx, attn_ctx_tokens = [], [], [], []
-    bar = tqdm(total=len(pairs), desc=f"analyze ({backend})", unit="pair", disable=not progress)
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
+    # Under torchrun each process measures every world-th batch (rank 0 the first); the sums are reduced and the
+    # per-token arrays gathered below, so every process ends with the numbers a single process computes.
+    rank, world = distributed.world()
+    batches = [(k, pairs[s : s + batch_size]) for k, s in enumerate(range(0, len(pairs), batch_size))]
+    mine = batches[rank::world]
+    n_layers, d = lm.num_layers, unembed(lm.model).in_features
+    heads = lm.model.config.num_attention_heads
+    n_blocks = n_layers - 1
+    cka = CKAAccumulator(n_layers, d)
+    # Attention masses are summed over measured tokens in float64 where the model runs; means are taken at the end.
+    attn_sums = torch.zeros(3, n_blocks, heads, dtype=torch.float64, device=_stats_device(lm))
+    per_batch = {}
+    bar = tqdm(total=len(pairs), desc=f"analyze ({backend})", unit="pair", disable=not (progress and rank == 0))
+    for i, (k, chunk) in enumerate(mine):
+        start = k * batch_size
         sides = {which: make_batch(chunk, which, scope, padding, pad_id) for which in ("ctx", "noctx")}
         if not torch.equal(sides["ctx"].targets, sides["noctx"].targets):
             raise AssertionError("measured tokens differ between the with- and without-context runs")
         got = {which: capture(lm, batch, attention=attention) for which, batch in sides.items()}
         h_ctx, h_noctx = got["ctx"].hidden, got["noctx"].hidden
-        if cka is None:
-            cka = CKAAccumulator(h_ctx.shape[0], h_ctx.shape[-1])
+        if i == 0 and world > 1:
+            _share_shift(cka, h_ctx, h_noctx)
         cka.update(h_ctx, h_noctx)
-        cos.append(torch.stack([cosine_per_token(a, b) for a, b in zip(h_ctx, h_noctx)]).float())
-        if lens:
-            lens_parts.append(lens_statistics(lm.model, h_ctx, h_noctx, sides["ctx"].targets, chunk=lens_chunk))
         rows = sides["ctx"].rows
-        token_example.append(rows + start)
-        token_id.append(sides["ctx"].input_ids[rows, sides["ctx"].positions])
-        target_id.append(sides["ctx"].targets)
+        part = {
+            "cos": torch.stack([cosine_per_token(a, b) for a, b in zip(h_ctx, h_noctx)]).float(),
+            "token_example": rows + start,
+            "token_id": sides["ctx"].input_ids[rows, sides["ctx"].positions],
+            "target_id": sides["ctx"].targets,
+        }
+        if lens:
+            part["lens"] = lens_statistics(lm.model, h_ctx, h_noctx, sides["ctx"].targets, chunk=lens_chunk, to_host=False)
         if attention:
-            attn_ctx.append(got["ctx"].attn_ctx)
-            attn_sink.append(got["ctx"].attn_sink)
-            attn_sink_noctx.append(got["noctx"].attn_sink)
-            for b, pair in enumerate(chunk):
-                n_ctx = pair.ctx_span[1] - pair.ctx_span[0]
-                per_query = got["ctx"].attn_ctx_tokens[:, rows == b, :, :n_ctx]  # [blocks, n_b, heads, n_ctx]
-                attn_ctx_tokens.append(per_query.mean(1).numpy())
-        bar.update(len(chunk))
+            attn_sums += torch.stack([got["ctx"].attn_ctx, got["ctx"].attn_sink, got["noctx"].attn_sink]).double().sum(2).to(attn_sums.device)
+            part["attn_ctx_tokens"] = [
+                got["ctx"].attn_ctx_tokens[:, rows.to(got["ctx"].attn_ctx_tokens.device) == b, :, : pair.ctx_span[1] - pair.ctx_span[0]].mean(1)
+                for b, pair in enumerate(chunk)
+            ]  # per pair [blocks, heads, n_ctx]
+        per_batch[k] = part
+        bar.update(len(chunk) * world)
     bar.close()
+    if world > 1 and not mine:  # more processes than batches: this one only joins the collectives
+        _share_shift(cka, None, None, n_layers=n_layers, d=d, device=_stats_device(lm))
+    if world > 1:
+        cka.all_reduce()
+        attn_sums = distributed.all_reduce_sum(attn_sums)
 
-    cos_per_token = torch.cat(cos, dim=1).numpy()
+    # The per-token arrays cross to the host once, here, and are put back in batch order.
+    per_batch = {k: _to_host(part) for k, part in per_batch.items()}
+    if world > 1:
+        per_batch = {k: part for shard in distributed.all_gather_objects(per_batch) for k, part in shard.items()}
+    ordered = [per_batch[k] for k in sorted(per_batch)]
+    cos_per_token = torch.cat([p["cos"] for p in ordered], dim=1).numpy()
     if lens:
-        lens_arrays = {name: torch.cat([part[name] for part in lens_parts], dim=1).numpy() for name in lens_parts[0]}
+        lens_arrays = {name: torch.cat([p["lens"][name] for p in ordered], dim=1).numpy() for name in lens_field_names()}
     else:
         lens_arrays = {name: np.full(cos_per_token.shape, np.nan, dtype=np.float32) for name in lens_field_names()}
-    n_blocks = cos_per_token.shape[0] - 1
-    heads = lm.model.config.num_attention_heads
-    mean_over_tokens = lambda parts: torch.cat(parts, dim=1).double().mean(1).numpy()  # noqa: E731 - [blocks, heads]
+    n_tokens = cos_per_token.shape[1]
     if attention:
-        attn = {"attn_ctx": mean_over_tokens(attn_ctx), "attn_sink": mean_over_tokens(attn_sink), "attn_sink_noctx": mean_over_tokens(attn_sink_noctx)}
+        means = (attn_sums / n_tokens).cpu().numpy()
+        attn = {"attn_ctx": means[0], "attn_sink": means[1], "attn_sink_noctx": means[2]}
+        attn_ctx_tokens = [t.numpy() for p in ordered for t in p["attn_ctx_tokens"]]
     else:
         attn = {k: np.full((n_blocks, heads), np.nan) for k in ("attn_ctx", "attn_sink", "attn_sink_noctx")}
+        attn_ctx_tokens = []
     debiased = cka.result(debiased=True) if cka.n >= 4 else np.full(cos_per_token.shape[0], np.nan)
-    tokens = torch.cat(token_id).numpy()
-    targets = torch.cat(target_id).numpy()
-    examples_of = torch.cat(token_example).numpy()
+    tokens = torch.cat([p["token_id"] for p in ordered]).numpy()
+    targets = torch.cat([p["target_id"] for p in ordered]).numpy()
+    examples_of = torch.cat([p["token_example"] for p in ordered]).numpy()
     return LayerDivergence(
         cos=cos_per_token.astype(np.float64).mean(1),
         cka=np.asarray(cka.result(debiased=False), dtype=np.float64),
@@ -131,9 +159,10 @@ def analyze(
         attn_ctx_tokens=attn_ctx_tokens,
         examples=[_describe(lm.tokenizer, p, tokens[examples_of == i], targets[examples_of == i]) for i, p in enumerate(pairs)],
         meta={
-            "model": lm.spec,
+            "model": lm.spec if target is None else target.model_id,
             "adapter": lm.active_adapter,
-            "adapter_path": lm.adapters.get(lm.active_adapter) if lm.active_adapter else None,
+            "adapter_path": lm.adapters.get(lm.active_adapter) if target is None and lm.active_adapter else (target and target.adapter_id),
+            **({"remote": "ndif"} if target is not None else {}),
             "backend": backend,
             "scope": scope,
             "padding": padding,
@@ -144,6 +173,35 @@ def analyze(
             "n_tokens": int(tokens.shape[0]),
         },
     )
+
+
+def _stats_device(lm) -> torch.device:
+    """Where the float64 sums live: the model's device, except MPS (no float64)."""
+    dev = lm.device
+    return torch.device("cpu") if dev.type == "mps" else dev
+
+
+def _share_shift(cka: CKAAccumulator, h_ctx, h_noctx, *, n_layers=None, d=None, device=None) -> None:
+    """Give every process rank 0's first measured token as the CKA shift, so their sums can be added together
+    (a single process shifts by the same row: the first token of the first batch)."""
+    if h_ctx is not None:
+        x0, y0 = h_ctx[:, :1].double(), h_noctx[:, :1].double()
+    else:
+        x0 = y0 = torch.zeros(n_layers, 1, d, dtype=torch.float64, device=device)
+    both = distributed.broadcast(torch.cat([x0, y0], dim=1), src=0)
+    cka.set_shift(both[:, :1], both[:, 1:])
+
+
+def _to_host(part: dict) -> dict:
+    out = {}
+    for key, value in part.items():
+        if isinstance(value, dict):
+            out[key] = {k: v.cpu() for k, v in value.items()}
+        elif isinstance(value, list):
+            out[key] = [v.cpu() for v in value]
+        else:
+            out[key] = value.cpu()
+    return out
 
 
 def _describe(tokenizer, pair: Pair, tokens: np.ndarray, targets: np.ndarray) -> dict:
@@ -187,14 +245,19 @@ def analyze_run(
     max_examples: int | None = None,
     device: str | None = None,
     progress: bool = True,
+    dtype: str | torch.dtype | None = "auto",
     lm=None,
 ) -> dict[str, Path]:
     """Analyze each model of a training run (base and every evaluated student) on the test examples, with the
     tokens each model generated without the context, and save the results under `run_dir/layers/<model>/`.
-    `lm`: the run's model already loaded (the evaluation passes its own, so one copy is in memory)."""
+    `lm`: the run's model already loaded (the evaluation passes its own, so one copy is in memory).
+
+    Under `torchrun` the pairs are shared out between the processes (gloo on CPU, NCCL on GPUs) and rank 0 writes.
+    """
     from interp.models import load_model
     from interp.runs import read_examples, read_run
 
+    distributed.init_from_env()
     run_dir = Path(run_dir)
     info = read_run(run_dir)
     if max_examples is not None and max_examples < 1:
@@ -210,7 +273,7 @@ def analyze_run(
     for name in wanted:
         if name != "base":  # each becomes a folder name: RUN/<name> (the adapter) and RUN/layers/<name>
             check_member_name(name, run_dir / "eval")
-    lm = lm or load_model(info.model, device=device)
+    lm = lm or load_model(info.model, device=device, dtype=dtype)
     written = {}
     for name in wanted:
         adapter = None if name == "base" else lm.load_adapter(run_dir / name, name=name)
@@ -221,5 +284,9 @@ def analyze_run(
             div = analyze(lm, pairs, backend=backend, batch_size=batch_size, progress=progress)
         div.meta["run"] = str(run_dir)
         div.meta["model_name"] = name
-        written[name] = save_divergence(div, run_dir / "layers" / name, overwrite=True)
+        target = run_dir / "layers" / name
+        if distributed.is_main():
+            save_divergence(div, target, overwrite=True)
+        distributed.barrier()  # the artifact exists for every process once this returns
+        written[name] = target
     return written

@@ -8,9 +8,10 @@ from typing import Callable, Sequence
 
 import torch
 
+from interp.archs import arch_of, attention_module, block_input, block_output, eager_attention, inner_model
 from interp.attention import reduce_attention
 from interp.errors import UserError
-from interp.models import decoder_layers, embeddings
+from interp.models import decoder_layers
 from interp.pairs import Pair
 
 BACKENDS = ("nnsight", "transformer_lens", "torch")
@@ -38,9 +39,9 @@ class Batch:
 
 @dataclass
 class Captured:
-    """What one forward yields on the measured tokens."""
+    """What one forward yields on the measured tokens, on the model's device (the caller decides when to go to the host)."""
 
-    hidden: torch.Tensor  # [num_layers, n, d]: embeddings, then each decoder block's output
+    hidden: torch.Tensor  # [num_layers, n, d] float32: the first block's input (embeddings), then each block's output
     attn_ctx: torch.Tensor | None  # [num_blocks, n, heads] attention mass on context tokens
     attn_sink: torch.Tensor | None  # [num_blocks, n, heads] attention on the first token
     attn_ctx_tokens: torch.Tensor | None  # [num_blocks, n, heads, C] attention on each context token
@@ -99,70 +100,81 @@ def _to(batch: Batch, device) -> Batch:
 
 
 def _stack(hidden: list, attn: list | None) -> Captured:
-    hidden = torch.stack([h.detach().float().cpu() for h in hidden])
+    # float32 whatever the model runs in: the measures downstream need it, and bf16 states would round them.
+    hidden = torch.stack([h.detach().float() for h in hidden])
     if not attn:
         return Captured(hidden, None, None, None)
-    parts = [torch.stack([a[i].detach().cpu() for a in attn]) for i in range(3)]
+    parts = [torch.stack([a[i].detach() for a in attn]) for i in range(3)]
     return Captured(hidden, *parts)
-
-
-def _check_attention(model, attention: bool) -> None:
-    impl = getattr(model.config, "_attn_implementation", None)
-    if attention and impl not in (None, "eager"):
-        raise UserError(
-            f"attention weights need eager attention, but this model uses '{impl}'; load it with "
-            "load_model(..., attn_implementation='eager') (the default) or pass attention=False"
-        )
 
 
 @torch.no_grad()
 def capture_torch(lm, batch: Batch, attention: bool = True) -> Captured:
-    """Plain PyTorch forward hooks on the embedding and each decoder block: the reference backend."""
+    """Plain PyTorch hooks on the first block's input and on each decoder block: the reference backend."""
     model = lm.model
-    _check_attention(model, attention)
     device = lm.device
     b = _to(batch, device)
     hidden: list[torch.Tensor] = []
     attn: list[tuple] = []
-    handles = [embeddings(model).register_forward_hook(lambda m, i, o: hidden.append(gather_tokens(_tensor(o), b)))]
-    for layer in decoder_layers(model):
+    layers = decoder_layers(model)
+    # Layer 0 is the residual stream entering block 0 (token embeddings, plus position embeddings or scaling where
+    # the architecture adds them), which is what output_hidden_states[0] holds too.
+    handles = [layers[0].register_forward_pre_hook(
+        lambda m, args, kwargs: hidden.append(gather_tokens(block_input(args, kwargs), b)), with_kwargs=True)]
+    for layer in layers:
         if attention:
-            handles.append(layer.self_attn.register_forward_hook(lambda m, i, o: attn.append(reduce_attention(o[1], b))))
-        handles.append(layer.register_forward_hook(lambda m, i, o: hidden.append(gather_tokens(_tensor(o), b))))
+            handles.append(attention_module(layer, model).register_forward_hook(lambda m, i, o: attn.append(reduce_attention(o[1], b))))
+        handles.append(layer.register_forward_hook(lambda m, i, o: hidden.append(gather_tokens(block_output(o), b))))
     try:
-        # Only the last position's logits: the lens recomputes what it needs on the measured tokens.
-        model(**_model_inputs(batch, device), logits_to_keep=1, use_cache=False)
+        with eager_attention(model, attention):
+            # Only the last position's logits: the lens recomputes what it needs on the measured tokens.
+            model(**_model_inputs(batch, device), logits_to_keep=1, use_cache=False)
     finally:
         for h in handles:
             h.remove()
     return _stack(hidden, attn if attention else None)
 
 
-def _tensor(output):
-    """Decoder blocks return a tensor in transformers 5 and a tuple before; take the hidden state either way."""
-    return output[0] if isinstance(output, (tuple, list)) else output
+def _envoy(root_envoy, paths: dict, module: torch.nn.Module):
+    """The nnsight envoy of `module`, found by its dotted path (`paths`: id -> name under the root) in any layout."""
+    path = paths[id(module)]
+    envoy = root_envoy
+    for part in path.split(".") if path else []:
+        envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
+    return envoy
 
 
 @torch.no_grad()
 def capture_nnsight(lm, batch: Batch, attention: bool = True, remote: bool = False) -> Captured:
-    """nnsight tracing: reads the same module outputs as the torch backend, through an nnsight envoy.
+    """nnsight tracing: reads the same module inputs and outputs as the torch backend, through nnsight envoys.
 
-    `remote=True` runs the trace on NDIF (nnsight's hosted models) instead of locally: the path for models that
-    outgrow one machine. It needs an NDIF API key and a model NDIF serves; everything else stays the same.
+    `remote=True` runs the trace on NDIF with the model and adapter named by their Hugging Face ids
+    (`interp.remote.remote_target`): a model or adapter NDIF cannot see is refused, never replaced by the base model.
     """
     model = lm.model
-    _check_attention(model, attention)
-    traced = _nnsight_model(lm)
+    if remote:
+        from interp.remote import remote_envoy
+
+        traced = remote_envoy(lm, attention)
+    else:
+        traced = _nnsight_model(lm)
     b = _to(batch, lm.device)
+    blocks = decoder_layers(model)
+    # Module paths are the same on the remote model: nnsight attaches the adapter in place, as peft does here.
+    paths = {id(m): name for name, m in (inner_model(model) if remote else model).named_modules()}
+    block_envoys = [_envoy(traced, paths, layer) for layer in blocks]
+    attn_envoys = [_envoy(traced, paths, attention_module(layer, model)) for layer in blocks] if attention else []
     hidden, attn = [], []
-    # The trace body runs inside nnsight; values leave it through `.save()`, and module outputs must be
-    # requested in the order the model computes them (attention before the block's own output).
-    with traced.trace(**_model_inputs(batch, lm.device), logits_to_keep=1, use_cache=False, **({"remote": True} if remote else {})):
-        hidden.append(gather_tokens(traced.model.embed_tokens.output, b).save())
-        for layer in traced.model.layers:
-            if attention:
-                attn.append(tuple(x.save() for x in reduce_attention(layer.self_attn.output[1], b)))
-            hidden.append(gather_tokens(layer.output, b).save())
+    # The trace body runs inside nnsight; values leave it through `.save()`, and module values must be requested in
+    # the order the model computes them (block 0's input, then per block its attention, then its output).
+    with eager_attention(model, attention and not remote):
+        with traced.trace(**_model_inputs(batch, lm.device), logits_to_keep=1, use_cache=False, **({"remote": True} if remote else {})):
+            for i, layer in enumerate(block_envoys):
+                if i == 0:
+                    hidden.append(gather_tokens(block_output(layer.input), b).save())
+                if attention:
+                    attn.append(tuple(x.save() for x in reduce_attention(attn_envoys[i].output[1], b)))
+                hidden.append(gather_tokens(block_output(layer.output), b).save())
     return _stack(hidden, attn if attention else None)
 
 
@@ -179,18 +191,19 @@ def _nnsight_model(lm):
 
 @torch.no_grad()
 def capture_transformer_lens(lm, batch: Batch, attention: bool = True) -> Captured:
-    """TransformerLens 4's TransformerBridge: hook_embed, blocks.{l}.hook_out and blocks.{l}.attn.hook_pattern."""
+    """TransformerLens 4's TransformerBridge: blocks.0.hook_in, blocks.{l}.hook_out and blocks.{l}.attn.hook_pattern."""
     bridge = _bridge(lm)
     b = _to(batch, lm.device)
     n_blocks = len(decoder_layers(lm.model))
-    wanted = {"hook_embed"} | {f"blocks.{i}.hook_out" for i in range(n_blocks)}
+    # blocks.0.hook_in, not hook_embed: for GPT-2 the residual stream entering block 0 includes the position embedding.
+    wanted = {"blocks.0.hook_in"} | {f"blocks.{i}.hook_out" for i in range(n_blocks)}
     if attention:
         wanted |= {f"blocks.{i}.attn.hook_pattern" for i in range(n_blocks)}
     inputs = _model_inputs(batch, lm.device)
     _, cache = bridge.run_with_cache(
         inputs.pop("input_ids"), names_filter=lambda name: name in wanted, return_type="logits", **inputs
     )
-    hidden = [gather_tokens(cache["hook_embed"], b)] + [gather_tokens(cache[f"blocks.{i}.hook_out"], b) for i in range(n_blocks)]
+    hidden = [gather_tokens(cache["blocks.0.hook_in"], b)] + [gather_tokens(cache[f"blocks.{i}.hook_out"], b) for i in range(n_blocks)]
     attn = [reduce_attention(cache[f"blocks.{i}.attn.hook_pattern"], b) for i in range(n_blocks)] if attention else None
     return _stack(hidden, attn)
 
@@ -199,6 +212,7 @@ def _bridge(lm):
     """A TransformerBridge over a copy of the model with the active adapter merged (the bridge wants plain weights)."""
     from transformer_lens.model_bridge import TransformerBridge
 
+    arch_of(lm.model)
     key = lm.active_adapter
     bridges = lm.__dict__.setdefault("_bridges", {})
     if key not in bridges:
@@ -212,8 +226,13 @@ def _bridge(lm):
                 wrapped.base_model.enable_adapter_layers()
                 wrapped.set_adapter(key)
                 plain = wrapped.merge_and_unload(adapter_names=[key])
-        plain.config._attn_implementation = "eager"
-        bridges[key] = TransformerBridge.boot_transformers(lm.spec, hf_model=plain, tokenizer=lm.tokenizer)
+        plain = inner_model(plain)
+        plain.set_attn_implementation("eager")  # the bridge reads attention patterns, which only eager returns
+        try:
+            bridges[key] = TransformerBridge.boot_transformers(lm.spec, hf_model=plain, tokenizer=lm.tokenizer)
+        except (ValueError, NotImplementedError, KeyError) as err:
+            raise UserError(f"TransformerLens's TransformerBridge does not support {type(plain).__name__} "
+                            f"({str(err).splitlines()[0][:120]}); use --backend nnsight or torch") from err
     return bridges[key]
 
 

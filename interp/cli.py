@@ -55,11 +55,13 @@ def analyze(
     max_new_tokens: int = typer.Option(64, help="Longest generated response, in tokens."),
     batch_size: int = typer.Option(8, help="Pairs per forward pass."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: cuda when available)."),
+    dtype: str = typer.Option("auto", help="Weights' precision: auto (bf16 on a CUDA GPU that has it, else fp32), fp32, bf16 or fp16. Statistics stay float32/float64."),
     out: Optional[Path] = typer.Option(None, help="Save the results as an artifact folder here (see interp.store)."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print the per-layer numbers as JSON instead of a table."),
 ):
     """Measure one pair (--context/--prompt) or a JSONL file of pairs (--pairs)."""
+    from interp import distributed
     from interp.analysis import analyze as run_analysis
     from interp.capture import BACKENDS
     from interp.models import load_model
@@ -84,16 +86,23 @@ def analyze(
         records = [{"context": context, "prompt": prompt, "response": response}]
     if out is not None:
         check_out(out, overwrite)
-    # Held from before the analysis to the rename: a second `analyze --out` of the same folder stops at once.
-    with folder_lock(out) if out is not None else contextlib.nullcontext():
-        if out is not None:
+    distributed.init_from_env()  # under torchrun the pairs are shared out; rank 0 prints and writes
+    writes = out is not None and distributed.is_main()
+    # Held by the writing process from before the analysis to the rename: a second `analyze --out` of the same
+    # folder stops at once.
+    with folder_lock(out) if writes else contextlib.nullcontext():
+        if writes:
             check_out(out, overwrite)  # again under the lock: another writer may have finished in between
-        lm = load_model(model, adapter, device=device)
+        lm = load_model(model, adapter, device=device, dtype=dtype)
         built = make_pairs(lm.tokenizer, records, placement, model=lm, respond=respond, max_new_tokens=max_new_tokens,
                            max_length=getattr(lm.model.config, "max_position_embeddings", None))
         div = run_analysis(lm, built, backend=backend, scope=scope, batch_size=batch_size, progress=len(built) > batch_size)
+        if not distributed.is_main():
+            distributed.barrier()
+            return
         if out is not None:
             save_divergence(div, out, overwrite=overwrite)
+        distributed.barrier()
     if as_json:
         typer.echo(json.dumps(div.per_layer_table()))
     else:
@@ -114,14 +123,19 @@ def analyze_run_command(
     batch_size: int = typer.Option(8, help="Pairs per forward pass."),
     max_examples: Optional[int] = typer.Option(None, help="Analyze at most this many test examples per model."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ..."),
+    dtype: str = typer.Option("auto", help="Weights' precision: auto, fp32, bf16 or fp16. Statistics stay float32/float64."),
 ):
-    """Analyze every model of a training run on its test examples; results go to RUN/layers/<model>/."""
+    """Analyze every model of a training run on its test examples; results go to RUN/layers/<model>/.
+    Under `torchrun --nproc_per_node N` the examples are shared out between the processes."""
+    from interp import distributed
     from interp.analysis import analyze_run
 
     _at_least_one(batch_size=batch_size, **({} if max_examples is None else {"max_examples": max_examples}))
     check_device(device)
     written = analyze_run(run, models.split(",") if models else None, backend, batch_size=batch_size,
-                          max_examples=max_examples, device=device)
+                          max_examples=max_examples, device=device, dtype=dtype, progress=distributed.is_main())
+    if not distributed.is_main():
+        return
     for name, folder in written.items():
         typer.echo(f"{name}: {folder}")
 

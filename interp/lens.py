@@ -8,17 +8,20 @@ import warnings
 import torch
 
 from interp.divergence import lens_field_names
-from interp.models import decoder_layers, final_norm, unembed
+from interp.archs import apply_softcap
+from interp.models import decoder_layers, final_norm, softcap, unembed
 
 # Tokens projected at once: the vocabulary projection of a chunk is [chunk, vocab] floats (256 x 49152 = 50 MB).
 DEFAULT_CHUNK = 256
 
 
 def logit_lens(model, hidden: torch.Tensor, layer: int | None = None) -> torch.Tensor:
-    """`unembed(final_norm(h))` for a `[n, d]` hidden state of `layer` (0 = embeddings, last = last block's output).
+    """`unembed(final_norm(h))` for a `[n, d]` hidden state of `layer` (0 = embeddings, last = last block's output),
+    soft-capped as the model caps its own logits (Gemma 2/3), as float32.
 
     The same projection serves every layer (that is the logit lens); `layer` is only range-checked. At the last
-    layer the result equals the model's own logits, because hidden states here are taken before the final norm.
+    layer the result equals the model's own logits, because hidden states here are taken before the final norm and
+    the softcap is the model's. The cap is applied in float32 (a bf16 model caps in bf16: the lens is the more exact).
     """
     if hidden.ndim != 2:
         raise ValueError(f"logit_lens expects a [n, d] hidden state, got shape {tuple(hidden.shape)}")
@@ -30,7 +33,7 @@ def logit_lens(model, hidden: torch.Tensor, layer: int | None = None) -> torch.T
         if not 0 <= layer <= n_layers:
             raise ValueError(f"layer {layer} is outside 0..{n_layers}")
     param = head.weight
-    return head(norm(hidden.to(device=param.device, dtype=param.dtype))).float()
+    return apply_softcap(head(norm(hidden.to(device=param.device, dtype=param.dtype))).float(), softcap(model))
 
 
 def _run_stats(z, p_final, h_final, targets):
@@ -99,13 +102,15 @@ _STATS = ("top1", "top1_prob", "target_prob", "target_rank", "entropy", "kl_fina
 
 
 @torch.no_grad()
-def lens_statistics(model, hidden_ctx: torch.Tensor, hidden_noctx: torch.Tensor, targets: torch.Tensor, chunk: int = DEFAULT_CHUNK) -> dict[str, torch.Tensor]:
+def lens_statistics(model, hidden_ctx: torch.Tensor, hidden_noctx: torch.Tensor, targets: torch.Tensor, chunk: int = DEFAULT_CHUNK,
+                    to_host: bool = True) -> dict[str, torch.Tensor]:
     """Per-layer, per-token logit-lens statistics for the with- and without-context runs on aligned tokens.
 
     `hidden_*` are [num_layers, n, d] (layer 0 = embeddings, last = last block's output); `targets` [n] are the
     tokens each position predicts. Returns arrays [num_layers, n] named `lens_<stat>_ctx` / `lens_<stat>_noctx`
     for stat in top1, top1_prob, target_prob, target_rank, entropy, kl_final (KL(final || lens_l)), and
     `lens_kl_noctx_ctx` (KL(lens_l^noctx || lens_l^ctx)). Never holds more than one chunk's logits per run.
+    `to_host=False` leaves the arrays on the model's device (an analysis over many batches copies them once at the end).
     """
     if hidden_ctx.shape != hidden_noctx.shape:
         raise ValueError(f"hidden states differ in shape: {tuple(hidden_ctx.shape)} vs {tuple(hidden_noctx.shape)}")
@@ -113,8 +118,9 @@ def lens_statistics(model, hidden_ctx: torch.Tensor, hidden_noctx: torch.Tensor,
         raise ValueError(f"expected hidden [layers, n, d] and targets [n], got {tuple(hidden_ctx.shape)} and {tuple(targets.shape)}")
     L, n, _ = hidden_ctx.shape
     integer = ("lens_top1_ctx", "lens_top1_noctx", "lens_target_rank_ctx", "lens_target_rank_noctx")
-    out = {name: torch.empty(L, n, dtype=torch.long if name in integer else torch.float32) for name in lens_field_names()}
     device = unembed(model).weight.device
+    # The per-token arrays fill on the model's device and cross to the host once, at the end (no per-chunk copies).
+    out = {name: torch.empty(L, n, dtype=torch.long if name in integer else torch.float32, device=device) for name in lens_field_names()}
     for a in range(0, n, chunk):
         b = min(a + chunk, n)
         tgt = targets[a:b].to(device)
@@ -126,9 +132,9 @@ def lens_statistics(model, hidden_ctx: torch.Tensor, hidden_noctx: torch.Tensor,
             ctx, noctx, kl = _call_stats(L * n, z_ctx, z_noctx, p_ctx, p_noctx, h_ctx, h_noctx, tgt)
             for run, values in (("ctx", ctx), ("noctx", noctx)):
                 for stat, value in zip(_STATS, values):
-                    out[f"lens_{stat}_{run}"][layer, a:b] = value.to("cpu", out[f"lens_{stat}_{run}"].dtype)
-            out["lens_kl_noctx_ctx"][layer, a:b] = kl.cpu()
+                    out[f"lens_{stat}_{run}"][layer, a:b] = value.to(out[f"lens_{stat}_{run}"].dtype)
+            out["lens_kl_noctx_ctx"][layer, a:b] = kl
     # Rounding can leave KLs a hair below zero; they are non-negative by definition.
     for name in ("lens_kl_final_ctx", "lens_kl_final_noctx", "lens_kl_noctx_ctx"):
         out[name].clamp_(min=0.0)
-    return out
+    return {name: value.cpu() for name, value in out.items()} if to_host else out

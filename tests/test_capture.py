@@ -10,12 +10,15 @@ from interp.capture import BACKENDS, get_backend, make_batch
 
 
 def hf_reference(lm, batch):
-    """Block outputs through plain forward hooks, embeddings and attention through transformers' own outputs."""
+    """Block outputs through plain forward hooks, embeddings and attention through transformers' own outputs
+    (with eager attention, as capture switches to when it reads attention weights)."""
+    from interp.archs import eager_attention
+
     blocks = []
     handles = [layer.register_forward_hook(lambda m, i, o: blocks.append(o[0] if isinstance(o, tuple) else o))
                for layer in lm.model.model.layers]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), eager_attention(lm.model):
             out = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                            position_ids=batch.position_ids, output_hidden_states=True, output_attentions=True)
     finally:

@@ -18,7 +18,7 @@ TEACHERS = ("base", "live")
 ANCHORS = ("student", "ema", "teacher")
 ROLLOUTS = ("student", "teacher")
 LOSSES = ("reverse_kl", "forward_kl", "ce")
-DTYPES = ("auto", "fp32", "bf16", "fp16")
+DTYPES = ("auto", "fp32", "bf16", "fp16")  # what interp.models.resolve_dtype accepts by these names
 # Settings that may differ when resuming: where to write, how long to run, how often to checkpoint, where to log.
 RESUMABLE = ("out", "steps", "checkpoint_every", "report_to")
 
@@ -64,7 +64,7 @@ class TrainConfig:
     lam_ramp: int | None = opt(None, "steps of the linear ramp to λ (default: half the warm-up)")
     anchor: str = opt("student", "anchor of L_cons: student, ema or teacher")
     ema_decay: float = opt(0.9, "decay of the EMA anchor's weight average")
-    chunk: int = opt(256, "positions per chunk in the losses (bounds the full-vocabulary memory)")
+    chunk: int | None = opt(None, "positions per chunk in the losses (default: as many as fit 16 MiB of fp32 log-probabilities)")
     checkpoint_every: int = opt(10, "checkpoint every N steps (0: only the last step is not checkpointed either)")
     n_test: int = opt(40, "held-out test examples (never trained on)")
     report_to: str | None = opt(None, "also log to tensorboard, wandb or trackio (metrics.jsonl is always written)")
@@ -117,7 +117,7 @@ class TrainConfig:
             (self.teacher_model is None or self.teacher == "base", "--teacher-model replaces the base teacher; it cannot be combined with --teacher live"),
             (self.anchor in ANCHORS, f"unknown anchor '{self.anchor}'; use one of {', '.join(ANCHORS)}"),
             (0 <= self.ema_decay < 1, f"--ema-decay must be in [0, 1) (got {self.ema_decay})"),
-            (self.chunk >= 1, f"--chunk must be at least 1 (got {self.chunk})"),
+            (self.chunk is None or self.chunk >= 1, f"--chunk must be at least 1 (got {self.chunk})"),
             (self.checkpoint_every >= 0, f"--checkpoint-every must be ≥ 0 (got {self.checkpoint_every}); 0 turns checkpoints off"),
             (self.n_test >= 1, f"--n-test must be at least 1 (got {self.n_test})"),
             (self.placement is None or self.placement in PLACEMENTS, f"unknown placement '{self.placement}'; use one of {', '.join(PLACEMENTS)}"),

@@ -53,28 +53,17 @@ def resolve(cfg: TrainConfig, task: Task) -> TrainConfig:
     return cfg.resolve(task.placement)
 
 
-def torch_dtype(name: str, device: str) -> torch.dtype:
-    """auto: bf16 on a CUDA device that supports it, fp32 elsewhere (CPU bf16 matmuls are slower than fp32)."""
-    if name == "auto":
-        cuda = device.startswith("cuda") and torch.cuda.is_available()
-        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-
-
 # --- data order ----------------------------------------------------------------------------------------------------
 
 
 def batch_indices(step: int, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> list[int]:
     """Training-example indices for `step` on process `rank`: a fresh seeded permutation every epoch, so the order
-    is a pure function of (seed, step) and a resumed run sees exactly the data it would have seen."""
-    out = []
+    is a pure function of (seed, step) and a resumed run sees exactly the data it would have seen. Each epoch's
+    permutation is computed once and cached, so a step costs O(batch_size) after the first step of an epoch."""
+    from training.order import epoch_permutation
+
     start = step * batch_size * world + rank * batch_size
-    for p in range(start, start + batch_size):
-        epoch, i = divmod(p, n)
-        perm = list(range(n))
-        random.Random(seed * 1_000_003 + epoch).shuffle(perm)
-        out.append(perm[i])
-    return out
+    return [epoch_permutation(seed, epoch, n)[i] for epoch, i in (divmod(p, n) for p in range(start, start + batch_size))]
 
 
 # --- the run folder ----------------------------------------------------------------------------------------------------
@@ -178,10 +167,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
         )
     start_from = prepare_out(cfg, resume, overwrite)
 
-    # Training and generation run sdpa: eager attention builds T×T weight matrices that only capture needs.
+    # Training and generation run sdpa (where the architecture has it): eager attention builds T×T weight matrices
+    # that only capture needs. `auto` precision: bf16 on a CUDA GPU that supports it, fp32 elsewhere.
     device = str(accelerator.device)
-    dtype = torch_dtype(cfg.dtype, device)
-    lm = lm or load_model(cfg.model, device=device, dtype=dtype, attn_implementation="sdpa")
+    dtype = cfg.dtype
+    lm = lm or load_model(cfg.model, device=device, dtype=dtype)
     teacher_lm = load_teacher(cfg, lm, device, dtype)
     tok = lm.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -331,12 +321,12 @@ def check_tracker(name: str | None) -> None:
             raise UserError(f"--report-to {name} needs the '{package}' package: pip install {package}")
 
 
-def load_teacher(cfg: TrainConfig, lm: LoadedModel, device: str, dtype: torch.dtype) -> LoadedModel | None:
+def load_teacher(cfg: TrainConfig, lm: LoadedModel, device: str, dtype: str) -> LoadedModel | None:
     """A separate teacher model (`--teacher-model`), which must share the student's tokenizer: the losses compare
     distributions over the same token ids. None: the teacher is the student's base weights (adapter disabled)."""
     if cfg.teacher_model is None:
         return None
-    teacher = load_model(cfg.teacher_model, device=device, dtype=dtype, attn_implementation="sdpa")
+    teacher = load_model(cfg.teacher_model, device=device, dtype=dtype)
     if teacher.tokenizer.get_vocab() != lm.tokenizer.get_vocab():
         raise UserError(
             f"the teacher '{cfg.teacher_model}' has another tokenizer than the student '{cfg.model}'; "
@@ -441,12 +431,13 @@ def micro_losses(model, peft_model, teacher_lm, cfg: TrainConfig, batch: Batch, 
             mask = evidence_mask(t_ctx, t_noctx, batch.targets, batch.mask, cfg.evidence_mask)
     t_ctx, s_noctx_v = _same_vocab(t_ctx, s_noctx)
     if cfg.loss == "reverse_kl":
-        L_opd = reverse_kl(s_noctx_v, t_ctx, mask, cfg.top_k)
+        L_opd = reverse_kl(s_noctx_v, t_ctx, mask, cfg.top_k, chunk=cfg.chunk)
     elif cfg.loss == "forward_kl":
-        L_opd = forward_kl(s_noctx_v, t_ctx, mask)
+        L_opd = forward_kl(s_noctx_v, t_ctx, mask, chunk=cfg.chunk)
     else:
         L_opd = cross_entropy(s_noctx, batch.targets, mask)
-    L_cons = consistency_kl(s_noctx if anchor is None else anchor, s_ctx, batch.mask) if lam > 0 else None  # detached inside
+    # detached inside: no gradient reaches the anchor
+    L_cons = consistency_kl(s_noctx if anchor is None else anchor, s_ctx, batch.mask, chunk=cfg.chunk) if lam > 0 else None
     loss = L_opd + lam * L_cons if L_cons is not None else L_opd
     out = {"loss": loss, "L_opd": L_opd.detach(), "L_cons": None if L_cons is None else L_cons.detach()}
     if cfg.evidence_mask is not None:
