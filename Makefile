@@ -9,7 +9,7 @@ PORT ?= 8501
 # LAYERS_LIVE_RUNS_ONLY=1, which limits live mode to the models and adapters of the runs folder).
 HOST ?= 127.0.0.1
 
-.PHONY: setup app test test-fast model browser bench clean-venv
+.PHONY: setup app test test-fast lint model browser bench clean-venv
 
 setup: $(STAMP)
 
@@ -35,6 +35,10 @@ test: model
 
 test-fast: model
 	$(PY) -m pytest -q -m "not embedded and not browser"
+
+lint: setup
+	$(VENV)/bin/ruff check interp training
+	$(VENV)/bin/mypy interp training
 
 # Debian's chromium for the browser test (no browser download); needs root or sudo.
 browser:

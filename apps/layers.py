@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from interp import plots, runs  # noqa: E402
 from interp.errors import UserError  # noqa: E402
 
-VIEWS = ("Layer divergence", "Logit lens", "Attention", "Training")
+VIEWS = ("Layer divergence", "Logit lens", "Attention", "Internalization", "Training")
 LIVE_DEFAULT_MODEL = "smollm2-135m-instruct"
 # Seconds the hidden views wait on a session's first page (see draw_first_view_first).
 FIRST_PAINT_S = float(os.environ.get("LAYERS_FIRST_PAINT_S", "1.5"))
@@ -98,6 +98,20 @@ def cached_metrics(path: str, stamp: tuple) -> dict:
 def cached_layers(path: str, stamp: tuple) -> dict:
     # A resource, not data: the arrays are read-only here, and copying them on every rerun would cost the view switch.
     return runs.load_all_layers(path)
+
+
+def _causal_stamp(path: str) -> tuple:
+    root = Path(path) / "causal"
+    if not root.is_dir():
+        return ()
+    return tuple(sorted((str(p.relative_to(root)), p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()))
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def cached_causal(path: str, stamp: tuple) -> dict:
+    from interp.causal import artifacts
+
+    return {s: artifacts.load_all(path, s) for s in artifacts.causal_students(path)}
 
 
 @st.cache_resource(show_spinner="Loading the model (once per app process)…", max_entries=2)
@@ -251,6 +265,8 @@ def show_run(summary) -> None:
             st.markdown(f"**Example #{chosen['example']}** · prompt: {chosen['prompt'][:200]}")
             with st.expander("What each model answered on this example"):
                 st.dataframe(runs.example_responses(cached_example_rows(path, stamp), chosen["example"]), hide_index=True)
+            with st.expander("Why this flip", expanded=bool(chosen.get("flipped_any"))):
+                show_why_this_flip(summary, chosen)
         # Tabs, not a rerun per view: every view is drawn once, so a switch is instant in the browser. The first
         # tab is filled before the examples table and the rest after it, so the first figure comes first.
         tabs = st.tabs(VIEWS, key="view")
@@ -265,6 +281,8 @@ def show_run(summary) -> None:
         with tabs[2]:
             show_attention(divs, examples, "run")
         with tabs[3]:
+            show_internalization(path, chosen)
+        with tabs[4]:
             show_training(path, stamp)
 
 
@@ -291,6 +309,105 @@ def show_training(path: str, stamp: tuple) -> None:
         st.plotly_chart(plots.training_curves(metrics), key="fig_training")
     else:
         st.info("No training metrics (metrics.jsonl) in this run yet.")
+
+
+# ---------- internalization: the causal results of `python -m interp compare|patch|steer|explain` ----------
+
+CAUSAL_COMMANDS = ("python -m interp compare {run} --student {student}", "python -m interp patch {run} --student {student}",
+                   "python -m interp steer {run} --student {student} --alpha 1")
+
+
+def show_internalization(path: str, chosen: dict | None) -> None:
+    from interp import views_causal
+
+    try:
+        results = cached_causal(path, _causal_stamp(path))
+    except UserError as err:
+        st.error(str(err))
+        return
+    if not results:
+        students = runs.load_run_info(path).get("students", []) if runs.is_run(Path(path)) else []
+        commands = "\n".join(c.format(run=path, student=(students or ["STUDENT"])[0]) for c in CAUSAL_COMMANDS)
+        st.info("No causal results in this run yet. Write them with\n\n```\n" + commands + "\n```")
+        return
+    student = st.selectbox("Student", list(results), key="causal_student")
+    got = results[student]
+    cmp = got["comparison"]
+    if cmp is not None:
+        measure = st.radio("Four-way measure", ["cos", "cka", "cka_debiased", "lens_kl"], horizontal=True, key="causal_measure")
+        st.plotly_chart(views_causal.fourway(cmp, measure), key="fig_causal_fourway")
+        st.plotly_chart(views_causal.vectors(cmp), key="fig_causal_vectors")
+        groups = {g: v["mask"] for g, v in cmp.meta.get("groups", {}).items() if "mask" in v and any(v["mask"])}
+        if groups:
+            st.plotly_chart(views_causal.overshoot_groups(cmp, groups), key="fig_causal_groups")
+    else:
+        st.caption(f"No four-way comparison yet: `{CAUSAL_COMMANDS[0].format(run=path, student=student)}`")
+    curves = {name: r for name, r in got["patch"].items() if not r.heads}
+    if curves:
+        st.plotly_chart(views_causal.patch_curves(curves), key="fig_causal_patch")
+    for name, r in got["patch"].items():
+        if r.heads:
+            st.plotly_chart(views_causal.patch_heads(r, title=f"{name}: per-head recovery"), key=f"fig_causal_heads_{name}")
+    if got["steer"] is not None:
+        st.plotly_chart(views_causal.steer_table(got["steer"]), key="fig_causal_steer")
+    st.caption("absorbed = ⟨u,v⟩/|v|²: how much of the context's shift the student carries without it; overshoot = "
+               "⟨w,v⟩/|v|²: above 1, the context applied on top of itself. Recovery 1: the patched layer carries all "
+               "of the source's output. Definitions: docs/measures.md.")
+
+
+def _explain_live(summary, student: str, example: int):
+    from interp.causal import runio
+    from interp.causal.forensics import explain
+
+    info = runio.read_info(summary.path)
+    lm = cached_model(info["model"])
+    row = {r.example: r for r in runio.model_rows(summary.path, student)}[example]
+    with model_lock():
+        name = re.sub(r"\W+", "_", str((Path(summary.path) / student).resolve())).strip("_")[-60:]
+        if name not in lm.adapters:
+            lm.load_adapter(runio.adapter_dir(summary.path, student), name=name)
+        return explain(lm, {"context": row.context, "prompt": row.prompt}, name,
+                       runio.response_ids(lm.tokenizer, row, "noctx"), runio.response_ids(lm.tokenizer, row, "ctx"),
+                       placement=info["placement"] or "system", backend="torch")
+
+
+def show_why_this_flip(summary, chosen: dict) -> None:
+    """For the selected example: where the student's answers part ways, which layers carry it, and which heads'
+    reading of the context moved there."""
+    from interp import views_causal
+
+    path = str(summary.path)
+    saved = cached_causal(path, _causal_stamp(path))
+    example = int(chosen["example"])
+    students = [s for s in summary.students] or list(saved)
+    if not students:
+        st.caption("This run has no students.")
+        return
+    default = next((s for s in chosen.get("flipped_models", []) if s in students), students[0])
+    student = st.selectbox("Student", students, index=students.index(default), key="flip_student")
+    ex = saved.get(student, {}).get("explain", {}).get(example)
+    live_key = f"flip_{path}_{student}_{example}"
+    if ex is None:
+        ex = st.session_state.get(live_key)
+    if ex is None:
+        st.caption(f"Not explained yet: `python -m interp explain {path} --student {student} --example {example}`, "
+                   "or compute it here.")
+        if st.button("Explain this example now", key="flip_go"):
+            try:
+                with st.spinner("Patching and reading the attention…"):
+                    st.session_state[live_key] = ex = _explain_live(summary, student, example)
+            except UserError as err:
+                st.error(str(err))
+                return
+    if ex is None:
+        return
+    st.markdown(f"Answers part at response token **{ex.fork}**, after {ex.prefix!r}: **{ex.token_noctx!r}** without the "
+                f"context, **{ex.token_ctx!r}** with it.")
+    st.plotly_chart(views_causal.flip(ex), key="fig_flip")
+    st.plotly_chart(views_causal.flip_heads(ex), key="fig_flip_heads")
+    st.dataframe(views_causal.head_tokens_table(ex), hide_index=True)
+    st.markdown("The context, shaded by how much these heads read each token at the fork:")
+    st.html(views_causal.highlight_html(ex.ctx_tokens, ex.ctx_weights))
 
 
 # ---------- live ----------

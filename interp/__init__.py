@@ -4,7 +4,8 @@ import importlib
 
 from interp.errors import UserError
 
-__all__ = ["LoadedModel", "LayerDivergence", "Pair", "UserError", "analyze", "load_model", "make_pairs"]
+__all__ = ["Comparison", "Explanation", "LoadedModel", "LayerDivergence", "Pair", "PatchResult", "SteerResult", "UserError",
+           "analyze", "compare", "context_sweep", "explain", "load_model", "make_pairs", "patch", "repair_sweep", "steer"]
 
 # Everything but the error type is imported on first use: reading runs and drawing plots needs no torch.
 _LAZY = {
@@ -14,9 +15,20 @@ _LAZY = {
     "Pair": "interp.pairs",
     "analyze": "interp.analysis",
     "LayerDivergence": "interp.divergence",
+    # Causal and cross-model tools (interp/causal/).
+    "compare": "interp.causal",
+    "Comparison": "interp.causal",
+    "patch": "interp.causal",
+    "PatchResult": "interp.causal",
+    "context_sweep": "interp.causal",
+    "repair_sweep": "interp.causal",
+    "steer": "interp.causal",
+    "SteerResult": "interp.causal",
+    "explain": "interp.causal",
+    "Explanation": "interp.causal",
 }
-_SUBMODULES = {"analysis", "archs", "attention", "capture", "cli", "distributed", "divergence", "generate", "lens",
-               "metrics", "models", "pairs", "plots", "remote", "report", "runs", "store"}
+_SUBMODULES = {"analysis", "archs", "attention", "capture", "causal", "cli", "distributed", "divergence", "generate",
+               "lens", "metrics", "models", "pairs", "plots", "remote", "report", "runs", "store"}
 
 
 def __getattr__(name):

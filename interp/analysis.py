@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence, cast
 
 import numpy as np
 import torch
@@ -17,8 +17,8 @@ from interp.errors import UserError
 from interp.lens import DEFAULT_CHUNK, lens_statistics
 from interp.metrics import CKAAccumulator, cosine_per_token
 from interp.models import unembed
-from interp.pairs import SCOPES, Pair, make_pairs
-from interp.store import check_member_name, read_json, save_divergence
+from interp.pairs import SCOPES, Pair
+from interp.store import check_member_name, save_divergence
 
 __all__ = ["analyze", "analyze_run", "LayerDivergence"]
 
@@ -82,7 +82,7 @@ def analyze(
     rank, world = distributed.world()
     batches = [(k, pairs[s : s + batch_size]) for k, s in enumerate(range(0, len(pairs), batch_size))]
     mine = batches[rank::world]
-    n_layers, d = lm.num_layers, unembed(lm.model).in_features
+    n_layers, d = lm.num_layers, cast(int, unembed(lm.model).in_features)  # nn.Module attributes are typed Tensor | Module
     heads = lm.model.config.num_attention_heads
     n_blocks = n_layers - 1
     cka = CKAAccumulator(n_layers, d)
@@ -101,7 +101,7 @@ def analyze(
             _share_shift(cka, h_ctx, h_noctx)
         cka.update(h_ctx, h_noctx)
         rows = sides["ctx"].rows
-        part = {
+        part: dict[str, Any] = {
             "cos": torch.stack([cosine_per_token(a, b) for a, b in zip(h_ctx, h_noctx)]).float(),
             "token_example": rows + start,
             "token_id": sides["ctx"].input_ids[rows, sides["ctx"].positions],
@@ -109,7 +109,9 @@ def analyze(
         }
         if lens:
             part["lens"] = lens_statistics(lm.model, h_ctx, h_noctx, sides["ctx"].targets, chunk=lens_chunk, to_host=False)
-        if attention:
+        if attention:  # capture(attention=True) fills every attention field
+            assert got["ctx"].attn_ctx is not None and got["ctx"].attn_sink is not None and got["noctx"].attn_sink is not None
+            assert got["ctx"].attn_ctx_tokens is not None
             attn_sums += torch.stack([got["ctx"].attn_ctx, got["ctx"].attn_sink, got["noctx"].attn_sink]).double().sum(2).to(attn_sums.device)
             part["attn_ctx_tokens"] = [
                 got["ctx"].attn_ctx_tokens[:, rows.to(got["ctx"].attn_ctx_tokens.device) == b, :, : pair.ctx_span[1] - pair.ctx_span[0]].mean(1)
@@ -193,7 +195,7 @@ def _share_shift(cka: CKAAccumulator, h_ctx, h_noctx, *, n_layers=None, d=None, 
 
 
 def _to_host(part: dict) -> dict:
-    out = {}
+    out: dict[str, Any] = {}
     for key, value in part.items():
         if isinstance(value, dict):
             out[key] = {k: v.cpu() for k, v in value.items()}

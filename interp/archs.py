@@ -15,10 +15,14 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from interp.errors import UserError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 __all__ = ["ARCHS", "Arch", "arch_of", "attention_module", "block_input", "block_output", "decoder_layers",
            "eager_attention", "embeddings", "final_norm", "inner_model", "softcap", "supported", "unembed"]
@@ -51,7 +55,7 @@ def supported() -> str:
     return ", ".join(sorted(ARCHS))
 
 
-def inner_model(model) -> torch.nn.Module:
+def inner_model(model) -> PreTrainedModel:
     """The transformers model under a peft wrapper (PeftModel -> LoraModel -> ForCausalLM), if any."""
     if not type(model).__module__.startswith("peft"):
         return model
@@ -69,7 +73,7 @@ def arch_of(model) -> Arch:
     """The map entry for `model` (peft-wrapped or not); an unsupported model is a one-line UserError."""
     inner = inner_model(model)
     model_type = getattr(getattr(inner, "config", None), "model_type", None)
-    arch = ARCHS.get(model_type)
+    arch = ARCHS.get(model_type) if model_type is not None else None
     if arch is None:
         raise UserError(f"architecture '{model_type or type(inner).__name__}' is not supported; supported: {supported()}")
     return arch

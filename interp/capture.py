@@ -101,11 +101,11 @@ def _to(batch: Batch, device) -> Batch:
 
 def _stack(hidden: list, attn: list | None) -> Captured:
     # float32 whatever the model runs in: the measures downstream need it, and bf16 states would round them.
-    hidden = torch.stack([h.detach().float() for h in hidden])
+    stacked = torch.stack([h.detach().float() for h in hidden])
     if not attn:
-        return Captured(hidden, None, None, None)
+        return Captured(stacked, None, None, None)
     parts = [torch.stack([a[i].detach() for a in attn]) for i in range(3)]
-    return Captured(hidden, *parts)
+    return Captured(stacked, *parts)
 
 
 @torch.no_grad()
@@ -171,10 +171,10 @@ def capture_nnsight(lm, batch: Batch, attention: bool = True, remote: bool = Fal
         with traced.trace(**_model_inputs(batch, lm.device), logits_to_keep=1, use_cache=False, **({"remote": True} if remote else {})):
             for i, layer in enumerate(block_envoys):
                 if i == 0:
-                    hidden.append(gather_tokens(block_output(layer.input), b).save())
+                    hidden.append(gather_tokens(block_output(layer.input), b).save())  # type: ignore[attr-defined]  # inside a trace these are nnsight proxies, which have .save()
                 if attention:
-                    attn.append(tuple(x.save() for x in reduce_attention(attn_envoys[i].output[1], b)))
-                hidden.append(gather_tokens(block_output(layer.output), b).save())
+                    attn.append(tuple(x.save() for x in reduce_attention(attn_envoys[i].output[1], b)))  # type: ignore[attr-defined]  # inside a trace these are nnsight proxies, which have .save()
+                hidden.append(gather_tokens(block_output(layer.output), b).save())  # type: ignore[attr-defined]  # inside a trace these are nnsight proxies, which have .save()
     return _stack(hidden, attn if attention else None)
 
 

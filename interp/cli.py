@@ -154,6 +154,15 @@ def report_command(
     typer.echo(f"wrote {folder / HTML_FILE}, {folder / JSON_FILE} and {folder / CSV_FILE}")
 
 
+def _register_causal() -> None:
+    from interp.causal.cli import register
+
+    register(app)
+
+
+_register_causal()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user mistakes print one line (no traceback) and exit with status 2."""
     import warnings

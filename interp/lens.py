@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from typing import cast
 
 import torch
 
@@ -32,7 +33,7 @@ def logit_lens(model, hidden: torch.Tensor, layer: int | None = None) -> torch.T
         n_layers = len(decoder_layers(model))
         if not 0 <= layer <= n_layers:
             raise ValueError(f"layer {layer} is outside 0..{n_layers}")
-    param = head.weight
+    param = cast(torch.Tensor, head.weight)  # nn.Module attributes are typed Tensor | Module
     return apply_softcap(head(norm(hidden.to(device=param.device, dtype=param.dtype))).float(), softcap(model))
 
 
@@ -86,7 +87,7 @@ def _call_stats(rows, *args):
     except Exception as err:  # no C++ compiler, an unsupported device: the eager path gives the same numbers
         if fn is _layer_stats:
             raise
-        warnings.warn(f"logit-lens compilation failed ({type(err).__name__}); using the eager path")
+        warnings.warn(f"logit-lens compilation failed ({type(err).__name__}); using the eager path", stacklevel=2)
         _compiled = False
         return _layer_stats(*args)
 
@@ -118,7 +119,7 @@ def lens_statistics(model, hidden_ctx: torch.Tensor, hidden_noctx: torch.Tensor,
         raise ValueError(f"expected hidden [layers, n, d] and targets [n], got {tuple(hidden_ctx.shape)} and {tuple(targets.shape)}")
     L, n, _ = hidden_ctx.shape
     integer = ("lens_top1_ctx", "lens_top1_noctx", "lens_target_rank_ctx", "lens_target_rank_noctx")
-    device = unembed(model).weight.device
+    device = cast(torch.Tensor, unembed(model).weight).device
     # The per-token arrays fill on the model's device and cross to the host once, at the end (no per-chunk copies).
     out = {name: torch.empty(L, n, dtype=torch.long if name in integer else torch.float32, device=device) for name in lens_field_names()}
     for a in range(0, n, chunk):

@@ -72,7 +72,7 @@ def cosine_mean(x, y) -> float:
     return float(cosine_per_token(x, y).mean())
 
 
-def _cka_from_stats(cxy, cxx, cyy, ab, aa, bb, sa, sb, n, debiased: bool):
+def _cka_from_stats(cxy, cxx, cyy, ab, aa, bb, sa, sb, *, n, debiased: bool):
     """CKA from the centred statistics (works elementwise, so on one layer or a vector of layers).
 
     cxy, cxx, cyy: squared Frobenius norms of Xc^T Yc, Xc^T Xc, Yc^T Yc; a_i, b_i: squared norms of centred rows;
@@ -100,7 +100,7 @@ def linear_cka(x, y, debiased: bool = False) -> float:
     a, b = (xc * xc).sum(dim=1), (yc * yc).sum(dim=1)
     stats = [(xc.T @ yc).square().sum(), (xc.T @ xc).square().sum(), (yc.T @ yc).square().sum(),
              a @ b, a @ a, b @ b, a.sum(), b.sum()]
-    return float(_cka_from_stats(*(float(s) for s in stats), float(x.shape[0]), debiased))
+    return float(_cka_from_stats(*(float(s) for s in stats), n=float(x.shape[0]), debiased=debiased))
 
 
 def _hsic_gram(k: torch.Tensor, l: torch.Tensor, debiased: bool) -> torch.Tensor:
@@ -185,6 +185,7 @@ class CKAAccumulator:
             # Statistics of raw sums lose precision when the mean is large against the spread (LLM hidden states
             # have huge outlier dimensions); CKA is translation invariant, so accumulate x - x_first instead.
             self.set_shift(x[:, :1], y[:, :1])
+        assert self._shift is not None and self._s is not None  # set by set_shift
         x, y = x - self._shift[0].to(dev), y - self._shift[1].to(dev)
         p, q = (x * x).sum(-1), (y * y).sum(-1)  # raw (uncentred) squared row norms [L, n]
         s = self._s
@@ -201,6 +202,7 @@ class CKAAccumulator:
         _check_n(self._n, debiased)
         # Combined where the sums live (a [L, d, d] float64 set is GBs at d=4096); only [L] numbers reach the host.
         s, n = self._s, float(self._n)
+        assert s is not None  # _check_n passed, so an update (and set_shift) ran
         mx, my = s["x"] / n, s["y"] / n
 
         def cross(m, sx, sy):  # ||centred cross-product||_F^2 from raw sums: C = M - sx sy^T / n
@@ -220,4 +222,4 @@ class CKAAccumulator:
         bb = row_products(s["qq"], s["qy"], s["qy"], s["q"], s["q"], s["yy"], s["y"], s["y"], my, my)
         stats = [cross(s["xy"], s["x"], s["y"]), cross(s["xx"], s["x"], s["x"]), cross(s["yy"], s["y"], s["y"]),
                  ab, aa, bb, sa, sb]
-        return _cka_from_stats(*(t.cpu().numpy() for t in stats), n, debiased)
+        return _cka_from_stats(*(t.cpu().numpy() for t in stats), n=n, debiased=debiased)

@@ -14,11 +14,17 @@ import tempfile
 from urllib.parse import urlparse
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 
 from interp import archs
 from interp.errors import UserError
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTuner
+    from transformers import PreTrainedTokenizerBase
 
 EMBEDDED = "smollm2-135m-instruct"
 TINY = "tiny-random-llama"
@@ -88,7 +94,7 @@ def embedded_model_dir() -> Path:
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE, dtype=torch.float32)
     # The weights are dequantized to fp32 now; drop the GGUF marker so save_pretrained accepts them.
     del model.config.quantization_config
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # transformers' Auto* return type does not declare hf_quantizer
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED}-", dir=target.parent))
     try:
@@ -173,9 +179,9 @@ class LoadedModel:
     """A transformers causal LM with its tokenizer; LoRA adapters are injected in place and switched by name."""
 
     model: torch.nn.Module
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
     spec: str
-    peft: object | None = None
+    peft: PeftModel | None = None
     adapters: dict[str, str] = field(default_factory=dict)
     hub_adapters: dict[str, str] = field(default_factory=dict)  # name -> Hugging Face id, for adapters loaded by id
     _disabled: bool = field(default=False, init=False, repr=False)
@@ -233,12 +239,13 @@ class LoadedModel:
         """Activate a loaded adapter by name; None runs the base weights alone (the adapter layers are switched off)."""
         if name is None:
             if self.peft is not None:
-                self.peft.base_model.disable_adapter_layers()
+                cast("BaseTuner", self.peft.base_model).disable_adapter_layers()  # peft types base_model as a Module
             self._disabled = True
             return
         if name not in self.adapters:
             raise UserError(f"no adapter named '{name}' is loaded; loaded: {sorted(self.adapters) or 'none'}")
-        self.peft.base_model.enable_adapter_layers()
+        assert self.peft is not None  # an adapter is only registered once peft wraps the model
+        cast("BaseTuner", self.peft.base_model).enable_adapter_layers()
         self.peft.set_adapter(name)
         self._disabled = False
 

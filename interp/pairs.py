@@ -228,6 +228,7 @@ def make_pairs(
     records = list(records)
     if not records:
         raise UserError("no records to analyze; give at least one context/prompt pair")
+    responses: list[list[int] | None]
     prompts, responses = [], []
     for i, record in enumerate(records, 1):
         context, prompt = _field(record, "context"), _field(record, "prompt")
@@ -263,6 +264,7 @@ def make_pairs(
     pairs = []
     for i, (record, pp, ids) in enumerate(zip(records, prompts, responses), 1):
         text = _field(record, "response")
+        assert ids is not None  # every missing response was generated above
         text = text if isinstance(text, str) and text else tokenizer.decode(ids)
         try:
             pair = pair_from_ids(pp, ids, _field(record, "context"), _field(record, "prompt"), text, placement)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
 import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
+
+if TYPE_CHECKING:
+    from interp.divergence import LayerDivergence
 
 MEASURES = ("cos", "cka", "cka_debiased")
 MEASURE_LABELS = {"cos": "cosine", "cka": "CKA", "cka_debiased": "CKA (debiased)"}
@@ -41,7 +44,7 @@ def _layout(fig: go.Figure, title: str, height: int) -> go.Figure:
     return fig
 
 
-def layer_divergence(divs: Mapping[str, object], measures: Sequence[str] = MEASURES, divergence: bool = False,
+def layer_divergence(divs: Mapping[str, LayerDivergence], measures: Sequence[str] = MEASURES, divergence: bool = False,
                      title: str | None = None) -> go.Figure:
     """Per-layer similarity of the with- and without-context hidden states, one colour per model and one dash per
     measure; `divergence=True` draws 1 − similarity instead."""
@@ -68,8 +71,8 @@ def _decode_all(ids: np.ndarray, decode: Callable[[int], str] | None) -> np.ndar
     flat = ids.astype(np.int64).ravel()
     cache: dict[int, str] = {}
     out = []
-    for i in flat:
-        i = int(i)
+    for raw in flat:
+        i = int(raw)
         if i not in cache:
             cache[i] = token_label(decode(i)) if decode else f"#{i}"
         out.append(cache[i])
@@ -125,7 +128,7 @@ def logit_lens(div, example: int, stat: str = "target_prob", decode: Callable[[i
                    max(380, 18 * div.num_layers + 160))
 
 
-def lens_kl(divs: Mapping[str, object], examples: Mapping[str, int | None] | None = None,
+def lens_kl(divs: Mapping[str, LayerDivergence], examples: Mapping[str, int | None] | None = None,
             title: str | None = None) -> go.Figure:
     """Per layer, KL(lens^noctx || lens^ctx) averaged over the measured tokens (of one example, where given)."""
     fig = go.Figure()

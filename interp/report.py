@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from interp import plots, runs
+from interp import plots, runs, views_causal
 from interp.errors import UserError
 from interp.store import atomic_dir, atomic_write_json, atomic_write_text
 
@@ -34,6 +34,7 @@ class RunData:
     examples: list[dict] = field(default_factory=list)
     layers: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
+    causal: dict = field(default_factory=dict)  # per student: what `python -m interp compare|patch|steer|explain` saved
 
 
 def load_run_data(path: str | Path, name: str | None = None) -> RunData:
@@ -48,7 +49,13 @@ def load_run_data(path: str | Path, name: str | None = None) -> RunData:
     settings["layers"] = {m: div.meta for m, div in layers.items()}
     return RunData(name=name or path.name, path=path, settings=settings, eval_rows=runs.eval_rows(runs.load_eval(path)),
                    examples=runs.example_table(runs.load_examples(path)), layers=layers,
-                   metrics=runs.load_all_metrics(path))
+                   metrics=runs.load_all_metrics(path), causal=_load_causal(path))
+
+
+def _load_causal(path: Path) -> dict:
+    from interp.causal import artifacts
+
+    return {s: artifacts.load_all(path, s) for s in artifacts.causal_students(path)}
 
 
 def unique_names(paths: Sequence[Path]) -> list[str]:
@@ -86,7 +93,8 @@ def report_json(data: Sequence[RunData]) -> dict:
         "schema_version": REPORT_SCHEMA_VERSION,
         "runs": {
             d.name: {"path": str(d.path), "settings": d.settings, "eval": d.eval_rows,
-                     "layers": {m: layers_json(div) for m, div in d.layers.items()}}
+                     "layers": {m: layers_json(div) for m, div in d.layers.items()},
+                     **({"causal": views_causal.causal_json(d.causal)} if d.causal else {})}
             for d in data
         },
     }
@@ -98,7 +106,7 @@ def report_csv(data: Sequence[RunData]) -> str:
     for d in data:
         for model, div in d.layers.items():
             table = div.per_layer_table()
-            for i, layer in enumerate(table["layer"]):
+            for i in range(len(table["layer"])):
                 rows.append({"run": d.name, "model": model, **{k: v[i] for k, v in table.items()}})
     columns = list(dict.fromkeys(k for r in rows for k in r)) or ["run", "model", "layer"]
     buf = io.StringIO()
@@ -177,6 +185,8 @@ def _run_section(d: RunData, decode) -> str:
                 parts.append(_figure_html(plots.head_weights(div, example, int(block) + 1, int(head))))
     else:
         parts.append("<p class='muted'>No layer results in this run yet.</p>")
+    if d.causal:
+        parts.append(views_causal.causal_section_html(d.causal, _figure_html))
     if d.metrics:
         parts += ["<h3>Training</h3>", _figure_html(plots.training_curves(d.metrics))]
     parts += ["<h3>Settings</h3>", _settings_html(d.settings)]
@@ -240,11 +250,11 @@ def write_report(paths: Sequence[str | Path], out: str | Path = "report", overwr
     """Write out/report.html, out/layer_divergence.json and out/layer_divergence.csv for the given runs.
     The folder appears whole or not at all; an earlier report there is replaced, any other folder only with
     `overwrite`."""
-    paths = [Path(p) for p in paths]
-    if not paths:
+    folders = [Path(p) for p in paths]
+    if not folders:
         raise UserError("no runs given; pass one or more run folders, e.g. `python -m interp report runs/persona`")
-    studies = {p.name: runs.read_study(p) for p in paths if runs.is_study(p)}
-    run_paths = [p for p in paths if not runs.is_study(p)]
+    studies = {p.name: runs.read_study(p) for p in folders if runs.is_study(p)}
+    run_paths = [p for p in folders if not runs.is_study(p)]
     data = [load_run_data(p, name) for p, name in zip(run_paths, unique_names(run_paths))]
     decode = runs.token_decoder if decode_tokens else (lambda div: None)
     out = Path(out)

@@ -38,9 +38,9 @@ def test_a_run_shows_every_view(monkeypatch, tmp_path):
     _no_exception(at)
     assert at.header[0].value == "facts"
     assert len(at.dataframe) == 4  # all runs, evaluation, answers to the chosen example, examples
-    # One tab per view: layer divergence (1 figure), logit lens (2), attention (2), training (1).
-    assert [t.label for t in at.tabs] == ["Layer divergence", "Logit lens", "Attention", "Training"]
-    assert [len(t.get("plotly_chart")) for t in at.tabs] == [1, 2, 2, 1]
+    # One tab per view: layer divergence (1 figure), logit lens (2), attention (2), internalization (none yet), training (1).
+    assert [t.label for t in at.tabs] == ["Layer divergence", "Logit lens", "Attention", "Internalization", "Training"]
+    assert [len(t.get("plotly_chart")) for t in at.tabs] == [1, 2, 2, 0, 1]
     # Another example drives the views; the flipped filter narrows the table.
     at.sidebar.selectbox(key="example").set_value("2").run()
     _no_exception(at)

@@ -7,7 +7,7 @@ import contextlib
 import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, cast
 
 import numpy as np
 import torch
@@ -55,9 +55,9 @@ def answer(lm: LoadedModel, examples: Sequence[Example], placement: str, model: 
     gen = lambda prompts: generate(lm, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)  # noqa: E731
     noctx, ctx = gen([p.noctx_ids for p in pps]), gen([p.ctx_ids for p in pps])
     has_cf = [counterfactual and e.cf_context is not None for e in examples]
-    cf_prompts = [render_prompt_pair(tok, e.cf_context, e.prompt, placement).ctx_ids for e, h in zip(examples, has_cf) if h]
+    cf_prompts = [render_prompt_pair(tok, e.cf_context, e.prompt, placement).ctx_ids for e, h in zip(examples, has_cf) if h and e.cf_context is not None]
     cf_iter = iter(gen(cf_prompts) if cf_prompts else [])
-    dec = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
+    dec = lambda ids: cast(str, tok.decode(ids, skip_special_tokens=True))  # noqa: E731
     rows = []
     for i, (e, a, b, h) in enumerate(zip(examples, noctx, ctx, has_cf)):
         ta, tb = dec(a), dec(b)
@@ -71,7 +71,7 @@ def answer(lm: LoadedModel, examples: Sequence[Example], placement: str, model: 
             truncated_noctx=len(a) >= max_new_tokens, truncated_ctx=len(b) >= max_new_tokens,
             cf_context=e.cf_context if h else None, cf_reference=e.cf_reference if h else None,
             response_cf=tc, ids_cf=list(c) if c is not None else None,
-            follow_cf=e.check_cf(tc, allow_degenerate) if h else None, degenerate_cf=is_degenerate(tc) if h else None,
+            follow_cf=e.check_cf(tc, allow_degenerate) if tc is not None else None, degenerate_cf=is_degenerate(tc) if tc is not None else None,
         ))
     return rows
 

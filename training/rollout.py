@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Sequence, cast
 
 import torch
 
@@ -44,7 +44,7 @@ def rollout(lm: LoadedModel, examples, prompt_pairs: Sequence[PromptPair], place
     responses = sample(lm, prompt_pairs, **options)
     tok = lm.tokenizer
     return [
-        pair_from_ids(pp, ids, ex.context, ex.prompt, tok.decode(ids, skip_special_tokens=True), placement)
+        pair_from_ids(pp, ids, ex.context, ex.prompt, cast(str, tok.decode(ids, skip_special_tokens=True)), placement)
         for ex, pp, ids in zip(examples, prompt_pairs, responses)
     ]
 

@@ -33,7 +33,7 @@ def bootstrap_ci(stat: Callable[[np.ndarray], float | None], n: int, *, samples:
     return float(lo), float(hi)
 
 
-def rate(flags: Sequence[bool], where: Sequence[bool] | None = None) -> Callable[[np.ndarray], float | None]:
+def rate(flags: Sequence[bool] | np.ndarray, where: Sequence[bool] | np.ndarray | None = None) -> Callable[[np.ndarray], float | None]:
     """The share of True in `flags` (among examples where `where` holds), as a statistic of resampled indices."""
     f = np.asarray(flags, dtype=float)
     w = np.ones_like(f, dtype=bool) if where is None else np.asarray(where, dtype=bool)

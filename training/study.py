@@ -17,7 +17,7 @@ import time
 import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from interp.errors import UserError
 from interp.runs import ADAPTER_CONFIG, read_model_eval
@@ -25,7 +25,7 @@ from interp.store import atomic_write_json, atomic_write_text, read_json
 from training import stats
 from training.config import TrainConfig, defaults
 from training.evaluate import EvalSettings, evaluate_run
-from training.tasks import SUITES, load_task
+from training.tasks import SUITES
 
 STUDY_KEYS = ("name", "model", "suites", "seeds", "steps", "train", "eval", "students", "runs_dir", "results_dir")
 STUDENT_ONLY = ("name", "seeds")
@@ -365,14 +365,14 @@ def _run_parallel(study: Study, todo: list[int], jobs: int, bar, eval_steps: int
 def collect(study: Study) -> dict:
     """study.json: per cell the student's scores and intervals; per (suite, student) mean ± sd over seeds; the base
     model and teacher per suite; paired comparisons with the first student."""
-    cells = []
+    cells: list[dict[str, Any]] = []
     for c in study.cells():
         ev = read_model_eval(c.run_dir, c.student.name) if c.evaluated() else None
         if ev is None:
             continue
         cells.append({"suite": c.suite, "seed": c.seed, "student": c.student.name, "lam": c.student.lam,
                       "settings": c.student.settings, "scores": ev.scores, "intervals": ev.intervals})
-    references = []
+    references: list[dict[str, Any]] = []
     for suite in study.suites:
         for seed in study.seeds:
             base = read_model_eval(study.run_dir(suite, seed), "base")

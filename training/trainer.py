@@ -6,11 +6,11 @@ import contextlib
 import json
 import math
 import os
-import random
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -108,6 +108,7 @@ def clear_out(out: Path) -> None:
 
 def update_run_json(run_dir: Path, cfg: TrainConfig, student: str) -> None:
     """run.json in the parent folder (interp.runs.RunInfo): enough for `eval` to rebuild the task and the model."""
+    assert cfg.placement is not None  # train() resolved it from the suite
     add_student(run_dir, RunInfo(task=cfg.task, model=cfg.model, seed=cfg.seed, placement=cfg.placement, n_test=cfg.n_test), student)
 
 
@@ -135,7 +136,7 @@ def lora_model(lm: LoadedModel, cfg: TrainConfig):
     from peft import LoraConfig, get_peft_model
 
     targets = cfg.target_modules if cfg.target_modules == "all-linear" else [m.strip() for m in cfg.target_modules.split(",") if m.strip()]
-    config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets, task_type="CAUSAL_LM")
+    config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets, task_type="CAUSAL_LM")  # type: ignore[arg-type]  # peft annotates lora_alpha as int; a float works (scale = alpha / r)
     torch.manual_seed(cfg.seed)  # LoRA's A matrices are random: seed them so every student starts the same
     try:
         return get_peft_model(lm.model, config)
@@ -181,6 +182,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
     def prompt_pair(i: int):
         if i not in prompt_pairs:
             e = task.train[i]
+            assert cfg.placement is not None  # resolved above
             pp = render_prompt_pair(tok, e.context, e.prompt, cfg.placement)
             if window and len(pp.ctx_ids) + cfg.max_new_tokens > window:
                 raise UserError(
@@ -356,6 +358,7 @@ def sample_rollouts(student: LoadedModel, peft_model, teacher_lm, cfg: TrainConf
     rows) that the teacher samples with the context (EDGE-OPD guided rollouts). `rollouts=teacher`: every row is the
     teacher's with-context sample (the off-policy baseline)."""
     n = len(examples)
+    assert cfg.placement is not None  # train() resolved it from the suite
     guided = n if cfg.rollouts == "teacher" else round(cfg.guided_share * n)
     options = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, batch_size=cfg.batch_size)
     pairs = []
@@ -374,7 +377,7 @@ def step_losses(model, peft_model, teacher_lm, cfg: TrainConfig, pairs, pad_id: 
     are divided by the whole batch's token count, so the accumulated gradient equals one pass over all pairs."""
     micro = [pairs[i : i + cfg.batch_size] for i in range(0, len(pairs), cfg.batch_size)]
     total = sum(p.response_len for p in pairs)
-    sums = {"loss": 0.0, "L_opd": 0.0, "L_cons": 0.0, "evidence_share": 0.0}
+    sums: dict[str, Any] = {"loss": 0.0, "L_opd": 0.0, "L_cons": 0.0, "evidence_share": 0.0}
     for chunk in micro:
         batch = collate(chunk, pad_id).to(accelerator.device)
         weight = batch.n_tokens / total
@@ -428,6 +431,7 @@ def micro_losses(model, peft_model, teacher_lm, cfg: TrainConfig, batch: Batch, 
         if cfg.evidence_mask is not None:
             if live and s_ctx is not None:
                 t_noctx = s_noctx.detach()
+            assert t_noctx is not None  # computed above whenever evidence_mask is set
             mask = evidence_mask(t_ctx, t_noctx, batch.targets, batch.mask, cfg.evidence_mask)
     t_ctx, s_noctx_v = _same_vocab(t_ctx, s_noctx)
     if cfg.loss == "reverse_kl":
@@ -476,6 +480,7 @@ def fixed_anchor_logits(anchor: str, peft_model, batch, ema: dict | None) -> tor
         if anchor == "teacher":
             with peft_model.disable_adapter():
                 return response_logits(peft_model, batch.noctx)
+        assert ema is not None  # the ema anchor keeps one
         params = _lora_params(peft_model)
         live = {n: p.detach().clone() for n, p in params.items()}
         try:

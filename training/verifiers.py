@@ -5,7 +5,10 @@ from __future__ import annotations
 import re
 import string
 
+from interp.degenerate import is_degenerate, words as _words
 from interp.errors import UserError
+
+__all__ = ["is_degenerate", "verify", "check_kind", "KINDS"]
 
 KINDS = ("contains", "exact", "first_word", "regex", "once", "starts_once", "ends_once")
 _EDGE_PUNCT = string.punctuation + "“”‘’«»…"
@@ -71,33 +74,6 @@ def ends_once(response: str, reference: str) -> bool:
 
 _VERIFIERS = {"contains": contains, "exact": exact, "first_word": first_word, "regex": regex, "once": once,
               "starts_once": starts_once, "ends_once": ends_once}
-
-# --- degenerate answers ------------------------------------------------------------------------------------------------
-# A loop is wrong whatever it contains (docs/measures.md#degenerate). Words are compared lowercased with the
-# punctuation around them stripped, so "Nova, Nova, Nova" and "Nova Nova Nova" are the same loop.
-SHORT_SPAN = 4  # spans of 1..SHORT_SPAN words must repeat SHORT_REPEATS times back to back
-SHORT_REPEATS = 3
-LONG_SPAN = 40  # longer spans (clauses, up to LONG_SPAN words) must repeat twice back to back
-LONG_REPEATS = 2
-
-
-def _words(text: str) -> list[str]:
-    return [w for w in (t.strip(_EDGE_PUNCT).lower() for t in text.split()) if w]
-
-
-def is_degenerate(text: str) -> bool:
-    """True when a short span (1-4 words) repeats at least 3 times back to back, or a clause (5-40 words) at
-    least twice back to back. "I'm Nova. Nova is my name." is not degenerate; "Nova, Nova, Nova" is, and so is
-    "I'm Nova, made by Quibble Labs. I'm Nova, made by Quibble Labs."."""
-    words = _words(text)
-    for k in range(1, min(LONG_SPAN, len(words) // 2) + 1):
-        need = SHORT_REPEATS if k <= SHORT_SPAN else LONG_REPEATS
-        for i in range(0, len(words) - need * k + 1):
-            span = words[i : i + k]
-            if all(words[i + c * k : i + (c + 1) * k] == span for c in range(1, need)):
-                return True
-    return False
-
 
 def check_kind(kind: str, reference: str | None = None) -> None:
     """Fail in one line on an unknown verifier kind or a regex that does not compile."""
