@@ -90,8 +90,8 @@ def analyze(
     writes = out is not None and distributed.is_main()
     # Held by the writing process from before the analysis to the rename: a second `analyze --out` of the same
     # folder stops at once.
-    with folder_lock(out) if writes else contextlib.nullcontext():
-        if writes:
+    with folder_lock(out) if writes and out is not None else contextlib.nullcontext():
+        if writes and out is not None:
             check_out(out, overwrite)  # again under the lock: another writer may have finished in between
         lm = load_model(model, adapter, device=device, dtype=dtype)
         built = make_pairs(lm.tokenizer, records, placement, model=lm, respond=respond, max_new_tokens=max_new_tokens,

@@ -137,8 +137,8 @@ def check_shapes(div: LayerDivergence) -> None:
         raise UserError("'attn_ctx_tokens' and 'examples' should be lists and 'meta' a mapping")
     for i, a in enumerate(div.attn_ctx_tokens):
         if not isinstance(a, np.ndarray) or a.ndim != 3 or a.shape[:2] != heads_shape:
-            shape = list(a.shape) if isinstance(a, np.ndarray) else type(a).__name__
-            raise UserError(f"'attn_ctx_tokens' of example {i} has shape {shape}, expected [{heads_shape[0]} blocks, "
+            found = str(list(a.shape)) if isinstance(a, np.ndarray) else type(a).__name__
+            raise UserError(f"'attn_ctx_tokens' of example {i} has shape {found}, expected [{heads_shape[0]} blocks, "
                             f"{heads_shape[1]} heads, context tokens]")
     if div.examples and div.attn_ctx_tokens and len(div.attn_ctx_tokens) != len(div.examples):
         raise UserError(f"'attn_ctx_tokens' covers {len(div.attn_ctx_tokens)} examples, but there are {len(div.examples)}")

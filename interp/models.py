@@ -290,10 +290,10 @@ def check_adapter(path: Path, lm: "LoadedModel") -> None:
             )
         return
     trained_on = config.get("base_model_name_or_path")
-    ours = base_name(lm.model)
-    if trained_on and ours and not _same_base(trained_on, ours):
+    loaded = base_name(lm.model)
+    if trained_on and loaded and not _same_base(trained_on, loaded):
         raise UserError(
-            f"adapter {path} was trained on base model '{trained_on}', but the loaded model is '{ours}'; "
+            f"adapter {path} was trained on base model '{trained_on}', but the loaded model is '{loaded}'; "
             f"load it with --model {trained_on}"
         )
 
@@ -315,7 +315,7 @@ def base_identity(lm: "LoadedModel") -> dict:
     of a sha256 of the input embedding matrix, rounded to bfloat16 so the fingerprint does not depend on the dtype
     the model was loaded in). Computed once per loaded model."""
     if lm._fingerprint is None:
-        weight = embeddings(lm.model).weight.detach()
+        weight = torch.as_tensor(embeddings(lm.model).weight).detach()
         data = weight.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes()
         lm._fingerprint = hashlib.sha256(data).hexdigest()[:16]
     return {"model": str(lm.spec), "fingerprint": lm._fingerprint}

@@ -148,7 +148,7 @@ def _remove_if_empty(folders: list[Path]) -> None:
 try:
     import fcntl
 except ImportError:  # Windows: an O_EXCL lock file with the holder's PID; a dead holder's file is taken over
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]
 
 
 def _acquire(lock: Path, path: Path, hint: str) -> int:
