@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
 PORT ?= 8501
+# Only this machine can reach the app unless asked: `make app HOST=0.0.0.0` serves every interface (then consider
+# LAYERS_LIVE_RUNS_ONLY=1, which limits live mode to the models and adapters of the runs folder).
+HOST ?= 127.0.0.1
 
 .PHONY: setup app test test-fast lint model browser bench clean-venv
 
@@ -25,7 +28,7 @@ model: setup
 	$(PY) -c "from interp.models import embedded_model_dir; print('embedded model at', embedded_model_dir())"
 
 app: model
-	$(VENV)/bin/streamlit run apps/layers.py --server.port $(PORT) --server.headless true
+	$(VENV)/bin/streamlit run apps/layers.py --server.address $(HOST) --server.port $(PORT) --server.headless true
 
 test: model
 	$(PY) -m pytest -q -n 2 --dist loadfile

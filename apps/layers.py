@@ -23,6 +23,9 @@ LIVE_DEFAULT_MODEL = "smollm2-135m-instruct"
 FIRST_PAINT_S = float(os.environ.get("LAYERS_FIRST_PAINT_S", "1.5"))
 NO_ADAPTER = "none (base model)"
 OTHER_ADAPTER = "another adapter folder…"
+# LAYERS_LIVE_RUNS_ONLY=1: live mode loads only the models the runs name and the adapters inside the runs folder,
+# and the runs folder cannot be changed from the browser (for an app that others can reach).
+LIVE_RUNS_ONLY_ENV = "LAYERS_LIVE_RUNS_ONLY"
 # What the empty states tell a user to run.
 MAKE_RUN_COMMAND = "python -m training pair --task persona --steps 30 --out runs/persona"
 LAYERS_COMMAND = "python -m interp analyze-run {run}"
@@ -32,6 +35,29 @@ def overview(summaries: list) -> list[dict]:
     """One row per run for the run picker: what it is, what it has so far, or what is wrong with it."""
     return [{"run": r.name, "task": r.task, "model": r.model, "students": ", ".join(r.students),
              "evaluated": r.has_eval, "layers": ", ".join(r.layer_models), "error": r.error or ""} for r in summaries]
+
+
+def live_runs_only() -> bool:
+    return os.environ.get(LIVE_RUNS_ONLY_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def live_refusal(spec: str, adapter: Path | None, root: str) -> str | None:
+    """Why live mode, limited to the runs folder, may not load this model or adapter; None when it may."""
+    base = Path(root).resolve()
+
+    def inside(path) -> bool:
+        return Path(path).resolve().is_relative_to(base)
+
+    if adapter is not None and not inside(adapter):
+        return (f"adapter {adapter} is outside the runs folder {root}; this app only loads adapters from it "
+                f"({LIVE_RUNS_ONLY_ENV} is set)")
+    from interp.models import BUILTIN_SPECS
+
+    named = {r.model for r in runs.list_runs(root) if r.model and not r.error}
+    if spec in BUILTIN_SPECS or spec in named or (Path(spec).is_dir() and inside(spec)):
+        return None
+    return (f"model '{spec}' is neither built in nor the model of a run under {root}; this app only loads those "
+            f"({LIVE_RUNS_ONLY_ENV} is set): {', '.join(sorted(set(BUILTIN_SPECS) | named))}")
 
 
 # ---------- cached reading: runs refresh when their files change, models load once per process ----------
@@ -88,8 +114,9 @@ def cached_causal(path: str, stamp: tuple) -> dict:
     return {s: artifacts.load_all(path, s) for s in artifacts.causal_students(path)}
 
 
-@st.cache_resource(show_spinner="Loading the model (once per app process)…")
+@st.cache_resource(show_spinner="Loading the model (once per app process)…", max_entries=2)
 def cached_model(spec: str):
+    # At most two models stay in memory: each typed spec would otherwise keep its weights until the app stops.
     import interp
 
     return interp.load_model(spec)
@@ -439,13 +466,20 @@ def show_live(summary) -> None:
     max_new = st.slider("Max new tokens when generating", 8, 128, 32, key="live_max_new")
     if st.button("Analyze", type="primary", key="live_go"):
         record = {"context": context, "prompt": prompt, **({"response": response} if response.strip() else {})}
+        refusal = live_refusal(spec.strip(), adapter, st.session_state.get("runs_dir", str(runs.default_runs_dir()))) \
+            if live_runs_only() else None
         try:
+            if refusal:
+                raise UserError(refusal)
             with st.spinner("Analyzing…"):
                 div, tokenizer = analyze_live(spec.strip(), adapter, record, placement, scope, max_new)
             shown = (picked if picked != OTHER_ADAPTER else Path(adapter).name) if adapter else ""
             st.session_state["live_result"] = (div, tokenizer, f"{spec.strip()}{' + ' + shown if shown else ''}")
         except UserError as err:
             st.error(str(err))
+        except Exception as err:  # noqa: BLE001 - a damaged model or adapter folder must not show a traceback
+            st.error(f"Could not analyze with {spec.strip()}{' + ' + str(adapter) if adapter else ''}: "
+                     f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}")
     if "live_result" in st.session_state:
         div, tokenizer, label = st.session_state["live_result"]
         ex = div.examples[0]
@@ -492,7 +526,7 @@ def show_study(results_root: str) -> None:
 def main() -> None:
     st.set_page_config(page_title="Layer divergence", layout="wide")
     st.sidebar.title("Layer divergence")
-    root = st.sidebar.text_input("Runs folder", str(runs.default_runs_dir()), key="runs_dir",
+    root = st.sidebar.text_input("Runs folder", str(runs.default_runs_dir()), key="runs_dir", disabled=live_runs_only(),
                                  help="Set the default with the environment variable LAYERS_RUNS_DIR.")
     found = cached_runs(root, _root_stamp(root))
     mode = st.sidebar.radio("Mode", ["Runs", "Study", "Live"], key="mode", horizontal=True)

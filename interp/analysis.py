@@ -18,7 +18,7 @@ from interp.lens import DEFAULT_CHUNK, lens_statistics
 from interp.metrics import CKAAccumulator, cosine_per_token
 from interp.models import unembed
 from interp.pairs import SCOPES, Pair
-from interp.store import save_divergence
+from interp.store import check_member_name, save_divergence
 
 __all__ = ["analyze", "analyze_run", "LayerDivergence"]
 
@@ -57,11 +57,20 @@ def analyze(
         capture = functools.partial(capture, remote=True)
     if scope not in SCOPES:
         raise UserError(f"unknown scope '{scope}'; use one of {', '.join(SCOPES)}")
-    if batch_size < 1:
-        raise UserError("batch size must be at least 1")
+    for name, value in (("batch_size", batch_size), ("lens_chunk", lens_chunk)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise UserError(f"{name} must be an integer of at least 1 (got {value!r})")
+    if not hasattr(lm, "model") or not hasattr(lm, "tokenizer"):
+        raise UserError(f"analyze needs a model from interp.load_model (got {type(lm).__name__})")
+    if pairs is None or isinstance(pairs, (str, bytes, dict)):
+        raise UserError(f"pairs must be a list of aligned pairs from interp.make_pairs (got {type(pairs).__name__})")
     pairs = list(pairs)
     if not pairs:
         raise UserError("no pairs to analyze")
+    for i, p in enumerate(pairs, 1):
+        if not isinstance(p, Pair):
+            raise UserError(f"pair {i} is a {type(p).__name__}, not an aligned pair; build pairs with "
+                            "interp.make_pairs(lm.tokenizer, records) first")
     max_len = getattr(lm.model.config, "max_position_embeddings", None)
     for i, p in enumerate(pairs, 1):
         if max_len and len(p.ctx_ids) > max_len:
@@ -263,6 +272,9 @@ def analyze_run(
     unknown = [m for m in wanted if m not in available]
     if unknown:
         raise UserError(f"{run_dir} has no evaluated model named {', '.join(unknown)}; evaluated: {', '.join(available)}")
+    for name in wanted:
+        if name != "base":  # each becomes a folder name: RUN/<name> (the adapter) and RUN/layers/<name>
+            check_member_name(name, run_dir / "eval")
     lm = lm or load_model(info.model, device=device, dtype=dtype)
     written = {}
     for name in wanted:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -10,7 +11,8 @@ from typing import Optional
 import typer
 
 from interp.errors import UserError
-from interp.store import read_jsonl
+from interp.models import check_device
+from interp.store import check_out, folder_lock, read_jsonl
 
 app = typer.Typer(
     add_completion=False,
@@ -30,6 +32,12 @@ def format_table(div) -> str:
             f"{attn[layer]:8.4f} {kl[layer]:8.4f}"
         )
     return "\n".join(lines)
+
+
+def _at_least_one(**options: int) -> None:
+    for name, value in options.items():
+        if value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
 
 
 @app.command()
@@ -62,6 +70,12 @@ def analyze(
 
     if backend not in BACKENDS:
         raise UserError(f"unknown backend '{backend}'; use one of {', '.join(BACKENDS)}")
+    _at_least_one(max_new_tokens=max_new_tokens, batch_size=batch_size)
+    check_device(device)
+    if adapter is not None and adapter.exists() and not adapter.is_dir():
+        raise UserError(f"--adapter {adapter} is a file; pass the adapter folder that holds adapter_config.json")
+    if adapter is not None and not adapter.exists():
+        raise UserError(f"adapter folder {adapter} does not exist; pass a folder written by `python -m training train`")
     if pairs is not None:
         if context is not None or prompt is not None:
             raise UserError("give either --pairs or --context/--prompt, not both")
@@ -70,19 +84,25 @@ def analyze(
         if context is None or prompt is None:
             raise UserError("give --context and --prompt (or --pairs FILE.jsonl)")
         records = [{"context": context, "prompt": prompt, "response": response}]
-    if out is not None and out.exists() and not overwrite:
-        raise UserError(f"{out} already exists; choose another folder or pass --overwrite")
-    distributed.init_from_env()  # under torchrun the pairs are shared out; rank 0 prints and writes
-    lm = load_model(model, adapter, device=device, dtype=dtype)
-    built = make_pairs(lm.tokenizer, records, placement, model=lm, respond=respond, max_new_tokens=max_new_tokens,
-                       max_length=getattr(lm.model.config, "max_position_embeddings", None))
-    div = run_analysis(lm, built, backend=backend, scope=scope, batch_size=batch_size, progress=len(built) > batch_size)
-    if not distributed.is_main():
-        distributed.barrier()
-        return
     if out is not None:
-        save_divergence(div, out, overwrite=overwrite)
-    distributed.barrier()
+        check_out(out, overwrite)
+    distributed.init_from_env()  # under torchrun the pairs are shared out; rank 0 prints and writes
+    writes = out is not None and distributed.is_main()
+    # Held by the writing process from before the analysis to the rename: a second `analyze --out` of the same
+    # folder stops at once.
+    with folder_lock(out) if writes and out is not None else contextlib.nullcontext():
+        if writes and out is not None:
+            check_out(out, overwrite)  # again under the lock: another writer may have finished in between
+        lm = load_model(model, adapter, device=device, dtype=dtype)
+        built = make_pairs(lm.tokenizer, records, placement, model=lm, respond=respond, max_new_tokens=max_new_tokens,
+                           max_length=getattr(lm.model.config, "max_position_embeddings", None))
+        div = run_analysis(lm, built, backend=backend, scope=scope, batch_size=batch_size, progress=len(built) > batch_size)
+        if not distributed.is_main():
+            distributed.barrier()
+            return
+        if out is not None:
+            save_divergence(div, out, overwrite=overwrite)
+        distributed.barrier()
     if as_json:
         typer.echo(json.dumps(div.per_layer_table()))
     else:
@@ -110,6 +130,8 @@ def analyze_run_command(
     from interp import distributed
     from interp.analysis import analyze_run
 
+    _at_least_one(batch_size=batch_size, **({} if max_examples is None else {"max_examples": max_examples}))
+    check_device(device)
     written = analyze_run(run, models.split(",") if models else None, backend, batch_size=batch_size,
                           max_examples=max_examples, device=device, dtype=dtype, progress=distributed.is_main())
     if not distributed.is_main():
@@ -143,6 +165,10 @@ _register_causal()
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user mistakes print one line (no traceback) and exit with status 2."""
+    import warnings
+
+    # peft asks transformers a deprecated question on every adapter load; the answer is right, the warning is noise.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     try:
         app(args=argv, prog_name="python -m interp", standalone_mode=False)
     except UserError as err:

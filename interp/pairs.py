@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
@@ -181,6 +182,28 @@ def _field(record, name: str):
     return record.get(name) if isinstance(record, Mapping) else getattr(record, name, None)
 
 
+def _check_ids(ids, tokenizer, model, i: int) -> list[int]:
+    """response_ids as a list of token ids inside the vocabulary, or a one-line UserError naming the record."""
+    if isinstance(ids, (str, bytes, Mapping)) or not isinstance(ids, Iterable):
+        raise UserError(f"record {i}: response_ids must be a list of token ids (got {type(ids).__name__})")
+    ids = list(ids)
+    vocab = len(tokenizer)
+    config = getattr(getattr(model, "model", None), "config", None)
+    vocab = max(vocab, getattr(config, "vocab_size", 0) or 0)
+    out = []
+    for t in ids:
+        try:
+            if isinstance(t, bool):
+                raise TypeError
+            t = operator.index(t)  # ints and numpy/torch integers; floats and strings are refused
+        except TypeError:
+            raise UserError(f"record {i}: response_ids must hold integers, found {t!r}") from None
+        if not 0 <= t < vocab:
+            raise UserError(f"record {i}: token id {t} in response_ids is outside the vocabulary (0..{vocab - 1})")
+        out.append(t)
+    return out
+
+
 def make_pairs(
     tokenizer,
     records: Iterable,
@@ -199,6 +222,9 @@ def make_pairs(
     """
     if respond not in ("noctx", "ctx"):
         raise UserError(f"unknown respond '{respond}'; use noctx or ctx")
+    if records is None or isinstance(records, (str, bytes, Mapping)) or not isinstance(records, Iterable):
+        raise UserError(f"records must be a list of records with context and prompt (got {type(records).__name__}); "
+                        "e.g. [{'context': ..., 'prompt': ...}]")
     records = list(records)
     if not records:
         raise UserError("no records to analyze; give at least one context/prompt pair")
@@ -215,8 +241,11 @@ def make_pairs(
             raise UserError(f"record {i}: {err}") from None
         ids = _field(record, "response_ids")
         text = _field(record, "response")
+        if text is not None and not isinstance(text, str):
+            raise UserError(f"record {i}: the response must be text (got {type(text).__name__}); "
+                            "give a string, or response_ids as a list of token ids")
         if ids is not None:
-            responses.append(list(ids))
+            responses.append(_check_ids(ids, tokenizer, model, i))
         elif isinstance(text, str) and text:
             responses.append(_ids(tokenizer, text))
         else:

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from interp.errors import UserError
-from interp.store import META_FILE, atomic_write_json, atomic_write_text, load_divergence, read_json
+from interp.store import META_FILE, atomic_write_json, atomic_write_text, check_member_name, load_divergence, read_json
 
 RUN_FILE = "run.json"
 EVAL_FILE = "eval.json"
@@ -112,6 +112,8 @@ def load_run_info(path: str | os.PathLike) -> dict:
     students = info.get("students", [])
     if not isinstance(students, list):
         raise UserError(f"{path / RUN_FILE} is damaged: 'students' should be a list of names")
+    for name in students:  # a name like "../../etc" would send every reader outside the run folder
+        check_member_name(name, path / RUN_FILE)
     return info
 
 
@@ -382,9 +384,9 @@ def add_student(run_dir: str | os.PathLike, info: RunInfo, student: str) -> RunI
             f"{run_dir / RUN_FILE} is a run of {key}={getattr(current, key)!r}, but this student uses "
             f"{key}={getattr(info, key)!r}; put it in another run folder"
         )
-    if student not in current.students:
+    if student not in current.students:  # unchanged, it is not rewritten: a resume that fails leaves the run as it was
         current.students.append(student)
-    write_run(run_dir, current)
+        write_run(run_dir, current)
     return current
 
 
@@ -395,7 +397,7 @@ def student_dir(run_dir: str | os.PathLike, student: str) -> Path:
 def adapter_dir(run_dir: str | os.PathLike, student: str) -> Path:
     """The student's adapter folder; an error when the student has not finished training."""
     folder = student_dir(run_dir, student)
-    if not (folder / ADAPTER_CONFIG).exists():
+    if not (folder / ADAPTER_CONFIG).exists() or not (folder / ADAPTER_WEIGHTS).exists():  # the weights are written last
         raise UserError(f"student '{student}' of {run_dir} has no adapter yet (training unfinished); "
                         f"finish it with `python -m training train --out {folder} --resume`")
     return folder

@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 import tempfile
+import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -57,55 +59,323 @@ def _json_default(obj):
     raise TypeError(f"cannot write {type(obj).__name__} as JSON")
 
 
+# --- locks: one writer per folder --------------------------------------------------------------------------------
+
+# Locks this process holds, by lock-file path: nested use (analyze's --out, then atomic_dir on the same folder inside
+# it) must not block on itself. flock locks belong to an open file, so a second open in the same process would.
+_HELD: dict[str, list] = {}
+_HELD_GUARD = threading.Lock()
+
+
+def lock_path(path: str | os.PathLike) -> Path:
+    """The lock file of a folder or file: beside it, so that the folder itself can be replaced in one rename."""
+    path = Path(os.path.abspath(path))
+    return path.parent / f".{path.name}.lock"
+
+
+class FolderLocked(UserError):
+    """Another process holds the folder's write lock."""
+
+
+def _holder(lock: Path) -> str:
+    try:
+        pid = lock.read_text().strip()
+    except OSError:
+        return "another process"
+    return f"process {pid}" if pid.isdigit() else "another process"
+
+
+@contextmanager
+def folder_lock(path: str | os.PathLike, *, hint: str = "wait for it to finish or choose another --out"):
+    """Hold the write lock of `path` (a folder or a file, existing or not) for the block.
+
+    A second writer, in another process, gets a one-line UserError naming the process that holds it. The lock is
+    an `fcntl.flock` on a `.NAME.lock` file beside `path`: the kernel releases it when its holder dies, even by
+    SIGKILL, so a lock is never stale. The file holds the holder's PID for the message and is removed on release.
+    """
+    lock = lock_path(path)
+    key = str(lock)
+    with _HELD_GUARD:
+        held = _HELD.get(key)
+        if held is not None and held[0] == os.getpid():
+            held[1] += 1
+            reentered = True
+        else:
+            reentered = False
+    if reentered:
+        try:
+            yield lock
+        finally:
+            with _HELD_GUARD:
+                _HELD[key][1] -= 1
+        return
+    created = _make_parents(lock.parent)
+    try:
+        fd = _acquire(lock, Path(path), hint)
+    except BaseException:
+        _remove_if_empty(created)
+        raise
+    with _HELD_GUARD:
+        _HELD[key] = [os.getpid(), 1]
+    try:
+        yield lock
+    finally:
+        with _HELD_GUARD:
+            _HELD.pop(key, None)
+        _release(lock, fd)
+        _remove_if_empty(created)  # a command that failed leaves no empty folders behind
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """mkdir -p, returning the folders it created, deepest first."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for f in reversed(missing):
+        f.mkdir(exist_ok=True)
+    return missing
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    for f in folders:
+        try:
+            f.rmdir()
+        except OSError:  # not empty (the result is in it) or gone: keep going up only while empty
+            return
+
+
+try:
+    import fcntl
+except ImportError:  # Windows: an O_EXCL lock file with the holder's PID; a dead holder's file is taken over
+    fcntl = None  # type: ignore[assignment]
+
+
+def _acquire(lock: Path, path: Path, hint: str) -> int:
+    if fcntl is None:
+        return _acquire_exclusive(lock, path, hint)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise FolderLocked(f"{path} is being written by {_holder(lock)}; {hint}") from None
+        # The previous holder may have removed the file between our open and our lock: then we locked a file
+        # nobody else can see, and must lock the current one instead.
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            return fd
+        os.close(fd)
+
+
+def _release(lock: Path, fd: int) -> None:
+    if fcntl is None:
+        os.close(fd)
+        lock.unlink(missing_ok=True)
+        return
+    # Removed while still locked, so that a waiter that opened the old file notices (samestat) and retries.
+    lock.unlink(missing_ok=True)
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _acquire_exclusive(lock: Path, path: Path, hint: str) -> int:
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            holder = _holder(lock)
+            pid = holder.split()[-1]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                lock.unlink(missing_ok=True)  # stale: its holder died without cleaning up
+                continue
+            raise FolderLocked(f"{path} is being written by {holder}; {hint}") from None
+        os.write(fd, f"{os.getpid()}\n".encode())
+        return fd
+    raise FolderLocked(f"{path} is being written by {_holder(lock)}; {hint}")
+
+
 @contextmanager
 def atomic_dir(path: str | os.PathLike, overwrite: bool = False):
-    """Yield a temporary folder beside `path`; on success it replaces `path` in one rename, on failure it vanishes."""
+    """Yield a temporary folder beside `path`; on success it replaces `path` in one rename, on failure it vanishes.
+
+    Everything happens under `path`'s folder lock, and without `overwrite` an existing `path` is refused both on
+    entry and again right before the rename: a folder that appeared meanwhile is never replaced.
+    """
     path = Path(path)
     if path.exists() and not overwrite:
         raise UserError(f"{path} already exists; choose another folder or pass --overwrite")
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path} is a file, not a folder; choose another path")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    os.chmod(tmp, _default_mode(is_dir=True))
-    try:
-        yield tmp
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, old / "x")
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with folder_lock(path):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        os.chmod(tmp, _default_mode(is_dir=True))
+        try:
+            yield tmp
+            if path.exists() and not overwrite:
+                raise UserError(f"{path} appeared while this result was written; nothing was replaced, pass --overwrite to replace it")
+            if path.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+                os.replace(path, old / "x")
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
-def read_json(path: str | os.PathLike):
-    """Read a JSON file, or fail in one line naming the file."""
+def update_json(path: str | os.PathLike, fn, *, default=None):
+    """Read-modify-write a JSON file under its lock: `fn(current)` returns the new content (`current` is `default`
+    when the file is missing); the file is replaced atomically. Returns what was written.
+
+    Two processes updating the same file (two students added to one run.json) take turns instead of losing an update;
+    the lock is waited for, since an update takes milliseconds.
+    """
+    path = Path(path)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with folder_lock(path, hint="it is updated by another command; try again"):
+                current = read_json(path) if path.exists() else default
+                new = fn(current)
+                atomic_write_json(path, new)
+                return new
+        except FolderLocked:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def check_out(path: str | os.PathLike, overwrite: bool = False, option: str = "--out") -> Path:
+    """Before any work: `path` can become a result folder. It must not be a file, must not exist unless `overwrite`,
+    and its nearest existing parent must be a folder this process can write in. Nothing is created."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{option} {path} is a file; give a folder path")
+    if path.exists() and not overwrite:
+        raise UserError(f"{path} already exists; choose another folder or pass --overwrite")
+    parent = Path(os.path.abspath(path)).parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{option} {path} cannot be created: {parent} is a file, not a folder")
+    try:  # os.access says yes to root on a read-only file system: try for real, leaving nothing behind
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as err:
+        raise UserError(f"{option} {path} cannot be written ({err.strerror or err} in {parent}); choose another folder") from None
+    return path
+
+
+# --- reading --------------------------------------------------------------------------------------------------------
+
+
+def check_member_name(name, where: str | os.PathLike | None = None) -> str:
+    """A name that stands for a folder inside a run (a student): one plain path component, so that `run / name`
+    stays inside the run whatever run.json says. Returns the name; otherwise a one-line UserError."""
+    source = f"{where}: " if where else ""
+    if not isinstance(name, str) or not name.strip():
+        raise UserError(f"{source}member name {name!r} is not a folder name; expected a non-empty string")
+    bad = (name in (".", "..") or name.startswith(".") or "/" in name or "\\" in name or "\x00" in name
+           or os.path.isabs(name) or (os.sep in name) or (os.altsep is not None and os.altsep in name)
+           or name != name.strip() or Path(name).drive)
+    if bad:
+        raise UserError(f"{source}member name {name!r} is not a plain folder name inside the run "
+                        "(no slashes, no leading dot, no '..'); the run folder may have been tampered with")
+    return name
+
+
+def read_json(path: str | os.PathLike, expect: type | None = None):
+    """Read a JSON file, or fail in one line naming the file; `expect=dict` (or list) also checks the top-level type."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path} is missing")
+    if path.is_dir():
+        raise UserError(f"{path} is a folder, not a JSON file")
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path} is damaged (not valid JSON: {err}); rerun the command that wrote it") from err
+        value = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path} is damaged (not UTF-8 text at byte {err.start}); rerun the command that wrote it") from err
+    except (ValueError, RecursionError) as err:
+        detail = err.msg if isinstance(err, json.JSONDecodeError) else "nested too deeply or too large"
+        raise UserError(f"{path} is damaged (not valid JSON: {detail}); rerun the command that wrote it") from err
+    except OSError as err:
+        raise UserError(f"cannot read {path} ({err.strerror or err})") from err
+    if expect is not None and not isinstance(value, expect):
+        raise UserError(f"{path} is damaged: expected a JSON {_json_kind(expect)}, found {_json_kind(type(value))}")
+    return value
 
 
-def read_jsonl(path: str | os.PathLike, required: tuple[str, ...] = (), check=None) -> list[dict]:
+def _json_kind(kind: type) -> str:
+    return {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean",
+            type(None): "null"}.get(kind, kind.__name__)
+
+
+def read_text_file(path: str | os.PathLike, what: str = "file") -> str:
+    """A UTF-8 text file's content (a BOM is dropped), or a one-line UserError for a missing, folder, binary or
+    non-UTF-8 file."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder, not a {what}; pass the file itself")
+    if not path.is_file():
+        raise UserError(f"{path} does not exist" if not path.exists() else f"{path} is not a regular file; pass a {what}")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise UserError(f"cannot read {path} ({err.strerror or err})") from err
+    if b"\x00" in data:
+        raise UserError(f"{path} is binary (it holds NUL bytes), not a {what} of UTF-8 text")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path} is not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}); "
+                        f"save it as UTF-8") from None
+
+
+def read_jsonl(path: str | os.PathLike, required: tuple[str, ...] = (), check=None, *, partial_ok: bool = False,
+               allow_empty: bool = False) -> list[dict]:
     """Records from a JSONL file, each an object whose `required` fields are non-empty strings; `check(record)` may
     raise UserError for more. A bad line is an error naming the file and the line.
+
+    `partial_ok=True` skips a last line that is not valid JSON and has no newline: a writer killed mid-line leaves
+    one (metrics.jsonl). `allow_empty=True` returns [] for a file without records instead of failing.
     """
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path} does not exist")
+    text = read_text_file(path, "JSONL file")
+    # Lines end at "\n" only: str.splitlines() would also cut at characters JSON strings may hold raw (U+2028, \x1c).
+    lines = text.split("\n")
+    complete = text.endswith("\n")
     records = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    for i, line in enumerate(lines, 1):
+        line = line.rstrip("\r")
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}, line {i}: not valid JSON ({err.msg})") from None
+        except (ValueError, RecursionError) as err:
+            if partial_ok and i == len(lines) and not complete:
+                break
+            detail = err.msg if isinstance(err, json.JSONDecodeError) else "nested too deeply or too large"
+            raise UserError(f"{path}, line {i}: not valid JSON ({detail})") from None
         if not isinstance(record, dict):
             raise UserError(f"{path}, line {i}: expected a JSON object with {', '.join(required) or 'fields'}")
         for key in required:
@@ -117,7 +387,7 @@ def read_jsonl(path: str | os.PathLike, required: tuple[str, ...] = (), check=No
             except UserError as err:
                 raise UserError(f"{path}, line {i}: {err}") from None
         records.append(record)
-    if not records:
+    if not records and not allow_empty:
         raise UserError(f"{path} has no records")
     return records
 
@@ -163,12 +433,21 @@ def load_divergence(folder: str | os.PathLike) -> LayerDivergence:
     missing = [name for name in array_fields() if name not in arrays]
     if missing:
         raise UserError(f"{arrays_path} lacks {', '.join(missing)}; rerun `python -m interp analyze`")
-    offsets = meta.get("attn_ctx_tokens_offsets", [0])
     joined = arrays.get("attn_ctx_tokens")
+    offsets = meta.get("attn_ctx_tokens_offsets", [0])
+    width = joined.shape[-1] if joined is not None and joined.ndim >= 1 else 0
+    if (not isinstance(offsets, list) or not offsets or not all(type(o) is int for o in offsets)
+            or offsets[0] != 0 or any(b < a for a, b in zip(offsets, offsets[1:])) or offsets[-1] != width):
+        raise UserError(f"{folder / META_FILE} is damaged: 'attn_ctx_tokens_offsets' should be rising integers from 0 "
+                        f"to {width}; rerun `python -m interp analyze`")
     per_example = [joined[..., a:b] for a, b in zip(offsets[:-1], offsets[1:])] if joined is not None else []
-    return LayerDivergence(
-        **{name: arrays[name] for name in array_fields()},
-        attn_ctx_tokens=per_example,
-        examples=meta.get("examples", []),
-        meta=meta.get("meta", {}),
-    )
+    examples, info = meta.get("examples", []), meta.get("meta", {})
+    try:
+        return LayerDivergence(
+            **{name: arrays[name] for name in array_fields()},
+            attn_ctx_tokens=per_example,
+            examples=examples,
+            meta=info,
+        )
+    except UserError as err:
+        raise UserError(f"{folder} is damaged: {err}; rerun `python -m interp analyze`") from None

@@ -106,7 +106,7 @@ def test_a_broken_run_is_an_error_for_that_run_only(monkeypatch, tmp_path):
     (worse / "layers" / "reg").rename(worse / "layers" / ".reg-moved")
     at.sidebar.selectbox(key="run").set_value("worse").run()
     _no_exception(at)
-    assert "could not be shown" in at.error[0].value
+    assert "is damaged" in at.error[0].value and "'lens_top1_ctx' has shape" in at.error[0].value  # named where it is read
 
 
 def test_a_run_still_training(monkeypatch, tmp_path):

@@ -111,3 +111,62 @@ def test_adapter_folder_with_a_dot_in_its_name(adapters, tmp_path):
     lm = load_model("tiny-random-llama", device="cpu")
     name = lm.load_adapter(dotted)
     assert name == "reg_lam0_1" and lm.active_adapter == "reg_lam0_1"
+
+
+def test_adapters_carry_their_base_models_identity(adapters, tmp_path):
+    import shutil
+
+    lm = load_model("tiny-random-llama", device="cpu")
+    folder = tmp_path / "a1"
+    shutil.copytree(adapters / "a1", folder)
+    identity = models.write_base_identity(folder, lm)
+    assert identity == {"model": "tiny-random-llama", "fingerprint": identity["fingerprint"]} and len(identity["fingerprint"]) == 16
+    assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny-random-llama"
+    assert json.loads((folder / models.BASE_MODEL_FILE).read_text()) == identity
+    # The fingerprint does not depend on the dtype the model is loaded in.
+    assert models.base_identity(load_model("tiny-random-llama", device="cpu", dtype=torch.bfloat16)) == identity
+    lm.load_adapter(folder)
+    # Another tiny Llama under the same name (other weights) refuses it, naming both.
+    other_model, tokenizer = models.tiny_random_llama(seed=1)
+    other = models.LoadedModel(model=other_model, tokenizer=tokenizer, spec="tiny-random-llama")
+    with pytest.raises(UserError, match=r"trained on base model 'tiny-random-llama' \(weights [0-9a-f]{16}\), but the loaded model "
+                                        r"is 'tiny-random-llama' \(weights [0-9a-f]{16}\); the same name with other weights"):
+        other.load_adapter(folder)
+
+
+def test_an_adapter_of_another_shape_says_what_does_not_fit(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    narrow, _ = models.tiny_random_llama(hidden=32)
+    get_peft_model(narrow, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "narrow")
+    with pytest.raises(UserError) as info:
+        load_model("tiny-random-llama", adapter=tmp_path / "narrow", device="cpu")
+    message = str(info.value)
+    assert "q_proj.lora_A" in message and "[2, 32] in the adapter but [2, 64] in the model" in message, message
+    assert not message.rstrip().endswith(":") and "\n" not in message
+
+
+@pytest.mark.parametrize("device,match", [("quantum", "unknown device 'quantum'"), ("cuda", "CUDA is not available"),
+                                          ("cuda:3", "CUDA is not available"), (7, "must be a string")])
+def test_devices_this_machine_lacks(device, match):
+    if torch.cuda.is_available() and str(device).startswith("cuda"):
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(UserError, match=match):
+        models.check_device(device)
+    assert models.check_device("cpu") == "cpu" and models.check_device(None) is None
+
+
+def test_an_uncached_hub_id_fails_fast_offline(monkeypatch):
+    import time
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(models, "hub_reachable", lambda timeout=0: False)
+    start = time.monotonic()
+    with pytest.raises(UserError, match="'ctxint-test/never-published' is not in the local Hugging Face cache and the hub cannot be reached"):
+        load_model("ctxint-test/never-published")
+    assert time.monotonic() - start < 5
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(models, "hub_reachable", lambda timeout=0: pytest.fail("HF_HUB_OFFLINE needs no network probe"))
+    with pytest.raises(UserError, match="not in the local Hugging Face cache"):
+        load_model("ctxint-test/never-published")

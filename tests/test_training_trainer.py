@@ -224,7 +224,7 @@ def test_nan_loss_stops_with_the_checkpoint_intact(tmp_path, monkeypatch):
     c = cfg(tmp_path, "n", steps=3, checkpoint_every=1)
     with pytest.raises(TrainingError, match=r"loss became nan at step 2; the last good checkpoint is .*step-000001"):
         train(c, progress=False)
-    state = torch.load(checkpoints(tmp_path / "run" / "n")[-1] / "state.pt", weights_only=False)
+    state = json.loads((checkpoints(tmp_path / "run" / "n")[-1] / "state.json").read_text())
     assert state["step"] == 1
     weights = load_file(str(checkpoints(tmp_path / "run" / "n")[-1] / "adapter.safetensors"))
     assert all(torch.isfinite(w).all() for w in weights.values())
@@ -232,11 +232,14 @@ def test_nan_loss_stops_with_the_checkpoint_intact(tmp_path, monkeypatch):
 
 def test_adapter_from_another_base_model(tmp_path):
     train(cfg(tmp_path, "unreg", steps=1), progress=False)
-    config = tmp_path / "run" / "unreg" / "adapter_config.json"
-    data = json.loads(config.read_text())
-    data["base_model_name_or_path"] = "HuggingFaceTB/SmolLM2-360M-Instruct"
-    config.write_text(json.dumps(data))
-    with pytest.raises(UserError, match="trained on base model 'HuggingFaceTB/SmolLM2-360M-Instruct'"):
+    folder = tmp_path / "run" / "unreg"
+    # The adapter records its base model: the spec in adapter_config.json, the spec and a fingerprint in base_model.json.
+    assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny-random-llama"
+    identity = json.loads((folder / "base_model.json").read_text())
+    assert identity["model"] == "tiny-random-llama" and len(identity["fingerprint"]) == 16
+    (folder / "base_model.json").write_text(json.dumps({"model": "HuggingFaceTB/SmolLM2-360M-Instruct", "fingerprint": "0123456789abcdef"}))
+    with pytest.raises(UserError, match=r"trained on base model 'HuggingFaceTB/SmolLM2-360M-Instruct' \(weights 0123456789abcdef\), "
+                                        r"but the loaded model is 'tiny-random-llama' \(weights [0-9a-f]{16}\)"):
         evaluate_run(tmp_path / "run", settings=EvalSettings(max_new_tokens=2), layers=False)
 
 

@@ -14,7 +14,7 @@ import torch
 
 from interp.errors import UserError
 from interp.generate import generate
-from interp.models import LoadedModel, load_model
+from interp.models import LoadedModel, check_safetensors, load_model
 from interp.pairs import render_prompt_pair
 from interp.runs import (ADAPTER_WEIGHTS, EVAL_DIR, EVAL_FILE, EVAL_TABLE, ExampleRow, ModelEval, RunInfo, adapter_dir,
                          read_model_eval, read_run, write_examples, write_model_eval)
@@ -200,6 +200,8 @@ def evaluate_run(
     if unknown:
         raise UserError(f"{run_dir} has no student named {unknown[0]}; its students: {', '.join(info.students) or 'none'}")
     folders = {s: adapter_dir(run_dir, s) for s in students}  # an unfinished student is an error, not a silent skip
+    for folder in folders.values():  # a damaged adapter fails now, not after minutes of generation for the others
+        check_safetensors(folder / ADAPTER_WEIGHTS, "adapter weights")
     task = load_task(info.task, seed=info.seed, n_test=info.n_test)
     examples = task.test[: settings.n] if settings.n else task.test
     base_settings = asdict(settings)

@@ -6,7 +6,6 @@ import contextlib
 import json
 import math
 import os
-import random
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -20,7 +19,12 @@ from interp.models import LoadedModel, load_model
 from interp.pairs import render_prompt_pair
 from interp.runs import TRAIN_CONFIG_FILE as CONFIG_FILE
 from interp.runs import RunInfo, add_student
-from interp.store import atomic_dir, atomic_write_json, atomic_write_text, read_json
+from interp.store import atomic_write_json, read_json
+from training.checkpoints import TrainingError, adapter_is_current, assert_finite_params, kill_point, load_checkpoint, save_checkpoint
+from training.checkpoints import list_checkpoints as checkpoints
+from training.checkpoints import lora_params as _lora_params
+from training.checkpoints import rng_state as _rng_state
+from training.checkpoints import truncate_metrics as _truncate_metrics
 from training.config import RESUMABLE, TrainConfig
 from training.losses import consistency_kl, cross_entropy, evidence_mask, forward_kl, lam_at, masked_mean, reverse_kl
 from training.rollout import MIN_SHARED_PREFIX, Batch, both_sides, collate, prefix_cache, response_logits, rollout
@@ -29,10 +33,6 @@ from training.tasks import Task, load_task
 __all__ = ["TrainConfig", "TrainResult", "TrainingError", "train", "validate"]
 
 METRICS_FILE = "metrics.jsonl"
-
-
-class TrainingError(UserError):
-    """The run itself failed (a non-finite loss); the message says where the last good checkpoint is."""
 
 
 @dataclass
@@ -66,68 +66,6 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int, rank: int = 0, 
     return [epoch_permutation(seed, epoch, n)[i] for epoch, i in (divmod(p, n) for p in range(start, start + batch_size))]
 
 
-# --- checkpoints -----------------------------------------------------------------------------------------------------
-
-
-def _lora_params(model) -> dict[str, torch.nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def checkpoints(out: Path) -> list[Path]:
-    folder = out / "checkpoints"
-    return sorted(folder.glob("step-*")) if folder.is_dir() else []
-
-
-def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, ema: dict | None, rng_states: list) -> Path:
-    """Adapter weights, optimizer, scheduler, EMA, every process's RNG state and the step (which fixes the data
-    position), written as one folder in one rename; older checkpoints are removed only after it is in place."""
-    from safetensors.torch import save_file
-
-    path = out / "checkpoints" / f"step-{step:06d}"
-    with atomic_dir(path, overwrite=True) as tmp:
-        save_file({n: p.detach().cpu().contiguous() for n, p in _lora_params(model).items()}, str(tmp / "adapter.safetensors"))
-        torch.save(
-            {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "ema": ema, "rng": rng_states},
-            tmp / "state.pt",
-        )
-    for old in checkpoints(out):
-        if old != path:
-            shutil.rmtree(old, ignore_errors=True)
-    return path
-
-
-def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int) -> tuple[int, dict | None]:
-    from safetensors.torch import load_file
-
-    weights = load_file(str(path / "adapter.safetensors"))
-    params = _lora_params(model)
-    if set(weights) != set(params):
-        raise UserError(f"checkpoint {path} holds other LoRA weights than this model has; start a new run with another --out")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(weights[name].to(p.device))
-    state = torch.load(path / "state.pt", weights_only=False, map_location="cpu")
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    rngs = state["rng"]
-    _set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
-    return state["step"], state["ema"]
-
-
 # --- the run folder ----------------------------------------------------------------------------------------------------
 
 
@@ -142,7 +80,7 @@ def prepare_out(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path | None:
     if resume:
         if not (out / CONFIG_FILE).exists():
             raise UserError(f"nothing to resume in {out}: it has no {CONFIG_FILE}; drop --resume to start a new run")
-        saved = read_json(out / CONFIG_FILE)
+        saved = read_json(out / CONFIG_FILE, expect=dict)
         ours = _config_dict(cfg)
         diff = [k for k in ours if k not in RESUMABLE and saved.get(k) != ours[k]]
         if diff:
@@ -174,12 +112,19 @@ def update_run_json(run_dir: Path, cfg: TrainConfig, student: str) -> None:
     add_student(run_dir, RunInfo(task=cfg.task, model=cfg.model, seed=cfg.seed, placement=cfg.placement, n_test=cfg.n_test), student)
 
 
-def save_adapter(model, out: Path) -> None:
-    """adapter_config.json + adapter_model.safetensors into `out`, each replaced in one rename."""
+def save_adapter(model, out: Path, lm: LoadedModel | None = None) -> None:
+    """adapter_config.json + adapter_model.safetensors (+ base_model.json, the base model's identity, given `lm`)
+    into `out`, each replaced in one rename."""
+    from interp.models import write_base_identity
+
+    kill_point("before_adapter")
     tmp = out / ".adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))
-    for name in ("adapter_config.json", "adapter_model.safetensors"):  # not peft's generated README
+    if lm is not None:
+        write_base_identity(tmp, lm)
+    # Not peft's generated README; the weights go last, so that their presence means the whole adapter is there.
+    for name in (["base_model.json"] if lm is not None else []) + ["adapter_config.json", "adapter_model.safetensors"]:
         os.replace(tmp / name, out / name)
     shutil.rmtree(tmp, ignore_errors=True)
 
@@ -273,6 +218,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
     step0, ema = 0, None
     if start_from is not None:
         step0, ema = load_checkpoint(start_from, peft_model, optimizer, scheduler, rank)
+        if step0 == cfg.steps and not adapter_is_current(peft_model, out):
+            # Killed between its last checkpoint and the adapter write: finishing it is writing the adapter.
+            if accelerator.is_main_process:
+                save_adapter(peft_model, out, lm)
+            accelerator.wait_for_everyone()
+            return TrainResult(out=out, steps=cfg.steps)
         if step0 >= cfg.steps:
             raise UserError(f"{out} is already at step {step0}; pass --steps above {step0} to train further")
     if cfg.anchor == "ema" and ema is None:
@@ -311,6 +262,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
             # 4. update
             grad_norm = accelerator.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
+            assert_finite_params(params, out, step + 1)  # before any checkpoint: exploded weights are never saved
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if ema is not None:
@@ -355,7 +307,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
     if cfg.report_to:
         accelerator.end_training()
     if accelerator.is_main_process:
-        save_adapter(accelerator.unwrap_model(model), out)
+        save_adapter(accelerator.unwrap_model(model), out, lm)
     accelerator.wait_for_everyone()
     mean_step = sum(times[1:]) / len(times[1:]) if len(times) > 1 else (times[0] if times else 0.0)
     return TrainResult(out=out, steps=cfg.steps, last=last, step_seconds=mean_step)
@@ -560,11 +512,3 @@ def _gather_rng(accelerator) -> list:
     from accelerate.utils import gather_object
 
     return gather_object([_rng_state()])
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop the lines of steps after the checkpoint: they will be run again."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    atomic_write_text(path, "".join(line + "\n" for line in keep))
