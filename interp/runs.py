@@ -24,7 +24,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from interp.errors import UserError
-from interp.store import META_FILE, atomic_write_json, atomic_write_text, check_member_name, load_divergence, read_json
+from interp.store import (META_FILE, atomic_write_json, atomic_write_text, check_member_name, load_divergence, read_json,
+                          update_json)
 
 RUN_FILE = "run.json"
 EVAL_FILE = "eval.json"
@@ -377,17 +378,22 @@ def add_student(run_dir: str | os.PathLike, info: RunInfo, student: str) -> RunI
     """Create run.json or check that this student belongs to the run it describes, and list the student."""
     run_dir = Path(run_dir)
     check_student_name(student)
-    current = read_run(run_dir) if (run_dir / RUN_FILE).exists() else RunInfo(**{**asdict(info), "students": []})
-    key = current.same_run(info)
-    if key:
-        raise UserError(
-            f"{run_dir / RUN_FILE} is a run of {key}={getattr(current, key)!r}, but this student uses "
-            f"{key}={getattr(info, key)!r}; put it in another run folder"
-        )
-    if student not in current.students:  # unchanged, it is not rewritten: a resume that fails leaves the run as it was
-        current.students.append(student)
-        write_run(run_dir, current)
-    return current
+    if (run_dir / RUN_FILE).exists():  # checked before the locked update: a mismatch writes nothing
+        key = read_run(run_dir).same_run(info)
+        if key:
+            raise UserError(
+                f"{run_dir / RUN_FILE} is a run of {key}={getattr(read_run(run_dir), key)!r}, but this student uses "
+                f"{key}={getattr(info, key)!r}; put it in another run folder"
+            )
+
+    def listed(current: dict | None) -> dict:
+        # Students of one run trained at once (a study's parallel cells) add themselves under run.json's lock.
+        run = RunInfo(**{**asdict(info), "students": []}) if current is None else RunInfo(**{**asdict(info), "students": list(current.get("students", []))})
+        if student not in run.students:
+            run.students.append(student)
+        return asdict(run)
+
+    return RunInfo(**update_json(run_dir / RUN_FILE, listed))
 
 
 def student_dir(run_dir: str | os.PathLike, student: str) -> Path:

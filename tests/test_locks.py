@@ -139,3 +139,28 @@ def test_member_names_that_leave_the_run_are_refused(name):
 @pytest.mark.parametrize("name", ["unreg", "reg", "reg_lam0.1", "reg-warmup", "Étudiant"])
 def test_plain_member_names_pass(name):
     assert store.check_member_name(name) == name
+
+
+def test_two_trainings_into_one_folder_the_second_is_refused(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run" / "s"
+    cmd = [sys.executable, "-m", "training", "train", "--model", "tiny-random-llama", "--task", "persona", "--batch-size", "2",
+           "--max-new-tokens", "4", "--n-test", "3", "--checkpoint-every", "1", "--out", str(out)]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([*cmd, "--steps", "200"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (out / "metrics.jsonl").exists():
+            time.sleep(0.2)
+        second = subprocess.run([*cmd, "--steps", "2", "--overwrite"], capture_output=True, text=True, timeout=300, env=env)
+        assert second.returncode == 2, second.stderr
+        assert "is being written by process" in second.stderr and len(second.stderr.strip().splitlines()) == 1
+    finally:
+        first.kill()
+        first.wait()
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    steps = [__import__("json").loads(x)["step"] for x in lines if x.strip().endswith("}")]
+    assert steps == list(range(1, len(steps) + 1))  # one run's steps only, in order: nothing mixed in

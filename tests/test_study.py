@@ -126,3 +126,24 @@ def test_cli_study_bad_file_exits_2(tmp_path):
     path.write_bytes(b"\xff\xfe\x00garbage")
     result = subprocess.run([sys.executable, "-m", "training", "study", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+try:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover - hypothesis is a dev dependency
+    given = None
+
+if given is not None:
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.binary(max_size=300))
+    def test_study_reader_on_arbitrary_bytes(tmp_path, data):
+        path = tmp_path / "any.toml"
+        path.write_bytes(data)
+        try:
+            study = load_study(path)
+        except UserError as err:
+            assert "\n" not in str(err) and str(path) in str(err)
+        else:  # bytes that happen to be a valid study
+            assert study.cells()

@@ -19,8 +19,8 @@ from interp.models import LoadedModel, load_model
 from interp.pairs import render_prompt_pair
 from interp.runs import TRAIN_CONFIG_FILE as CONFIG_FILE
 from interp.runs import RunInfo, add_student
-from interp.store import atomic_write_json, read_json
-from training.checkpoints import TrainingError, adapter_is_current, assert_finite_params, kill_point, load_checkpoint, save_checkpoint
+from interp.store import atomic_write_json, folder_lock, read_json
+from training.checkpoints import TrainingError, adapter_is_current, clean_leftovers, assert_finite_params, kill_point, load_checkpoint, save_checkpoint
 from training.checkpoints import list_checkpoints as checkpoints
 from training.checkpoints import lora_params as _lora_params
 from training.checkpoints import rng_state as _rng_state
@@ -148,7 +148,18 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
           lm: LoadedModel | None = None, on_step=None) -> TrainResult:
     """Train one student into `cfg.out` (a folder inside a run folder) and return where it is.
 
-    `on_step(step, steps)` is called after every step (the study's progress bar)."""
+    `on_step(step, steps)` is called after every step (the study's progress bar). The student folder is locked for
+    the whole run: a second writer gets a one-line error instead of mixing its steps into this run's."""
+    cfg.check()
+    # Under torchrun only the first process takes the lock: the others would wait on it forever.
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    with folder_lock(cfg.out) if main_process else contextlib.nullcontext():
+        if main_process:
+            clean_leftovers(cfg.out)  # a checkpoint write that was killed half-way
+        return _train(cfg, resume=resume, overwrite=overwrite, progress=progress, lm=lm, on_step=on_step)
+
+
+def _train(cfg: TrainConfig, *, resume: bool, overwrite: bool, progress: bool, lm: LoadedModel | None, on_step) -> TrainResult:
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
