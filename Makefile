@@ -48,6 +48,8 @@ bench: setup
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) bench/capture.py
 	$(PY) bench/train_step.py
+	$(PY) bench/long_context.py
+	$(PY) bench/patch.py
 	$(PY) bench/app.py
 
 clean-venv:

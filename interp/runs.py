@@ -379,12 +379,15 @@ def add_student(run_dir: str | os.PathLike, info: RunInfo, student: str) -> RunI
     run_dir = Path(run_dir)
     check_student_name(student)
     if (run_dir / RUN_FILE).exists():  # checked before the locked update: a mismatch writes nothing
-        key = read_run(run_dir).same_run(info)
+        current = read_run(run_dir)
+        key = current.same_run(info)
         if key:
             raise UserError(
-                f"{run_dir / RUN_FILE} is a run of {key}={getattr(read_run(run_dir), key)!r}, but this student uses "
+                f"{run_dir / RUN_FILE} is a run of {key}={getattr(current, key)!r}, but this student uses "
                 f"{key}={getattr(info, key)!r}; put it in another run folder"
             )
+        if student in current.students:  # already listed: run.json is left as it is (a failed resume changes nothing)
+            return current
 
     def listed(current: dict | None) -> dict:
         # Students of one run trained at once (a study's parallel cells) add themselves under run.json's lock.
