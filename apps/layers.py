@@ -146,7 +146,7 @@ def show_layer_divergence(divs: dict, key: str) -> None:
 def show_logit_lens(divs: dict, examples: dict, key: str, decode=None) -> None:
     c1, c2, c3 = st.columns([3, 3, 2])
     model = c1.selectbox("Model", list(divs), index=len(divs) - 1 if len(divs) > 1 else 0, key=f"{key}_lens_model")
-    stat = c2.selectbox("Colour", list(plots.LENS_STATS), format_func=lambda s: plots.LENS_STATS[s], key=f"{key}_lens_stat")
+    stat = c2.selectbox("Colour", list(plots.LENS_STAT_LABELS), format_func=lambda s: plots.LENS_STAT_LABELS[s], key=f"{key}_lens_stat")
     in_cells = c3.toggle("Top-1 tokens in every cell", key=f"{key}_lens_text",
                          help="Always in the hover; written in the cells by default only when they are few.")
     example = examples.get(model)

@@ -8,6 +8,8 @@ from typing import cast
 
 import torch
 
+from interp.divergence import LENS_STATS  # the statistics' names: one home
+
 from interp.divergence import lens_field_names
 from interp.archs import apply_softcap
 from interp.models import decoder_layers, final_norm, softcap, unembed
@@ -17,13 +19,15 @@ DEFAULT_CHUNK = 256
 
 
 def logit_lens(model, hidden: torch.Tensor, layer: int | None = None) -> torch.Tensor:
-    """`unembed(final_norm(h))` for a `[n, d]` hidden state of `layer` (0 = embeddings, last = last block's output),
+    """`unembed(final_norm(h))` for a `[n, d]` hidden state of `layer` (0 = embeddings, last = last block's output);
+    `model` is a LoadedModel (like every public function's) or the bare transformers model,
     soft-capped as the model caps its own logits (Gemma 2/3), as float32.
 
     The same projection serves every layer (that is the logit lens); `layer` is only range-checked. At the last
     layer the result equals the model's own logits, because hidden states here are taken before the final norm and
     the softcap is the model's. The cap is applied in float32 (a bf16 model caps in bf16: the lens is the more exact).
     """
+    model = getattr(model, "model", model) if not isinstance(model, torch.nn.Module) else model  # a LoadedModel too
     if hidden.ndim != 2:
         raise ValueError(f"logit_lens expects a [n, d] hidden state, got shape {tuple(hidden.shape)}")
     norm, head = final_norm(model), unembed(model)
@@ -99,7 +103,6 @@ def _final(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return p, -(p * logp).sum(-1)
 
 
-_STATS = ("top1", "top1_prob", "target_prob", "target_rank", "entropy", "kl_final")
 
 
 @torch.no_grad()
@@ -132,7 +135,7 @@ def lens_statistics(model, hidden_ctx: torch.Tensor, hidden_noctx: torch.Tensor,
             z_noctx = logit_lens(model, hidden_noctx[layer, a:b])
             ctx, noctx, kl = _call_stats(L * n, z_ctx, z_noctx, p_ctx, p_noctx, h_ctx, h_noctx, tgt)
             for run, values in (("ctx", ctx), ("noctx", noctx)):
-                for stat, value in zip(_STATS, values):
+                for stat, value in zip(LENS_STATS, values):
                     out[f"lens_{stat}_{run}"][layer, a:b] = value.to(out[f"lens_{stat}_{run}"].dtype)
             out["lens_kl_noctx_ctx"][layer, a:b] = kl
     # Rounding can leave KLs a hair below zero; they are non-negative by definition.

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 MEASURES = ("cos", "cka", "cka_debiased")
 MEASURE_LABELS = {"cos": "cosine", "cka": "CKA", "cka_debiased": "CKA (debiased)"}
 _DASH = {"cos": "solid", "cka": "dash", "cka_debiased": "dot"}
-LENS_STATS = {
+LENS_STAT_LABELS = {  # axis labels of the per-token lens statistics (names: interp.divergence.LENS_STATS)
     "target_prob": "probability of the actual token",
     "top1_prob": "top-1 probability",
     "target_rank": "rank of the actual token",
@@ -124,7 +124,7 @@ def logit_lens(div, example: int, stat: str = "target_prob", decode: Callable[[i
     fig.update_layout(coloraxis=dict(colorscale="Viridis", colorbar=dict(title=stat), **zrange))
     fig.update_yaxes(title=LAYER_AXIS, row=1, col=1)
     head = (ex.get("prompt") or "")[:60]
-    return _layout(fig, title or f"Logit lens, example {example} ({head!r}): {LENS_STATS.get(stat, stat)}",
+    return _layout(fig, title or f"Logit lens, example {example} ({head!r}): {LENS_STAT_LABELS.get(stat, stat)}",
                    max(380, 18 * div.num_layers + 160))
 
 
@@ -239,7 +239,7 @@ def training_curves(metrics: Mapping[str, Sequence[Mapping]], keys: Sequence[str
 def lens_summary(div, stats: Sequence[str] = ("target_prob", "entropy", "kl_final"), title: str | None = None) -> go.Figure:
     """Per layer, the token-mean of logit-lens statistics with the context (solid) and without it (dashed), as
     tuned-lens draws them: one panel per statistic."""
-    fig = make_subplots(rows=1, cols=len(stats), subplot_titles=[LENS_STATS.get(s, s) for s in stats],
+    fig = make_subplots(rows=1, cols=len(stats), subplot_titles=[LENS_STAT_LABELS.get(s, s) for s in stats],
                         horizontal_spacing=0.07)
     for col, stat in enumerate(stats, 1):
         for side, dash, color in (("ctx", "solid", "#d62728"), ("noctx", "dash", "#1f77b4")):
