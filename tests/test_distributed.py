@@ -1,7 +1,5 @@
 """analyze-run under torchrun (two gloo processes on CPU) gives the numbers of one process, and rank 0 writes."""
 
-import csv
-import json
 import os
 import subprocess
 import sys
@@ -26,25 +24,31 @@ RECORDS = [
 
 
 def make_run(folder: Path) -> Path:
-    """A run folder as `python -m training` leaves it: run.json, a student adapter, eval_examples.csv."""
+    """A run folder in the run format (interp.runs): run.json, a student adapter, the evaluation's rows with ids."""
     from peft import LoraConfig, get_peft_model
 
+    from interp import runs
     from interp.models import load_model
 
     folder.mkdir(parents=True)
-    (folder / "run.json").write_text(json.dumps({"task": "persona", "model": "tiny-random-llama", "seed": 0,
-                                                 "placement": "system", "students": ["student"]}))
+    runs.write_run(folder, runs.RunInfo(task="persona", model="tiny-random-llama", seed=0, placement="system",
+                                        n_test=5, students=["student"]))
     lm = load_model("tiny-random-llama", device="cpu")
     torch.manual_seed(0)
     peft = get_peft_model(lm.model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
     peft.save_pretrained(folder / "student")
-    with open(folder / "eval_examples.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["model", "context", "prompt", "response_noctx"])
-        w.writeheader()
-        for c, p, r in RECORDS:  # base: 5 examples, 3 batches of 2 (rank 0 gets two, rank 1 one)
-            w.writerow({"model": "base", "context": c, "prompt": p, "response_noctx": r})
-        c, p, r = RECORDS[0]  # student: one batch, so rank 1 measures nothing and only joins the reductions
-        w.writerow({"model": "student", "context": c, "prompt": p, "response_noctx": r})
+
+    def row(model, i, c, p, r):
+        ids = lm.tokenizer(r, add_special_tokens=False)["input_ids"]
+        return runs.ExampleRow(model=model, example=i, context=c, prompt=p, reference="", verifier="contains",
+                               response_noctx=r, response_ctx=r, ids_noctx=ids, ids_ctx=ids, correct_noctx=False,
+                               correct_ctx=False, degenerate_noctx=False, degenerate_ctx=False, truncated_noctx=False,
+                               truncated_ctx=False)
+
+    # base: 5 examples, 3 batches of 2 (rank 0 gets two, rank 1 one); student: one batch, so rank 1 measures nothing
+    # and only joins the reductions
+    rows = [row("base", i, c, p, r) for i, (c, p, r) in enumerate(RECORDS)] + [row("student", 0, *RECORDS[0])]
+    runs.write_examples(folder, rows)
     return folder
 
 

@@ -13,9 +13,10 @@ pytestmark = pytest.mark.embedded
 
 def test_persona_teacher_uses_the_context(smol):
     task = load_task("persona")
-    ans = answer(smol, task.test[:6], "system", max_new_tokens=16, batch_size=6)
-    assert sum(ans.correct_ctx) >= 4  # with the card it says its new name
-    assert sum(ans.correct_noctx) == 0  # without it, never
+    rows = answer(smol, task.test[:6], "system", "base", max_new_tokens=16, batch_size=6)
+    assert sum(r.correct_ctx for r in rows) >= 4  # with the card it says its new name
+    assert sum(r.correct_noctx for r in rows) == 0  # without it, never
+    assert all(r.response_cf is not None for r in rows)  # and it was asked with the counterfactual card too
 
 
 def test_one_step_on_the_embedded_model(tmp_path):
