@@ -109,9 +109,15 @@ class Cell:
     def trained(self) -> bool:
         return (self.out / ADAPTER_CONFIG).exists()
 
-    def evaluated(self) -> bool:
+    def evaluation(self):
+        """The student's evaluation with the study's settings (a ModelEval), or None while it has none."""
         ev = read_model_eval(self.run_dir, self.student.name) if self.trained() else None
-        return ev is not None and {k: v for k, v in ev.settings.items() if k != "adapter"} == asdict(self.study.eval)
+        if ev is None or {k: v for k, v in ev.settings.items() if k != "adapter"} != asdict(self.study.eval):
+            return None
+        return ev
+
+    def evaluated(self) -> bool:
+        return self.evaluation() is not None
 
     def label(self) -> str:
         return f"{self.suite}/seed-{self.seed}/{self.student.name}"
@@ -367,7 +373,7 @@ def collect(study: Study) -> dict:
     model and teacher per suite; paired comparisons with the first student."""
     cells: list[dict[str, Any]] = []
     for c in study.cells():
-        ev = read_model_eval(c.run_dir, c.student.name) if c.evaluated() else None
+        ev = c.evaluation()
         if ev is None:
             continue
         cells.append({"suite": c.suite, "seed": c.seed, "student": c.student.name, "lam": c.student.lam,
@@ -416,9 +422,9 @@ def _paired(study: Study) -> list[dict]:
     out = []
     ref = study.students[0].name
     for c in study.cells():
-        if c.student.name == ref or not c.evaluated():
+        a = None if c.student.name == ref else c.evaluation()
+        if a is None:
             continue
-        a = read_model_eval(c.run_dir, c.student.name)
         b = read_model_eval(c.run_dir, ref)
         if a is None or b is None or len(a.rows) != len(b.rows):
             continue

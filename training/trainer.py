@@ -28,9 +28,9 @@ from training.checkpoints import truncate_metrics as _truncate_metrics
 from training.config import RESUMABLE, TrainConfig
 from training.losses import consistency_kl, cross_entropy, evidence_mask, forward_kl, lam_at, masked_mean, reverse_kl
 from training.rollout import MIN_SHARED_PREFIX, Batch, both_sides, collate, prefix_cache, response_logits, rollout
-from training.tasks import Task, load_task
+from training.tasks import load_task
 
-__all__ = ["TrainConfig", "TrainResult", "TrainingError", "train", "validate"]
+__all__ = ["TrainConfig", "TrainResult", "TrainingError", "train"]
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -41,16 +41,6 @@ class TrainResult:
     steps: int
     last: dict = field(default_factory=dict)  # the last metrics line
     step_seconds: float = 0.0  # mean over the steps this call ran, first step excluded
-
-
-def validate(cfg: TrainConfig) -> None:
-    """Every bad setting is a one-line UserError (see TrainConfig.check)."""
-    cfg.check()
-
-
-def resolve(cfg: TrainConfig, task: Task) -> TrainConfig:
-    """Fill the settings left to the suite (placement)."""
-    return cfg.resolve(task.placement)
 
 
 # --- data order ----------------------------------------------------------------------------------------------------
