@@ -37,7 +37,7 @@ test-fast: model
 	$(PY) -m pytest -q -m "not embedded and not browser"
 
 lint: setup
-	$(VENV)/bin/ruff check interp training
+	$(VENV)/bin/ruff check interp training apps bench tests
 	$(VENV)/bin/mypy interp training
 
 # Debian's chromium for the browser test (no browser download); needs root or sudo.

@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT)]
 
-from test_app_browser import APP, CHROMIUM_ARGS, running_app  # noqa: E402
-from test_runs import write_synthetic_run  # noqa: E402
+from apps.serve import APP, CHROMIUM_ARGS, running_app  # noqa: E402
+from interp.synthetic import write_synthetic_run  # noqa: E402
 
 DIVERGENCE = ".st-key-fig_run_layer_divergence .js-plotly-plot .scatterlayer .trace"
 LENS = ".st-key-fig_run_logit_lens .js-plotly-plot .heatmaplayer"

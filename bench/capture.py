@@ -257,7 +257,7 @@ def main() -> None:
     # The same capture with bf16 weights; the statistics stay float32/float64 (interp.capture, interp.metrics).
     half = interp.load_model(args.model, device="cpu", dtype="bf16")
     interp.analyze(half, pairs[: args.batch_size], backend=args.backend, lens=False)
-    t_bf16 = min(_timed(lambda: interp.analyze(half, pairs, backend=args.backend, batch_size=args.batch_size, lens=False))
+    t_bf16 = min(_timed(lambda m=half: interp.analyze(m, pairs, backend=args.backend, batch_size=args.batch_size, lens=False))
                  for _ in range(max(1, args.repeats - 1)))
     print(f"paired capture + cos + CKA + attn_ctx ({args.backend}), bf16 weights: {t_bf16:.2f} s "
           f"({t_bf16 / t_capture:.2f}x the fp32 capture)")

@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from interp import distributed
+from interp.attention import AttentionMeans
 from interp.capture import get_backend, make_batch
 from interp.divergence import LayerDivergence, lens_field_names
 from interp.errors import UserError
@@ -87,7 +88,7 @@ def analyze(
     n_blocks = n_layers - 1
     cka = CKAAccumulator(n_layers, d)
     # Attention masses are summed over measured tokens in float64 where the model runs; means are taken at the end.
-    attn_sums = torch.zeros(3, n_blocks, heads, dtype=torch.float64, device=_stats_device(lm))
+    attn = AttentionMeans(n_blocks, heads, _stats_device(lm))
     per_batch = {}
     bar = tqdm(total=len(pairs), desc=f"analyze ({backend})", unit="pair", disable=not (progress and rank == 0))
     for i, (k, chunk) in enumerate(mine):
@@ -112,7 +113,7 @@ def analyze(
         if attention:  # capture(attention=True) fills every attention field
             assert got["ctx"].attn_ctx is not None and got["ctx"].attn_sink is not None and got["noctx"].attn_sink is not None
             assert got["ctx"].attn_ctx_tokens is not None
-            attn_sums += torch.stack([got["ctx"].attn_ctx, got["ctx"].attn_sink, got["noctx"].attn_sink]).double().sum(2).to(attn_sums.device)
+            attn.update(got["ctx"], got["noctx"])
             part["attn_ctx_tokens"] = [
                 got["ctx"].attn_ctx_tokens[:, rows.to(got["ctx"].attn_ctx_tokens.device) == b, :, : pair.ctx_span[1] - pair.ctx_span[0]].mean(1)
                 for b, pair in enumerate(chunk)
@@ -124,7 +125,7 @@ def analyze(
         _share_shift(cka, None, None, n_layers=n_layers, d=d, device=_stats_device(lm))
     if world > 1:
         cka.all_reduce()
-        attn_sums = distributed.all_reduce_sum(attn_sums)
+        attn.all_reduce()
 
     # The per-token arrays cross to the host once, here, and are put back in batch order.
     per_batch = {k: _to_host(part) for k, part in per_batch.items()}
@@ -136,13 +137,11 @@ def analyze(
         lens_arrays = {name: torch.cat([p["lens"][name] for p in ordered], dim=1).numpy() for name in lens_field_names()}
     else:
         lens_arrays = {name: np.full(cos_per_token.shape, np.nan, dtype=np.float32) for name in lens_field_names()}
-    n_tokens = cos_per_token.shape[1]
     if attention:
-        means = (attn_sums / n_tokens).cpu().numpy()
-        attn = {"attn_ctx": means[0], "attn_sink": means[1], "attn_sink_noctx": means[2]}
+        attn_means = attn.result()
         attn_ctx_tokens = [t.numpy() for p in ordered for t in p["attn_ctx_tokens"]]
     else:
-        attn = {k: np.full((n_blocks, heads), np.nan) for k in ("attn_ctx", "attn_sink", "attn_sink_noctx")}
+        attn_means = {k: np.full((n_blocks, heads), np.nan) for k in AttentionMeans.NAMES}
         attn_ctx_tokens = []
     debiased = cka.result(debiased=True) if cka.n >= 4 else np.full(cos_per_token.shape[0], np.nan)
     tokens = torch.cat([p["token_id"] for p in ordered]).numpy()
@@ -153,7 +152,7 @@ def analyze(
         cka=np.asarray(cka.result(debiased=False), dtype=np.float64),
         cka_debiased=np.asarray(debiased, dtype=np.float64),
         cos_per_token=cos_per_token,
-        **attn,
+        **attn_means,
         **lens_arrays,
         token_example=examples_of,
         token_id=tokens,

@@ -23,3 +23,31 @@ def reduce_attention(pattern: torch.Tensor, batch: "Batch") -> tuple[torch.Tenso
     index = batch.ctx_positions[batch.rows][:, None, :].expand(-1, H, -1)
     per_token = queries.gather(-1, index) * batch.ctx_valid[batch.rows][:, None, :]
     return ctx_mass, sink, per_token
+
+
+class AttentionMeans:
+    """`attn_ctx`, `attn_sink` and `attn_sink_noctx` per block and head: the mean over every measured token of its
+    attention mass on the context, on the first token with the context, and on the first token without it
+    (docs/measures.md). Sums accumulate in float64 on `device`; `all_reduce()` joins processes before `result`."""
+
+    NAMES = ("attn_ctx", "attn_sink", "attn_sink_noctx")
+
+    def __init__(self, n_blocks: int, heads: int, device):
+        self.sums = torch.zeros(len(self.NAMES), n_blocks, heads, dtype=torch.float64, device=device)
+        self.n = 0
+
+    def update(self, ctx, noctx) -> None:
+        """`ctx`, `noctx`: the two sides' captures of one batch ([blocks, n, heads] fields from reduce_attention)."""
+        got = torch.stack([ctx.attn_ctx, ctx.attn_sink, noctx.attn_sink]).double()
+        self.sums += got.sum(2).to(self.sums.device)
+        self.n += got.shape[2]
+
+    def all_reduce(self) -> None:
+        from interp import distributed
+
+        self.sums = distributed.all_reduce_sum(self.sums)
+        self.n = int(distributed.all_reduce_sum(torch.tensor([float(self.n)], dtype=torch.float64)).item())
+
+    def result(self) -> dict:
+        means = (self.sums / self.n).cpu().numpy()
+        return dict(zip(self.NAMES, means))

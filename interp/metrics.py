@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["CKAAccumulator", "cosine_mean", "cosine_per_token", "linear_cka", "linear_cka_gram"]
+__all__ = ["CKAAccumulator", "cosine_mean", "cosine_per_token", "linear_cka"]
 
 
 def _f64_device(device: torch.device) -> torch.device:
@@ -101,27 +101,6 @@ def linear_cka(x, y, debiased: bool = False) -> float:
     stats = [(xc.T @ yc).square().sum(), (xc.T @ xc).square().sum(), (yc.T @ yc).square().sum(),
              a @ b, a @ a, b @ b, a.sum(), b.sum()]
     return float(_cka_from_stats(*(float(s) for s in stats), n=float(x.shape[0]), debiased=debiased))
-
-
-def _hsic_gram(k: torch.Tensor, l: torch.Tensor, debiased: bool) -> torch.Tensor:
-    n = k.shape[0]
-    if not debiased:
-        h = torch.eye(n, dtype=k.dtype, device=k.device) - 1.0 / n
-        return ((h @ k @ h) * (h @ l @ h)).sum()
-    # U-statistic HSIC on Gram matrices with zeroed diagonals (Song et al. 2012), times n(n-3) which cancels.
-    k, l = k - torch.diag(torch.diag(k)), l - torch.diag(torch.diag(l))
-    k1, l1 = k.sum(dim=1), l.sum(dim=1)
-    return (k * l).sum() + k1.sum() * l1.sum() / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (k1 @ l1)
-
-
-def linear_cka_gram(x, y, debiased: bool = False) -> float:
-    """`linear_cka` computed through the n x n Gram matrices of the centred features (cheaper when n << d)."""
-    x, y = _pair(x, y, debiased)
-    xc, yc = _centre(x), _centre(y)
-    k, l = xc @ xc.T, yc @ yc.T
-    num, kk, ll = _hsic_gram(k, l, debiased), _hsic_gram(k, k, debiased), _hsic_gram(l, l, debiased)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return float(np.float64(float(num)) / (np.sqrt(np.float64(float(kk))) * np.sqrt(np.float64(float(ll)))))
 
 
 class CKAAccumulator:

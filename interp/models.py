@@ -210,8 +210,7 @@ class LoadedModel:
 
         hub = is_hub_id(str(path))
         path = Path(path)
-        # peft stores adapters as submodules, and module names cannot contain ".".
-        name = (name or path.name).replace(".", "_")
+        name = peft_name(name or path.name)
         if not hub:
             check_adapter(path, self)
         from peft import PeftModel
@@ -258,6 +257,18 @@ class LoadedModel:
             yield self
         finally:
             self.set_adapter(previous)
+
+
+def peft_name(name: str) -> str:
+    """An adapter's name as peft can hold it: peft stores adapters as submodules, and module names cannot hold "."."""
+    return name.replace(".", "_")
+
+
+def adapter_key(path: str | os.PathLike) -> str:
+    """One adapter name per adapter folder, for a model that holds adapters of several runs (two runs both have an
+    'unreg'): the folder's name and a hash of its full path."""
+    p = Path(path).resolve()
+    return peft_name(f"{p.name}-{hashlib.sha256(str(p).encode()).hexdigest()[:10]}")
 
 
 def check_adapter(path: Path, lm: "LoadedModel") -> None:

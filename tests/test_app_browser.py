@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from test_runs import write_synthetic_run
+from apps.serve import chromium_page, running_app
+from interp.synthetic import write_synthetic_run
 
 ROOT = Path(__file__).resolve().parents[1]
-APP = ROOT / "apps" / "layers.py"
 ARTIFACTS = ROOT / "test-artifacts"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
 # Where the layer-divergence figure is drawn: Streamlit marks a keyed element's container with st-key-<key>.
 DIVERGENCE_PLOT = ".st-key-fig_run_layer_divergence .js-plotly-plot .scatterlayer .trace"
 
@@ -33,57 +25,6 @@ def chromium_or_skip() -> str:
     if os.environ.get("REQUIRE_BROWSER") == "1":
         pytest.fail(f"REQUIRE_BROWSER=1 but {reason}")
     pytest.skip(reason)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def running_app(runs_dir: Path, app: Path = APP, port: int | None = None, timeout: float = 90.0):
-    """`streamlit run <app>` against `runs_dir`; yields (url, start time) once the server answers."""
-    port = port or free_port()
-    env = {**os.environ, "LAYERS_RUNS_DIR": str(runs_dir)}
-    cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(port), "--server.address", "127.0.0.1",
-           "--server.headless", "true", "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"]
-    started = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = started + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"streamlit exited early:\n{proc.stdout.read()}")
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.perf_counter() > deadline:
-                raise TimeoutError("streamlit did not answer in time")
-            time.sleep(0.05)
-        yield url, started
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-@contextlib.contextmanager
-def chromium_page(executable: str, width: int = 1500, height: int = 1100):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS, headless=True)
-        try:
-            yield browser.new_page(viewport={"width": width, "height": height})
-        finally:
-            browser.close()
 
 
 @pytest.mark.browser

@@ -134,7 +134,7 @@ def _damage_layers(change):
     """A run-less layers folder saved from a synthetic result, then damaged by `change(folder)`."""
     def setup(tmp, made):
         sys.path.insert(0, str(ROOT / "tests"))
-        from test_runs import synthetic_divergence
+        from interp.synthetic import synthetic_divergence
 
         from interp.store import save_divergence
 
@@ -365,7 +365,7 @@ def _bad_divergence():
     sys.path.insert(0, str(ROOT / "tests"))
     from dataclasses import replace
 
-    from test_runs import synthetic_divergence
+    from interp.synthetic import synthetic_divergence
 
     div = synthetic_divergence()
     return replace(div, token_example=div.token_example[:-1])

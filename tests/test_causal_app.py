@@ -10,7 +10,7 @@ from streamlit.testing.v1 import AppTest
 
 from interp.cli import main
 from test_app import APP, write_tiny_adapter
-from test_runs import write_synthetic_run
+from interp.synthetic import write_synthetic_run
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +34,8 @@ def _app(monkeypatch, root: Path) -> AppTest:
 def test_internalization_tab_and_flip_panel(monkeypatch, root):
     at = _app(monkeypatch, root).run()
     assert not at.exception, [e.value for e in at.exception]
+    at.session_state["view"] = "Internalization"  # the tabs are lazy: open it
+    at.run()
     tab = next(t for t in at.tabs if t.label == "Internalization")
     specs = [c.proto.spec for c in tab.get("plotly_chart")]
     # Four-way curves, context vector projections, per-example overshoot of the flipped example, patching curves.

@@ -59,7 +59,7 @@ def test_statistics_match_full_softmax(tiny, records, compiled, monkeypatch):
             ref = _full_stats(logit_lens(tiny.model, got.hidden[layer]), final, batch.targets)
             for name, value in ref.items():
                 torch.testing.assert_close(stats[f"lens_{name}_{run}"][layer].to(value.dtype), value, atol=2e-5, rtol=1e-4,
-                                           msg=lambda m: f"{name} {run} layer {layer}: {m}")
+                                           msg=lambda m, name=name, run=run, layer=layer: f"{name} {run} layer {layer}: {m}")
     for layer in range(tiny.num_layers):
         lp_c = torch.log_softmax(logit_lens(tiny.model, ctx.hidden[layer]).double(), -1)
         lp_n = torch.log_softmax(logit_lens(tiny.model, noctx.hidden[layer]).double(), -1)

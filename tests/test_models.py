@@ -170,3 +170,13 @@ def test_an_uncached_hub_id_fails_fast_offline(monkeypatch):
     monkeypatch.setattr(models, "hub_reachable", lambda timeout=0: pytest.fail("HF_HUB_OFFLINE needs no network probe"))
     with pytest.raises(UserError, match="not in the local Hugging Face cache"):
         load_model("ctxint-test/never-published")
+
+
+def test_adapter_names_one_per_folder(tmp_path):
+    from interp.models import adapter_key, peft_name
+
+    a, b = tmp_path / "run-a" / "unreg", tmp_path / "run.b" / "unreg"
+    assert adapter_key(a) != adapter_key(b)  # two runs' students of the same name do not collide
+    assert adapter_key(a) == adapter_key(tmp_path / "run-a" / ".." / "run-a" / "unreg")  # the folder, however named
+    assert adapter_key(a).startswith("unreg-") and "." not in adapter_key(tmp_path / "v1.2")
+    assert peft_name("reg.v2") == "reg_v2" and peft_name("reg_w01") == "reg_w01"

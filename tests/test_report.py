@@ -12,7 +12,7 @@ from plotly.offline import get_plotlyjs
 
 from interp import report, runs
 from interp.errors import UserError
-from test_runs import write_synthetic_run
+from interp.synthetic import write_synthetic_run
 
 
 def _same(a, b) -> bool:
@@ -126,7 +126,7 @@ def test_figures_show_the_numbers_of_the_layer_divergence():
     import numpy as np
 
     from interp import plots
-    from test_runs import synthetic_divergence
+    from interp.synthetic import synthetic_divergence
 
     divs = {"base": synthetic_divergence(seed=0), "reg": synthetic_divergence(seed=1)}
     fig = plots.layer_divergence(divs)

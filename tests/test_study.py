@@ -46,6 +46,13 @@ def test_smoke_study_killed_and_resumed_ends_like_an_uninterrupted_one(tmp_path)
     per_seed = [c["scores"]["drift"] for c in data["cells"] if c["suite"] == "persona" and c["student"] == "unreg"]
     assert unreg["drift"]["mean"] == pytest.approx(sum(per_seed) / 2) and unreg["drift"]["n"] == 2
     assert len(data["paired"]) == 4 and all(p["vs"] == "unreg" for p in data["paired"])
+    md = (tmp_path / "a" / "results" / "smoke" / "summary.md").read_text().splitlines()
+    table_rows = [x for x in md if x.startswith("| persona |") or x.startswith("| facts |")]
+    assert len(table_rows) == len(data["summary"]) + len(data["paired"])
+    cols = md[0].strip("|").split("|")
+    row = next(x for x in md if x.startswith("| persona | unreg |")).strip("|").split("|")
+    drift_cell = row[[c.strip() for c in cols].index("`drift`")].strip()
+    assert drift_cell == f"{unreg['drift']['mean']:.2f} ± {unreg['drift']['sd']:.2f}"
     from plotly.offline import get_plotlyjs
 
     html = (tmp_path / "a" / "results" / "smoke" / "frontier.html").read_text()
@@ -147,3 +154,15 @@ if given is not None:
             assert "\n" not in str(err) and str(path) in str(err)
         else:  # bytes that happen to be a valid study
             assert study.cells()
+
+
+def test_main_students_run_before_the_one_seed_settings():
+    # A study cut short loses one-seed settings first, never a main student's seed (and suites in the file's order).
+    study = load_study(ROOT / "studies" / "removability.toml")
+    cells = study.cells()
+    main = [c.student.seeds is None for c in cells]
+    assert main == sorted(main, reverse=True) and any(main) and not all(main)
+    assert len(cells) == len({(c.suite, c.seed, c.student.name) for c in cells})
+    first = [c.suite for c in cells if c.student.seeds is None]
+    assert first == sorted(first, key=study.suites.index)
+    assert sum(main) == len(study.suites) * len(study.seeds) * sum(s.seeds is None for s in study.students)

@@ -1,5 +1,6 @@
 """The command line: one-line errors, `tasks`, `pair` + `eval` on the tiny model, and a two-process run."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -7,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from training.__main__ import app
@@ -70,3 +72,28 @@ def test_two_processes(tmp_path):
     assert (out / "adapter_model.safetensors").exists()
     state = json.loads((next((out / "checkpoints").iterdir()) / "state.json").read_text())
     assert state["step"] == 2 and len(state["rng"]) == 2  # the last step, one RNG state per process
+    # both processes hold the same adapter: each one's sha256, recorded in the checkpoint, is that of the saved weights
+    from safetensors.torch import load_file
+
+    weights = load_file(str(next((out / "checkpoints").iterdir()) / "adapter.safetensors"))
+    h = hashlib.sha256()
+    for name, t in sorted(weights.items()):
+        h.update(name.encode())
+        h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+    assert state["adapter_sha256"] == [h.hexdigest()] * 2
+
+
+def test_processes_with_different_adapters_stop_the_run(tmp_path, monkeypatch):
+    import accelerate.utils
+
+    from training.trainer import TrainingError, _agreeing_adapters
+
+    class TwoProcesses:
+        num_processes = 2
+
+    model = torch.nn.Linear(2, 2)  # its trainable weights stand for the adapter
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda xs: xs + ["0" * 64])
+    with pytest.raises(TrainingError, match="after step 3 the 2 processes hold different adapters"):
+        _agreeing_adapters(TwoProcesses(), model, tmp_path, 3)
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda xs: xs * 2)
+    assert len(set(_agreeing_adapters(TwoProcesses(), model, tmp_path, 3))) == 1

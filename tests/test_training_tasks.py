@@ -6,7 +6,7 @@ import pytest
 
 from interp.errors import UserError
 from training.tasks import SUITES, load_task
-from training.verifiers import verify
+from interp.verifiers import verify
 
 
 @pytest.mark.parametrize(

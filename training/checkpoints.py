@@ -183,10 +183,12 @@ def clean_leftovers(out: str | os.PathLike) -> list[Path]:
     return found
 
 
-def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, ema: dict | None, rng_states: list) -> Path:
-    """LoRA weights, optimizer, scheduler, EMA, every process's RNG state (as returned by rng_state()) and the step
-    (which fixes the data position), written as one folder in one rename; older checkpoints and leftovers of killed
-    writes are removed only after it is in place."""
+def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, ema: dict | None, rng_states: list,
+                    adapter_sha256: list[str] | None = None) -> Path:
+    """LoRA weights, optimizer, scheduler, EMA, every process's RNG state (as returned by rng_state()), the sha256
+    of every process's adapter (they agree: the trainer checks) and the step (which fixes the data position), written
+    as one folder in one rename; older checkpoints and leftovers of killed writes are removed only after it is in
+    place."""
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -199,6 +201,7 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, ema: dict
         "scheduler": _encode(scheduler.state_dict(), "scheduler", tensors),
         "ema": _encode(ema, "ema", tensors),
         "rng": rng_states,
+        "adapter_sha256": adapter_sha256,
     }
     with atomic_dir(path, overwrite=True) as tmp:
         save_file({n: p.detach().cpu().contiguous() for n, p in lora_params(model).items()}, str(tmp / WEIGHTS_FILE))

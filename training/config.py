@@ -19,8 +19,10 @@ ANCHORS = ("student", "ema", "teacher")
 ROLLOUTS = ("student", "teacher")
 LOSSES = ("reverse_kl", "forward_kl", "ce")
 DTYPES = ("auto", "fp32", "bf16", "fp16")  # what interp.models.resolve_dtype accepts by these names
-# Settings that may differ when resuming: where to write, how long to run, how often to checkpoint, where to log.
-RESUMABLE = ("out", "steps", "checkpoint_every", "report_to")
+# Settings that may differ when resuming: where to write, how long to run, how often to checkpoint, where to log, and
+# the loss chunk size (it changes memory and speed, not the losses: tests/test_losses_chunked.py checks chunked
+# against whole-sequence losses).
+RESUMABLE = ("out", "steps", "checkpoint_every", "report_to", "chunk")
 
 
 def opt(default, help: str, **meta):

@@ -21,7 +21,7 @@ from interp.runs import (ADAPTER_WEIGHTS, EVAL_DIR, EVAL_FILE, EVAL_TABLE, Examp
 from interp.store import atomic_write_json
 from training import stats
 from training.tasks import SUITES, Example, load_task
-from training.verifiers import is_degenerate
+from interp.verifiers import is_degenerate
 
 DEFAULT_NEW_TOKENS = 96  # long enough that clean answers end on their own; loops hit it (truncated_*)
 DRIFT_PROMPTS = 8  # held-out prompts per other suite for `drift`

@@ -67,15 +67,14 @@ class Study:
     source: str = ""
 
     def cells(self) -> list["Cell"]:
-        """Every (suite, seed, student) in the order they run: suite by suite as the file lists them; within a suite
-        the main students (those on every seed) seed by seed, then the others. A study cut short has its first
-        suites complete, with their seeds, rather than every suite at one seed."""
-        out = []
-        for suite in self.suites:
-            for seed in self.seeds:
-                out += [Cell(self, suite, seed, s) for s in self.students if s.seeds is None]
-            for seed in self.seeds:
-                out += [Cell(self, suite, seed, s) for s in self.students if s.seeds is not None and seed in s.seeds]
+        """Every (suite, seed, student) in the order they run: first the main students (those on every seed), suite
+        by suite as the file lists them and seed by seed within a suite; then the one-seed settings, suite by suite.
+        A study cut short thus loses one-seed settings first, never a main student's seed."""
+        main = [s for s in self.students if s.seeds is None]
+        extra = [s for s in self.students if s.seeds is not None]
+        out = [Cell(self, suite, seed, s) for suite in self.suites for seed in self.seeds for s in main]
+        out += [Cell(self, suite, seed, s) for suite in self.suites for seed in self.seeds for s in extra
+                if seed in (s.seeds or ())]
         return out
 
     def run_dir(self, suite: str, seed: int) -> Path:
@@ -437,8 +436,9 @@ CSV_COLUMNS = ["suite", "student", "lam", "seeds"] + [f"{k}_{p}" for k in SUMMAR
 
 
 def write_results(study: Study) -> dict:
-    """results/<study>/study.json, study.csv (one row per suite and student, mean and sd over seeds) and
-    frontier.html (the frontier plot, plotly inlined: opens offline)."""
+    """results/<study>/study.json, study.csv (one row per suite and student, mean and sd over seeds), summary.md (the
+    same as a markdown table, with the paired comparisons) and frontier.html (the frontier plot, plotly inlined:
+    opens offline)."""
     from interp.plots import frontier_figure
 
     folder = check_results(study)
@@ -454,6 +454,7 @@ def write_results(study: Study) -> dict:
             flat[f"{k}_sd"] = _fmt(row[k]["sd"])
         writer.writerow(flat)
     atomic_write_text(folder / "study.csv", buf.getvalue())
+    atomic_write_text(folder / "summary.md", markdown(data))
     fig = frontier_figure(data)
     atomic_write_text(folder / "frontier.html", fig.to_html(include_plotlyjs=True, full_html=True))
     return data
@@ -476,4 +477,32 @@ def table(data: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Study", "Student", "Cell", "load_study", "run_study", "plan", "write_results", "collect", "table"]
+MARKDOWN = ("acc_noctx", "acc_ctx", "harm", "degenerate_noctx", "degenerate_ctx", "truncated_ctx", "follow_cf", "ctx_drop", "drift")
+
+
+def _mean_sd(stat: dict) -> str:
+    """"0.19 ± 0.06" over seeds; one seed has no sd; a rate no example defines (harm when none was right) is "–"."""
+    m, sd = stat["mean"], stat["sd"]
+    if m is None or (isinstance(m, float) and math.isnan(m)):
+        return "–"
+    return f"{m:.2f}" + (f" ± {sd:.2f}" if sd is not None and not (isinstance(sd, float) and math.isnan(sd)) else "")
+
+
+def markdown(data: dict) -> str:
+    """The study's summary as a markdown table (mean ± sd over seeds, one row per suite and model) followed by the
+    paired comparisons with the first student on the same examples (flips both ways, exact McNemar p)."""
+    lines = ["| suite | model | seeds | " + " | ".join(f"`{c}`" for c in MARKDOWN) + " |",
+             "|---|---|---|" + "---|" * len(MARKDOWN)]
+    for row in data["summary"]:
+        lines.append(f"| {row['suite']} | {row['student']} | {len(row['seeds'])} | "
+                     + " | ".join(_mean_sd(row[c]) for c in MARKDOWN) + " |")
+    if data.get("paired"):
+        lines += ["", "| suite | seed | student | vs | right only for the student | right only for the other | McNemar p |",
+                  "|---|---|---|---|---|---|---|"]
+        for p in data["paired"]:
+            lines.append(f"| {p['suite']} | {p['seed']} | {p['student']} | {p['vs']} | {p['a_only']} | {p['b_only']} | "
+                         f"{p['p_mcnemar']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["Study", "Student", "Cell", "load_study", "run_study", "plan", "write_results", "collect", "table", "markdown"]

@@ -10,7 +10,7 @@ from typing import Callable
 
 from interp.errors import UserError
 from interp.store import read_jsonl
-from training.verifiers import check_kind, verify
+from interp.verifiers import check_kind, verify
 
 
 @dataclass(frozen=True)

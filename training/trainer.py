@@ -298,8 +298,9 @@ def _train(cfg: TrainConfig, *, resume: bool, overwrite: bool, progress: bool, l
             # The last step is checkpointed too, so that `--resume --steps N` can extend a finished run.
             if cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
                 rngs = _gather_rng(accelerator)
+                digests = _agreeing_adapters(accelerator, peft_model, out, step + 1)
                 if accelerator.is_main_process:
-                    save_checkpoint(out, step + 1, peft_model, optimizer, scheduler, ema, rngs)
+                    save_checkpoint(out, step + 1, peft_model, optimizer, scheduler, ema, rngs, digests)
                 accelerator.wait_for_everyone()
             if on_step is not None:
                 on_step(step + 1, cfg.steps)
@@ -307,6 +308,7 @@ def _train(cfg: TrainConfig, *, resume: bool, overwrite: bool, progress: bool, l
     accelerator.wait_for_everyone()
     if cfg.report_to:
         accelerator.end_training()
+    _agreeing_adapters(accelerator, peft_model, out, cfg.steps)
     if accelerator.is_main_process:
         save_adapter(accelerator.unwrap_model(model), out, lm)
     accelerator.wait_for_everyone()
@@ -505,6 +507,27 @@ def _mean_over_processes(accelerator, row: dict) -> dict:
     keys = [k for k, v in row.items() if isinstance(v, (int, float)) and k != "step"]
     values = accelerator.reduce(torch.tensor([float(row[k]) for k in keys], device=accelerator.device), "mean")
     return {**row, **{k: v for k, v in zip(keys, values.tolist())}}
+
+
+def _agreeing_adapters(accelerator, peft_model, out: Path, step: int) -> list[str]:
+    """The sha256 of every process's LoRA weights. Data-parallel processes must hold the same adapter after every
+    update (gradients are all-reduced before the optimizer steps); one that drifted would make the saved adapter one
+    process's alone, so it stops the run instead of being saved."""
+    import hashlib
+
+    from accelerate.utils import gather_object
+
+    h = hashlib.sha256()
+    for name, p in sorted(_lora_params(peft_model).items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    digests = [h.hexdigest()] if accelerator.num_processes == 1 else gather_object([h.hexdigest()])
+    if len(set(digests)) > 1:
+        raise TrainingError(
+            f"after step {step} the {len(digests)} processes hold different adapters (sha256 "
+            f"{', '.join(d[:12] for d in digests)}); nothing was saved for that step in {out}; report this with your launcher settings"
+        )
+    return digests
 
 
 def _gather_rng(accelerator) -> list:

@@ -92,7 +92,7 @@ def compare_command(run: RunArg, student: StudentOpt, backend: BackendOpt = "nns
     pairs, rows = runio.load_run_pairs(lm, run, student, "noctx", max_examples)
     cmp = compare(lm, pairs, student=name, backend=backend, batch_size=batch_size, progress=len(pairs) > batch_size)
     cmp.meta.update(run=str(run), student_name=student)
-    groups = {"degenerate_ctx": [runio.is_degenerate(lm.tokenizer, r, "ctx") for r in rows],
+    groups = {"degenerate_ctx": [runio.is_degenerate(r, "ctx") for r in rows],
               "flipped": [r.flipped for r in rows]}
     cmp.meta["groups"] = {g: cmp.overshoot_by(mask) | {"mask": mask} for g, mask in groups.items()}
     if save:
@@ -158,7 +158,7 @@ def patch_command(run: RunArg, student: StudentOpt,
         fn = (lambda p, **o: context_sweep(lm, p, **o)) if s == "context" else (lambda p, **o: repair_sweep(lm, p, name, **o))
         result = fn(pairs, references=refs, progress=True, **options)
         result.meta.update(run=str(run), student_name=student, sweep=s)
-        loops_ = [runio.is_degenerate(lm.tokenizer, r, "ctx") for r in rows]
+        loops_ = [runio.is_degenerate(r, "ctx") for r in rows]
         if any(loops_) and not heads:
             per_example = np.stack([result.example_recovery(i) for i in range(len(rows))])
             mask = np.asarray(loops_)
@@ -234,7 +234,7 @@ def steer_command(run: RunArg, student: StudentOpt,
         cmp = compare(lm, pairs, student=name, lens=False, comparisons=["removability"])
     records = [{"context": r.context, "prompt": r.prompt, "reference": r.reference, "example": r.example,
                 "verifier": r.verifier} for r in rows]
-    result = steer(lm, records, cmp.v, alpha, verifier=runio.verifier_for(run, rows), student=name, layers=layers,
+    result = steer(lm, records, cmp.v, alpha, verifier=runio.verifier_for(rows), student=name, layers=layers,
                    placement=info["placement"] or "system", max_new_tokens=max_new_tokens, batch_size=batch_size)
     result.meta.update(run=str(run), student_name=student)
     if save:

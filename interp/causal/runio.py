@@ -6,7 +6,6 @@ measure exactly the tokens each model generated.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -14,31 +13,11 @@ from interp import runs
 from interp.errors import UserError
 
 from interp.causal.sites import BASE
-from interp.degenerate import is_degenerate as degenerate_text
+from interp.verifiers import verify
 
 
-@dataclass
-class RunRow:
-    """One (model, example) row of a run's evaluation."""
-
-    model: str
-    example: int
-    context: str
-    prompt: str
-    reference: str
-    verifier: str | None
-    response_noctx: str
-    response_ctx: str
-    ids_noctx: list[int] | None
-    ids_ctx: list[int] | None
-    correct_noctx: bool
-    correct_ctx: bool
-    degenerate_noctx: bool | None
-    degenerate_ctx: bool | None
-
-    @property
-    def flipped(self) -> bool:
-        return self.correct_noctx and not self.correct_ctx
+# A run's (model, example) row: the run format's own record, with the generated ids and the stored verdicts.
+RunRow = runs.ExampleRow
 
 
 def read_info(run_dir: Path) -> dict:
@@ -64,33 +43,13 @@ def check_student(run_dir: Path, student: str) -> None:
         raise UserError(f"{run_dir} has no student named '{student}'; it has: {', '.join(have) or 'none'}")
 
 
-def _bool(value) -> bool | None:
-    if value is None or value == "":
-        return None
-    if isinstance(value, str):
-        return value.strip().lower() in ("1", "true")
-    return bool(value)
-
-
 def read_rows(run_dir: Path) -> list[RunRow]:
     """Every (model, example) row of the run's evaluation."""
     run_dir = Path(run_dir)
     examples = runs.read_examples(run_dir)
     if examples is None:
         raise UserError(f"{run_dir} has no evaluation yet; run `python -m training eval {run_dir}` first")
-    raw: list[dict[str, Any]] = [{k: getattr(r, k, None) for k in RunRow.__dataclass_fields__} for r in examples]
-    out = []
-    for r in raw:
-        ids_n, ids_c = r.get("ids_noctx"), r.get("ids_ctx")
-        out.append(RunRow(
-            model=str(r["model"]), example=int(r["example"]), context=str(r.get("context") or ""),
-            prompt=str(r.get("prompt") or ""), reference=str(r.get("reference") or ""), verifier=r.get("verifier") or None,
-            response_noctx=str(r.get("response_noctx") or ""), response_ctx=str(r.get("response_ctx") or ""),
-            ids_noctx=list(ids_n) if ids_n else None, ids_ctx=list(ids_c) if ids_c else None,
-            correct_noctx=bool(_bool(r.get("correct_noctx"))), correct_ctx=bool(_bool(r.get("correct_ctx"))),
-            degenerate_noctx=_bool(r.get("degenerate_noctx")), degenerate_ctx=_bool(r.get("degenerate_ctx")),
-        ))
-    return out
+    return examples
 
 
 def model_rows(run_dir: Path, model: str, max_examples: int | None = None) -> list[RunRow]:
@@ -106,12 +65,9 @@ def model_rows(run_dir: Path, model: str, max_examples: int | None = None) -> li
 
 
 def response_ids(tokenizer, row: RunRow, which: str) -> list[int]:
-    """The generated ids of one answer: stored ones where the run has them, else the text re-tokenized."""
+    """The generated ids of one answer (an empty answer is its stop token)."""
     ids = row.ids_ctx if which == "ctx" else row.ids_noctx
-    if ids:
-        return list(ids)
-    text = row.response_ctx if which == "ctx" else row.response_noctx
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) or [tokenizer.eos_token_id]
+    return list(ids) or [tokenizer.eos_token_id]
 
 
 def load_run_pairs(lm, run_dir: Path, model: str, response: str = "noctx", max_examples: int | None = None):
@@ -129,32 +85,18 @@ def load_run_pairs(lm, run_dir: Path, model: str, response: str = "noctx", max_e
     return pairs, rows
 
 
-def is_degenerate(tokenizer, row: RunRow, which: str) -> bool:
-    """The run's own verdict where it has one, else the loop detector on the answer's text."""
-    stored = row.degenerate_ctx if which == "ctx" else row.degenerate_noctx
-    if stored is not None:
-        return bool(stored)
-    text = row.response_ctx if which == "ctx" else row.response_noctx
-    return degenerate_text(text)
+def is_degenerate(row: RunRow, which: str) -> bool:
+    """The run's own verdict on the answer with (`ctx`) or without (`noctx`) the context."""
+    return bool(row.degenerate_ctx if which == "ctx" else row.degenerate_noctx)
 
 
-def verifier_for(run_dir: Path, rows: list[RunRow]) -> Callable[[str, object], bool]:
-    """The task's verifier as `verifier(response, record)`: the kind stored per example, else the task's own."""
-    from training.tasks import load_task
-    from training.verifiers import verify
-
-    kinds = {r.example: r.verifier for r in rows if r.verifier}
-    if len(kinds) < len(rows):
-        info = read_info(run_dir)
-        try:
-            task = load_task(info["task"], seed=info["seed"] or 0, n_test=info["n_test"] or 40)
-            kinds.update({i: e.verifier for i, e in enumerate(task.test) if i not in kinds})
-        except UserError:
-            pass
+def verifier_for(rows: list[RunRow]) -> Callable[[str, object], bool]:
+    """The run's verifiers as `verifier(response, record)`: each example's own kind, as the run stored it."""
+    kinds = {r.example: r.verifier for r in rows}
 
     def verifier(response: str, record) -> bool:
         get: Callable[[str], Any] = record.get if isinstance(record, dict) else (lambda k: getattr(record, k, None))
-        kind = get("verifier") or kinds.get(get("example"), "contains")
+        kind = get("verifier") or kinds[get("example")]
         return verify(kind, response, get("reference"))
 
     return verifier
