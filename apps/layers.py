@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 
 import streamlit as st
@@ -19,6 +20,7 @@ from interp.models import adapter_key  # noqa: E402
 VIEWS = ("Layer divergence", "Logit lens", "Attention", "Internalization", "Training")
 LIVE_DEFAULT_MODEL = "smollm2-135m-instruct"
 # Seconds the hidden views wait on a session's first page (see draw_first_view_first).
+FIRST_PAINT_S = float(os.environ.get("LAYERS_FIRST_PAINT_S", "1.5"))
 NO_ADAPTER = "none (base model)"
 OTHER_ADAPTER = "another adapter folder…"
 # LAYERS_LIVE_RUNS_ONLY=1: live mode loads only the models the runs name and the adapters inside the runs folder,
@@ -265,21 +267,38 @@ def show_run(summary) -> None:
                 st.dataframe(runs.example_responses(cached_example_rows(path, stamp), chosen["example"]), hide_index=True)
             with st.expander("Why this flip", expanded=bool(chosen.get("flipped_any"))):
                 show_why_this_flip(summary, chosen)
-        # Lazy tabs: only the open view is computed and sent, so the first figure is the only one the browser has to
-        # draw once plotly.js has loaded; another view costs a rerun on cached data (bench/app.py times both).
-        tabs = st.tabs(VIEWS, key="view", on_change="rerun")
-        if tabs[0].open:
-            with tabs[0]:
-                show_layer_divergence(divs, "run")
+        # Tabs, not a rerun per view: every view is drawn once, so a switch is instant in the browser. The first
+        # tab is filled before the examples table and the rest after it, so the first figure comes first.
+        tabs = st.tabs(VIEWS, key="view")
+        with tabs[0]:
+            show_layer_divergence(divs, "run")
     if table:
         show_examples_table(table)
     if divs:
-        views = [lambda: show_logit_lens(divs, examples, "run"), lambda: show_attention(divs, examples, "run"),
-                 lambda: show_internalization(path, chosen), lambda: show_training(path, stamp)]
-        for tab, draw in zip(tabs[1:], views):
-            if tab.open:
-                with tab:
-                    draw()
+        draw_first_view_first(tabs[1:])
+        with tabs[1]:
+            show_logit_lens(divs, examples, "run")
+        with tabs[2]:
+            show_attention(divs, examples, "run")
+        with tabs[3]:
+            show_internalization(path, chosen)
+        with tabs[4]:
+            show_training(path, stamp)
+
+
+def draw_first_view_first(hidden_tabs) -> None:
+    """On a session's first page, send the hidden tabs' figures a moment later (a rerun): the browser draws every
+    plotly figure it holds once plotly.js has loaded, so figures sent along with the first one delay it (by about
+    2 s on two busy cores, measured with bench/app.py). Streamlit's lazy tabs (`on_change="rerun"`, drawing only the
+    open tab) were measured as the alternative: first figure 5.39 s against 5.24 s here, and a switch 0.70 s against
+    0.12 s, since every switch becomes a rerun."""
+    if st.session_state.get("_first_page_drawn"):
+        return
+    st.session_state["_first_page_drawn"] = True
+    for tab in hidden_tabs:
+        tab.caption("Drawing…")
+    time.sleep(FIRST_PAINT_S)
+    st.rerun()
 
 
 def show_training(path: str, stamp: tuple) -> None:
@@ -467,14 +486,13 @@ def show_live(summary) -> None:
         ex = div.examples[0]
         st.markdown(f"**{label}** · response: {ex['response'][:300]!r}")
         divs = {label: div}
-        tabs = st.tabs(VIEWS[:3], key="live_view", on_change="rerun")
-        views = [lambda: show_layer_divergence(divs, "live"),
-                 lambda: show_logit_lens(divs, {label: 0}, "live", decode=lambda i: tokenizer.decode([int(i)])),
-                 lambda: show_attention(divs, {label: 0}, "live")]
-        for tab, draw in zip(tabs, views):
-            if tab.open:
-                with tab:
-                    draw()
+        tabs = st.tabs(VIEWS[:3], key="live_view")
+        with tabs[0]:
+            show_layer_divergence(divs, "live")
+        with tabs[1]:
+            show_logit_lens(divs, {label: 0}, "live", decode=lambda i: tokenizer.decode([int(i)]))
+        with tabs[2]:
+            show_attention(divs, {label: 0}, "live")
 
 
 # ---------- a study ----------
@@ -506,21 +524,8 @@ def show_study(results_root: str) -> None:
 
 # ---------- page ----------
 
-# The views' own pickers (f"{run|live}{suffix}"). A widget that is not drawn in a run loses its state, and the lazy
-# tabs draw only the open view: writing these keys back keeps a view's choices while another view is open.
-VIEW_PICKERS = ("_models", "_measures", "_divergence", "_lens_model", "_lens_stat", "_lens_text", "_attn_model",
-                "_layer", "_head")
-
-
-def keep_view_pickers() -> None:
-    for k in list(st.session_state):
-        if isinstance(k, str) and k.split("_", 1)[0] in ("run", "live") and k.endswith(VIEW_PICKERS):
-            st.session_state[k] = st.session_state[k]
-
-
 def main() -> None:
     st.set_page_config(page_title="Layer divergence", layout="wide")
-    keep_view_pickers()
     st.sidebar.title("Layer divergence")
     root = st.sidebar.text_input("Runs folder", str(runs.default_runs_dir()), key="runs_dir", disabled=live_runs_only(),
                                  help="Set the default with the environment variable LAYERS_RUNS_DIR.")

@@ -32,55 +32,28 @@ def test_empty_state_names_the_command(monkeypatch, tmp_path):
     assert "python -m training pair" in text and "Live" in text
 
 
-def _figures_per_view(at, key: str) -> list[int]:
-    """Open each tab of the `st.tabs` with `key` in turn: how many figures it draws; only the open tab has any.
-    The last tab stays open."""
-    counts = []
-    for i, label in enumerate([t.label for t in at.tabs]):
-        at.session_state[key] = label
-        at.run()
-        _no_exception(at)
-        drawn = [len(t.get("plotly_chart")) for t in at.tabs]
-        assert all(n == 0 for j, n in enumerate(drawn) if j != i), (label, drawn)
-        counts.append(drawn[i])
-    return counts
-
-
 def test_a_run_shows_every_view(monkeypatch, tmp_path):
     write_synthetic_run(tmp_path / "runs" / "facts")
     at = _app(monkeypatch, tmp_path / "runs").run()
     _no_exception(at)
     assert at.header[0].value == "facts"
     assert len(at.dataframe) == 4  # all runs, evaluation, answers to the chosen example, examples
-    # One tab per view: layer divergence (1 figure), logit lens (2), attention (2), internalization (none yet), training
-    # (1); the tabs are lazy, so only the open one holds its figures.
+    # One tab per view: layer divergence (1 figure), logit lens (2), attention (2), internalization (none yet), training (1).
     assert [t.label for t in at.tabs] == ["Layer divergence", "Logit lens", "Attention", "Internalization", "Training"]
-    assert _figures_per_view(at, "view") == [1, 2, 2, 0, 1]
+    assert [len(t.get("plotly_chart")) for t in at.tabs] == [1, 2, 2, 0, 1]
     # Another example drives the views; the flipped filter narrows the table.
     at.sidebar.selectbox(key="example").set_value("2").run()
     _no_exception(at)
     assert "Example #2" in " ".join(m.value for m in at.markdown)
     at.checkbox(key="only_flipped").check().run()
     _no_exception(at)
-    # The views' own pickers: another model and colour for the lens, another layer and head for attention; each
-    # view keeps its choices while another one is open.
-    at.session_state["view"] = "Logit lens"
-    at.run()
+    # The views' own pickers: another model and colour for the lens, another layer and head for attention.
     at.selectbox(key="run_lens_model").set_value("base")
-    at.selectbox(key="run_lens_stat").set_value("entropy").run()
-    at.session_state["view"] = "Attention"
-    at.run()
+    at.selectbox(key="run_lens_stat").set_value("entropy")
     at.selectbox(key="run_layer").set_value(3)
     at.selectbox(key="run_head").set_value(2).run()
     _no_exception(at)
     assert "Layer 3, head 2" in at.tabs[2].get("plotly_chart")[1].proto.spec
-    at.session_state["view"] = "Logit lens"
-    at.run()
-    assert (at.selectbox(key="run_lens_model").value, at.selectbox(key="run_lens_stat").value) == ("base", "entropy")
-    # back on the first view, the first tab is drawn again (and only it)
-    at.session_state["view"] = "Layer divergence"
-    at.run()
-    assert [len(t.get("plotly_chart")) for t in at.tabs] == [1, 0, 0, 0, 0]
 
 
 def test_layer_divergence_options(monkeypatch, tmp_path):
@@ -96,16 +69,12 @@ def test_switching_between_runs_of_other_shapes(monkeypatch, tmp_path):
     write_synthetic_run(tmp_path / "runs" / "a_facts")
     write_synthetic_run(tmp_path / "runs" / "b_small", students=("unreg",), num_blocks=2, num_heads=2)
     at = _app(monkeypatch, tmp_path / "runs").run()
-    at.session_state["view"] = "Attention"
-    at.run()
     at.selectbox(key="run_layer").set_value(3)
     at.selectbox(key="run_head").set_value(3)
     at.sidebar.selectbox(key="example").set_value("2").run()
     at.sidebar.selectbox(key="run").set_value("b_small").run()
     _no_exception(at)
-    # the attention view, still open, is drawn for the smaller run (its layer and head pickers within range)
-    assert at.header[0].value == "b_small" and [len(t.get("plotly_chart")) for t in at.tabs] == [0, 0, 2, 0, 0]
-    assert at.selectbox(key="run_layer").value in (1, 2) and at.selectbox(key="run_head").value in (0, 1)
+    assert at.header[0].value == "b_small" and len(_charts(at)) == 6
     at.sidebar.selectbox(key="run").set_value("a_facts").run()
     _no_exception(at)
 
@@ -127,7 +96,7 @@ def test_a_broken_run_is_an_error_for_that_run_only(monkeypatch, tmp_path):
     assert "arrays.safetensors" in at.error[0].value
     at.sidebar.selectbox(key="run").set_value("good").run()
     _no_exception(at)
-    assert not at.error and len(_charts(at)) == 1  # the open view's figure (the tabs are lazy)
+    assert not at.error and len(_charts(at)) == 6
     # Arrays of inconsistent shapes (an edited or truncated file) are an error for that run as well.
     from interp.store import load_divergence, save_divergence
 
@@ -159,7 +128,7 @@ def test_live_view_on_the_tiny_model(monkeypatch, tmp_path):
     assert not at.error, [e.value for e in at.error]
     div, _, _ = at.session_state["live_result"]
     assert div.num_layers == 4 and div.cos[0] == pytest.approx(1.0)
-    assert _figures_per_view(at, "live_view") == [1, 2, 2]
+    assert [len(t.get("plotly_chart")) for t in at.tabs] == [1, 2, 2]
     # A user mistake is a message, not a crash.
     at.text_area(key="live_context").set_value("  ")
     at.button(key="live_go").click().run(timeout=120)

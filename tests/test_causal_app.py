@@ -34,8 +34,6 @@ def _app(monkeypatch, root: Path) -> AppTest:
 def test_internalization_tab_and_flip_panel(monkeypatch, root):
     at = _app(monkeypatch, root).run()
     assert not at.exception, [e.value for e in at.exception]
-    at.session_state["view"] = "Internalization"  # the tabs are lazy: open it
-    at.run()
     tab = next(t for t in at.tabs if t.label == "Internalization")
     specs = [c.proto.spec for c in tab.get("plotly_chart")]
     # Four-way curves, context vector projections, per-example overshoot of the flipped example, patching curves.

@@ -57,6 +57,7 @@ def test_report_reads_what_training_wrote(trained, tmp_path):
 
 def test_app_reads_what_training_wrote(trained, monkeypatch):
     monkeypatch.setenv("LAYERS_RUNS_DIR", str(trained.parent))
+    monkeypatch.setenv("LAYERS_FIRST_PAINT_S", "0")
     at = AppTest.from_file(str(ROOT / "apps" / "layers.py"), default_timeout=120).run()
     assert not at.exception, at.exception
     assert any("persona" in (h.value or "") for h in at.header)
@@ -77,6 +78,7 @@ def test_study_then_the_apps_study_view(tmp_path, monkeypatch):
     assert {r["student"] for r in data["summary"]} == {"unreg", "reg", "base", "teacher"}
     monkeypatch.setenv("LAYERS_RUNS_DIR", str(tmp_path / "runs"))
     monkeypatch.setenv("LAYERS_RESULTS_DIR", str(tmp_path / "results"))
+    monkeypatch.setenv("LAYERS_FIRST_PAINT_S", "0")
     at = AppTest.from_file(str(ROOT / "apps" / "layers.py"), default_timeout=120).run()
     at.sidebar.radio(key="mode").set_value("Study").run()
     assert not at.exception, at.exception
