@@ -30,7 +30,7 @@ def synthetic_divergence(num_blocks: int = 3, num_heads: int = 4, n_examples: in
     cos_tok = np.clip(1 - depth * rng.uniform(0.05, 0.4, (1, n)), -1, 1)
     cos_tok[0] = 1.0  # the embedding layer cannot see the context
     probs = lambda: rng.uniform(0, 1, (L, n)).astype(np.float32)  # noqa: E731
-    lens = {}
+    lens: dict[str, np.ndarray] = {}
     for side in ("ctx", "noctx"):
         lens[f"lens_top1_{side}"] = rng.integers(0, 49152, (L, n)).astype(np.int64)
         lens[f"lens_top1_prob_{side}"] = probs()
