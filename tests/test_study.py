@@ -43,6 +43,11 @@ def test_smoke_study_killed_and_resumed_ends_like_an_uninterrupted_one(tmp_path)
     rows = {(r["suite"], r["student"]) for r in data["summary"]}
     assert rows == {(s, m) for s in ("persona", "facts") for m in ("unreg", "reg", "base", "teacher")}
     unreg = next(r for r in data["summary"] if r["suite"] == "persona" and r["student"] == "unreg")
+    base, teacher = (next(r for r in data["summary"] if r["suite"] == "persona" and r["student"] == m) for m in ("base", "teacher"))
+    for mine, bases in (("acc_noctx", "acc_ctx"), ("acc_ctx", "acc_ctx"), ("degenerate_noctx", "degenerate_ctx"),
+                        ("follow_cf", "follow_cf")):  # the teacher is the base with the context, in both columns
+        assert teacher[mine]["mean"] == base[bases]["mean"]
+    assert teacher["harm"]["mean"] is None and teacher["ctx_drop"]["mean"] == 0
     per_seed = [c["scores"]["drift"] for c in data["cells"] if c["suite"] == "persona" and c["student"] == "unreg"]
     assert unreg["drift"]["mean"] == pytest.approx(sum(per_seed) / 2) and unreg["drift"]["n"] == 2
     assert len(data["paired"]) == 4 and all(p["vs"] == "unreg" for p in data["paired"])

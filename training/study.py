@@ -404,8 +404,10 @@ def collect(study: Study) -> dict:
 
 
 def _as_teacher(scores: dict) -> dict:
-    """The teacher is the base model read with the context: its accuracy is the base's acc_ctx."""
-    return {**scores, "acc_noctx": scores.get("acc_ctx"), "ctx_drop": 0.0}
+    """The teacher is the base model read with the context, always: both of its columns are the base's with-context
+    answers (acc, loops, truncation), so it has no harm to report (nothing to lose by adding a context it has)."""
+    return {**scores, "acc_noctx": scores.get("acc_ctx"), "degenerate_noctx": scores.get("degenerate_ctx"),
+            "truncated_noctx": scores.get("truncated_ctx"), "harm": None, "ctx_drop": 0.0, "len_ratio": 1.0}
 
 
 def _over_seeds(scores: list[dict]) -> dict:
