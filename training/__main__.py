@@ -128,7 +128,7 @@ def study(
     results_dir: Optional[str] = typer.Option(None, "--results-dir", help="where results/<study>/ goes (default: results/)"),
 ):
     """Train, evaluate and summarize a grid of suites × seeds × students; resumable, skips finished cells."""
-    from training.study import check_results, load_study, plan, run_study, table
+    from training.study import check_results, load_study, markdown, plan, run_study
 
     spec = load_study(file, runs_dir, results_dir)
     if jobs < 1:
@@ -138,8 +138,8 @@ def study(
     if dry_run:
         return
     data = run_study(spec, jobs=jobs)
-    print(table(data))
-    print(f"wrote {spec.results_dir / spec.name}/study.json, study.csv and frontier.html")
+    print(markdown(data))
+    print(f"wrote {spec.results_dir / spec.name}/study.json, study.csv, summary.md and frontier.html")
 
 
 def _state():

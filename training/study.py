@@ -466,19 +466,6 @@ def _fmt(v):
     return "" if v is None or (isinstance(v, float) and math.isnan(v)) else round(v, 4)
 
 
-def table(data: dict) -> str:
-    """The study's summary as text: one row per suite and student, mean ± sd over seeds."""
-    cols = ("acc_noctx", "acc_ctx", "harm", "degenerate_ctx", "follow_cf", "ctx_drop", "drift")
-    lines = [f"{'suite':<14}{'student':<18}{'seeds':>6}  " + "  ".join(f"{c:>15}" for c in cols)]
-    for row in data["summary"]:
-        cells = []
-        for c in cols:
-            m, sd = row[c]["mean"], row[c]["sd"]
-            cells.append(f"{'–' if m is None else f'{m:.2f}' + (f' ± {sd:.2f}' if sd is not None else ''):>15}")
-        lines.append(f"{row['suite']:<14}{row['student']:<18}{len(row['seeds']):>6}  " + "  ".join(cells))
-    return "\n".join(lines)
-
-
 MARKDOWN = ("acc_noctx", "acc_ctx", "harm", "degenerate_noctx", "degenerate_ctx", "truncated_ctx", "follow_cf", "ctx_drop", "drift")
 
 
@@ -507,4 +494,4 @@ def markdown(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["Study", "Student", "Cell", "load_study", "run_study", "plan", "write_results", "collect", "table", "markdown"]
+__all__ = ["Study", "Student", "Cell", "load_study", "run_study", "plan", "write_results", "collect", "markdown"]

@@ -308,7 +308,8 @@ def _train(cfg: TrainConfig, *, resume: bool, overwrite: bool, progress: bool, l
     accelerator.wait_for_everyone()
     if cfg.report_to:
         accelerator.end_training()
-    _agreeing_adapters(accelerator, peft_model, out, cfg.steps)
+    if not cfg.checkpoint_every:  # otherwise the last step's checkpoint has just checked them
+        _agreeing_adapters(accelerator, peft_model, out, cfg.steps)
     if accelerator.is_main_process:
         save_adapter(accelerator.unwrap_model(model), out, lm)
     accelerator.wait_for_everyone()
