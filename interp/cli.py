@@ -165,10 +165,9 @@ _register_causal()
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user mistakes print one line (no traceback) and exit with status 2."""
-    import warnings
+    from interp.models import quiet_known_warnings
 
-    # peft asks transformers a deprecated question on every adapter load; the answer is right, the warning is noise.
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    quiet_known_warnings()
     try:
         app(args=argv, prog_name="python -m interp", standalone_mode=False)
     except UserError as err:

@@ -259,6 +259,15 @@ class LoadedModel:
             self.set_adapter(previous)
 
 
+def quiet_known_warnings() -> None:
+    """Silence the one library warning every adapter load prints: peft asks transformers a deprecated question
+    (`is_gradient_checkpointing`); the answer is right, the warning is noise. Each CLI and each spawned study
+    process calls this, since warning filters are per process."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
 def peft_name(name: str) -> str:
     """An adapter's name as peft can hold it: peft stores adapters as submodules, and module names cannot hold "."."""
     return name.replace(".", "_")

@@ -180,3 +180,16 @@ def test_adapter_names_one_per_folder(tmp_path):
     assert adapter_key(a) == adapter_key(tmp_path / "run-a" / ".." / "run-a" / "unreg")  # the folder, however named
     assert adapter_key(a).startswith("unreg-") and "." not in adapter_key(tmp_path / "v1.2")
     assert peft_name("reg.v2") == "reg_v2" and peft_name("reg_w01") == "reg_w01"
+
+
+def test_the_known_library_warning_is_silenced_and_no_other(tiny):
+    """peft's deprecated `is_gradient_checkpointing` question warns on every adapter load; quiet_known_warnings hides
+    that one warning and leaves other FutureWarnings visible."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        models.quiet_known_warnings()
+        assert tiny.model.is_gradient_checkpointing is False
+        warnings.warn("something else is deprecated", FutureWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["something else is deprecated"]

@@ -188,10 +188,9 @@ def _print_main(text: str) -> None:
 
 
 def main() -> None:
-    import warnings
+    from interp.models import quiet_known_warnings
 
-    # peft asks transformers a deprecated question on every adapter load; the answer is right, the warning is noise.
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    quiet_known_warnings()
     try:
         app()
     except UserError as err:

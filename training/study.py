@@ -288,6 +288,9 @@ def _worker(args):
     source, runs_dir, results_dir, index, threads, queue = args
     import torch
 
+    from interp.models import quiet_known_warnings
+
+    quiet_known_warnings()
     torch.set_num_threads(threads)
     study = load_study(source, runs_dir, results_dir)
     cell = study.cells()[index]
