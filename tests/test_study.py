@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from interp.errors import UserError
 from training.study import load_study
@@ -171,3 +172,65 @@ def test_main_students_run_before_the_one_seed_settings():
     first = [c.suite for c in cells if c.student.seeds is None]
     assert first == sorted(first, key=study.suites.index)
     assert sum(main) == len(study.suites) * len(study.seeds) * sum(s.seeds is None for s in study.students)
+
+
+def _small_study(path: Path, steps: int, reg_lam: float = 1.0) -> Path:
+    path.write_text(f"name = 'grow'\nmodel = 'tiny-random-llama'\nsuites = ['persona']\nseeds = [0]\nsteps = {steps}\n"
+                    "[train]\nbatch_size = 2\nmax_new_tokens = 4\ncheckpoint_every = 1\nlr = 1e-2\n"
+                    "[eval]\nn_test = 4\nmax_new_tokens = 8\n"
+                    f"[[students]]\nname = 'unreg'\nlam = 0.0\n[[students]]\nname = 'reg'\nlam = {reg_lam}\n")
+    return path
+
+
+def test_raising_a_studys_steps_continues_its_cells_like_a_longer_study(tmp_path):
+    """steps 2 → 3: each cell resumes at its step-2 checkpoint (no retraining), its old adapter and evaluation are not
+    reused, and the result equals a study run with 3 steps from the start (the lr schedule ignores --steps)."""
+    from safetensors.torch import load_file
+
+    from training.evaluate import fingerprint
+    from training.study import run_study
+
+    grown = _small_study(tmp_path / "grow.toml", steps=2)
+    run_study(load_study(grown, tmp_path / "a" / "runs", tmp_path / "a" / "results"), progress=False)
+    _small_study(grown, steps=3)
+    study = load_study(grown, tmp_path / "a" / "runs", tmp_path / "a" / "results")
+    assert [c.trained_steps() for c in study.cells()] == [2, 2] and not any(c.trained() for c in study.cells())
+    first_lines = {c.student.name: (c.out / "metrics.jsonl").read_text().splitlines() for c in study.cells()}
+    grown_data = run_study(study, progress=False)
+    fresh = load_study(_small_study(tmp_path / "fresh.toml", steps=3), tmp_path / "b" / "runs", tmp_path / "b" / "results")
+    fresh_data = run_study(fresh, progress=False)
+    for g, f in zip(study.cells(), fresh.cells()):
+        lines = (g.out / "metrics.jsonl").read_text().splitlines()
+        assert len(lines) == 3 and lines[:2] == first_lines[g.student.name]  # steps 1–2 kept, step 3 added
+        assert g.trained() and g.evaluation().settings["adapter"] == fingerprint(g.out)
+        assert json.loads((g.out / "train_config.json").read_text())["steps"] == 3
+        mine, theirs = load_file(g.out / "adapter_model.safetensors"), load_file(f.out / "adapter_model.safetensors")
+        assert mine.keys() == theirs.keys() and all(torch.allclose(mine[k], theirs[k], atol=1e-6) for k in mine)
+    assert [c["scores"] for c in grown_data["cells"]] == [c["scores"] for c in fresh_data["cells"]]
+
+
+def test_a_cell_trained_with_other_settings_is_refused_before_anything_trains(tmp_path):
+    from training.study import plan, run_study
+
+    path = _small_study(tmp_path / "s.toml", steps=2)
+    run_study(load_study(path, tmp_path / "runs", tmp_path / "results"), progress=False)
+    out = tmp_path / "runs" / "grow" / "persona" / "seed-0"
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    for steps, lam, message in ((2, 0.5, "grow/persona/seed-0/reg"), (1, 1.0, "has trained 2 steps, more than the study's steps=1")):
+        _small_study(path, steps=steps, reg_lam=lam)
+        study = load_study(path, tmp_path / "runs", tmp_path / "results")
+        for call in (lambda s: run_study(s, progress=False), plan):
+            with pytest.raises(UserError) as err:
+                call(study)
+            text = str(err.value)
+            assert str(path) in text and message in text and "\n" not in text
+    assert "was trained with lam=1.0, the study now says lam=0.5" in _refusal(path, tmp_path, lam=0.5)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before  # nothing touched
+
+
+def _refusal(path: Path, tmp_path: Path, lam: float) -> str:
+    result = subprocess.run([sys.executable, "-m", "training", "study", str(_small_study(path, steps=2, reg_lam=lam)),
+                             "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "results")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    return result.stderr

@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from interp.errors import UserError
-from interp.runs import ADAPTER_CONFIG, read_model_eval
+from interp.runs import ADAPTER_WEIGHTS, TRAIN_CONFIG_FILE, read_model_eval
 from interp.store import atomic_write_json, atomic_write_text, read_json
 from training import stats
 from training.config import TrainConfig, defaults
 from training.evaluate import EvalSettings, evaluate_run
-from training.tasks import SUITES
+from training.tasks import SUITES, load_task
 
 STUDY_KEYS = ("name", "model", "suites", "seeds", "steps", "train", "eval", "students", "runs_dir", "results_dir")
 STUDENT_ONLY = ("name", "seeds")
@@ -35,7 +35,7 @@ EVAL_KEYS = tuple(f.name for f in fields(EvalSettings)) + ("n_test",)
 # The rates the study summarizes over seeds (docs/measures.md#evaluation).
 SUMMARY = ("acc_noctx", "acc_ctx", "harm", "ctx_drop", "degenerate_noctx", "degenerate_ctx", "truncated_ctx", "len_ratio",
            "follow_cf", "drift")
-# Rough seconds per step and per evaluated model on 2 CPU cores, for --dry-run's estimate.
+# Rough seconds per step (λ=0, λ>0) and per evaluated model on 2 CPU cores, for --dry-run's estimate.
 COST = {"smollm2-135m-instruct": (8.0, 12.0, 150.0), "tiny-random-llama": (0.1, 0.15, 2.0)}
 DEFAULT_COST = (30.0, 45.0, 600.0)
 
@@ -105,14 +105,51 @@ class Cell:
         return TrainConfig(**{**s.train, **self.student.settings, "task": self.suite, "seed": self.seed, "model": s.model,
                               "steps": s.steps, "out": str(self.out), "n_test": s.n_test})
 
+    def trained_steps(self) -> int:
+        """Steps the student has trained: its last checkpoint's or, saved without checkpoints, its record's."""
+        from training.trainer import checkpoints
+
+        found = checkpoints(self.out)
+        if found:
+            return int(found[-1].name.split("-")[-1])
+        if (self.out / ADAPTER_WEIGHTS).exists() and (self.out / TRAIN_CONFIG_FILE).exists():
+            return int(read_json(self.out / TRAIN_CONFIG_FILE, expect=dict).get("steps", 0))
+        return 0
+
     def trained(self) -> bool:
-        return (self.out / ADAPTER_CONFIG).exists()
+        """Its adapter is whole (the weights are written last) and of the study's step count: a study whose
+        `steps` was raised continues its cells from their last checkpoints."""
+        return (self.out / ADAPTER_WEIGHTS).exists() and self.trained_steps() == self.study.steps
+
+    def check(self) -> None:
+        """A cell trained with other settings than the study's now are is refused, not silently reused."""
+        from training.trainer import config_conflict
+
+        record = self.out / TRAIN_CONFIG_FILE
+        if not record.exists():
+            return
+        where = f"{self.study.source or 'the study'}: {self.label()} ({self.out})"
+        ours = self.config()
+        if ours.placement is None:  # left to the suite, as training resolves it
+            ours.resolve(load_task(self.suite, seed=self.seed, n_test=self.study.n_test).placement)
+        conflict = config_conflict(read_json(record, expect=dict), ours)
+        if conflict:
+            k, theirs, ours = conflict
+            raise UserError(f"{where} was trained with {k}={theirs!r}, the study now says {k}={ours!r}; give the "
+                            f"student another name, or delete that folder to train it anew")
+        if (steps := self.trained_steps()) > self.study.steps:
+            raise UserError(f"{where} has trained {steps} steps, more than the study's steps={self.study.steps}; "
+                            f"raise 'steps', or delete that folder to train it anew")
 
     def evaluation(self):
-        """The student's evaluation with the study's settings (a ModelEval), or None while it has none."""
+        """The student's evaluation with the study's settings and of its current adapter (a ModelEval), or None."""
+        from training.evaluate import fingerprint
+
         ev = read_model_eval(self.run_dir, self.student.name) if self.trained() else None
         if ev is None or {k: v for k, v in ev.settings.items() if k != "adapter"} != asdict(self.study.eval):
             return None
+        if ev.settings.get("adapter") != fingerprint(self.out):
+            return None  # evaluated before the adapter changed (a study's steps raised): evaluate again
         return ev
 
     def evaluated(self) -> bool:
@@ -217,6 +254,12 @@ def load_study(path: str | os.PathLike, runs_dir: str | None = None, results_dir
     return study
 
 
+def check_cells(study: Study) -> None:
+    """Every cell already begun agrees with the study file, before anything trains."""
+    for cell in study.cells():
+        cell.check()
+
+
 def check_results(study: Study) -> Path:
     """results/<study>/ must be this study's (or new)."""
     folder = study.results_dir / study.name
@@ -231,23 +274,26 @@ def check_results(study: Study) -> Path:
 
 def estimate(study: Study, cells: Sequence[Cell]) -> float:
     """Seconds the cells still need, from rough per-step and per-evaluation costs on 2 CPU cores."""
-    reg, unreg, per_eval = COST.get(study.model, DEFAULT_COST)
+    unreg, reg, per_eval = COST.get(study.model, DEFAULT_COST)
     total = 0.0
     for c in cells:
         if not c.trained():
-            total += study.steps * (unreg if c.student.lam > 0 else reg) * c.student.settings.get("grad_accum", 1)
+            left = study.steps - c.trained_steps()
+            total += left * (reg if c.student.lam > 0 else unreg) * c.student.settings.get("grad_accum", 1)
         if not c.evaluated():
             total += per_eval
     return total
 
 
 def plan(study: Study) -> str:
+    check_cells(study)
     cells = study.cells()
     todo = [c for c in cells if not (c.trained() and c.evaluated())]
     lines = [f"study {study.name}: {len(study.suites)} suites × {len(study.seeds)} seeds, {len(study.students)} students, "
              f"{len(cells)} cells ({len(cells) - len(todo)} done), {study.steps} steps each, model {study.model}"]
     for c in cells:
-        state = "done" if c.trained() and c.evaluated() else ("trained" if c.trained() else "todo")
+        steps = c.trained_steps()
+        state = ("done" if c.evaluated() else "trained") if c.trained() else (f"{steps}/{study.steps}" if steps else "todo")
         settings = ", ".join(f"{k}={v}" for k, v in c.student.settings.items()) or "defaults"
         lines.append(f"  {state:>7}  {c.label():<40} {settings}")
     lines.append(f"estimated time left: {_hours(estimate(study, todo))} on 2 CPU cores with one job")
@@ -306,20 +352,19 @@ def run_study(study: Study, jobs: int = 1, progress: bool = True) -> dict:
     if jobs < 1:
         raise UserError(f"--jobs must be at least 1 (got {jobs})")
     check_results(study)
+    check_cells(study)
     cells = study.cells()
     todo = [i for i, c in enumerate(cells) if not (c.trained() and c.evaluated())]
     # One bar for the whole grid, in training steps (an evaluation counts as a few steps' worth of time).
     eval_steps = max(1, study.steps // 5)
     total = sum(study.steps + eval_steps for _ in cells)
-    done = sum(study.steps + eval_steps for i, _ in enumerate(cells) if i not in todo)
+    done = sum(study.steps + eval_steps if i not in todo else cells[i].trained_steps() for i in range(len(cells)))
     bar = tqdm(total=total, initial=done, desc=f"study {study.name}", unit="step", disable=not progress, smoothing=0.05)
     try:
         if jobs == 1:
             for i in todo:
                 cell = cells[i]
                 bar.set_postfix_str(cell.label())
-                before = _trained_steps(cell)
-                bar.update(before)
                 run_cell(cell, on_step=lambda s, n: bar.update(1))
                 bar.update(eval_steps)
                 write_results(study)
@@ -328,13 +373,6 @@ def run_study(study: Study, jobs: int = 1, progress: bool = True) -> dict:
     finally:
         bar.close()
     return write_results(study)
-
-
-def _trained_steps(cell: Cell) -> int:
-    from training.trainer import checkpoints
-
-    found = checkpoints(cell.out)
-    return int(found[-1].name.split("-")[-1]) if found else 0
 
 
 def _run_parallel(study: Study, todo: list[int], jobs: int, bar, eval_steps: int) -> None:

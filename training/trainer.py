@@ -25,7 +25,7 @@ from training.checkpoints import list_checkpoints as checkpoints
 from training.checkpoints import lora_params as _lora_params
 from training.checkpoints import rng_state as _rng_state
 from training.checkpoints import truncate_metrics as _truncate_metrics
-from training.config import RESUMABLE, TrainConfig
+from training.config import RESUMABLE, TrainConfig, defaults
 from training.losses import consistency_kl, cross_entropy, evidence_mask, forward_kl, lam_at, masked_mean, reverse_kl
 from training.rollout import MIN_SHARED_PREFIX, Batch, both_sides, collate, prefix_cache, response_logits, rollout
 from training.tasks import load_task
@@ -63,6 +63,17 @@ def _config_dict(cfg: TrainConfig) -> dict:
     return cfg.to_json()
 
 
+def config_conflict(saved: dict, cfg: TrainConfig) -> tuple[str, object, object] | None:
+    """The first setting a resume may not change (all but RESUMABLE) in which a run's saved train_config.json
+    differs from `cfg`, as (key, saved value, cfg's value); None when they agree. A setting the run predates counts
+    as its default: settings are added with the default that keeps the earlier behaviour."""
+    ours, default = _config_dict(cfg), defaults()
+    for k in ours:
+        if k not in RESUMABLE and saved.get(k, default.get(k)) != ours[k]:
+            return k, saved.get(k), ours[k]
+    return None
+
+
 def prepare_out(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path | None:
     """Check the student folder; returns the checkpoint to resume from, if any. Never touches an existing folder
     unless told to."""
@@ -70,13 +81,11 @@ def prepare_out(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path | None:
     if resume:
         if not (out / CONFIG_FILE).exists():
             raise UserError(f"nothing to resume in {out}: it has no {CONFIG_FILE}; drop --resume to start a new run")
-        saved = read_json(out / CONFIG_FILE, expect=dict)
-        ours = _config_dict(cfg)
-        diff = [k for k in ours if k not in RESUMABLE and saved.get(k) != ours[k]]
-        if diff:
-            k = diff[0]
+        conflict = config_conflict(read_json(out / CONFIG_FILE, expect=dict), cfg)
+        if conflict:
+            k, theirs, ours = conflict
             raise UserError(
-                f"{out} was trained with {k}={saved.get(k)!r} but this command says {k}={ours[k]!r}; "
+                f"{out} was trained with {k}={theirs!r} but this command says {k}={ours!r}; "
                 f"resume with the same settings or train into another --out"
             )
         found = checkpoints(out)
@@ -117,6 +126,12 @@ def save_adapter(model, out: Path, lm: LoadedModel | None = None) -> None:
     for name in (["base_model.json"] if lm is not None else []) + ["adapter_config.json", "adapter_model.safetensors"]:
         os.replace(tmp / name, out / name)
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_adapter(out: Path) -> None:
+    """Remove a saved adapter, weights first: their presence is what marks an adapter as whole."""
+    for name in ("adapter_model.safetensors", "adapter_config.json", "base_model.json"):
+        (out / name).unlink(missing_ok=True)
 
 
 # --- the loop ----------------------------------------------------------------------------------------------------------
@@ -207,7 +222,8 @@ def _train(cfg: TrainConfig, *, resume: bool, overwrite: bool, progress: bool, l
         update_run_json(out.parent, cfg, out.name)
         if start_from is None:
             clear_out(out)
-            atomic_write_json(out / CONFIG_FILE, _config_dict(cfg))
+        # On resume only RESUMABLE settings can differ (steps among them): the record follows the latest command.
+        atomic_write_json(out / CONFIG_FILE, _config_dict(cfg))
     accelerator.wait_for_everyone()
     params = list(_lora_params(peft_model).values())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -227,6 +243,10 @@ def _train(cfg: TrainConfig, *, resume: bool, overwrite: bool, progress: bool, l
             return TrainResult(out=out, steps=cfg.steps)
         if step0 >= cfg.steps:
             raise UserError(f"{out} is already at step {step0}; pass --steps above {step0} to train further")
+        if accelerator.is_main_process:
+            # Extending a finished run: its adapter is the earlier last step's, and left in place it would pass for the
+            # extended run's until the new one is written (an evaluation or a study would read the old weights).
+            remove_adapter(out)
     if cfg.anchor == "ema" and ema is None:
         ema = {n: p.detach().clone() for n, p in _lora_params(peft_model).items()}
     metrics_path = out / METRICS_FILE
