@@ -188,7 +188,7 @@ def test_raising_a_studys_steps_continues_its_cells_like_a_longer_study(tmp_path
     from safetensors.torch import load_file
 
     from training.evaluate import fingerprint
-    from training.study import run_study
+    from training.study import _paired, run_cell, run_study
 
     grown = _small_study(tmp_path / "grow.toml", steps=2)
     run_study(load_study(grown, tmp_path / "a" / "runs", tmp_path / "a" / "results"), progress=False)
@@ -196,6 +196,8 @@ def test_raising_a_studys_steps_continues_its_cells_like_a_longer_study(tmp_path
     study = load_study(grown, tmp_path / "a" / "runs", tmp_path / "a" / "results")
     assert [c.trained_steps() for c in study.cells()] == [2, 2] and not any(c.trained() for c in study.cells())
     first_lines = {c.student.name: (c.out / "metrics.jsonl").read_text().splitlines() for c in study.cells()}
+    run_cell(study.cells()[1])  # `reg` grown first: no pairing with `unreg`'s evaluation of step 2
+    assert study.cells()[1].evaluation() is not None and _paired(study) == []
     grown_data = run_study(study, progress=False)
     fresh = load_study(_small_study(tmp_path / "fresh.toml", steps=3), tmp_path / "b" / "runs", tmp_path / "b" / "results")
     fresh_data = run_study(fresh, progress=False)
@@ -207,6 +209,7 @@ def test_raising_a_studys_steps_continues_its_cells_like_a_longer_study(tmp_path
         mine, theirs = load_file(g.out / "adapter_model.safetensors"), load_file(f.out / "adapter_model.safetensors")
         assert mine.keys() == theirs.keys() and all(torch.allclose(mine[k], theirs[k], atol=1e-6) for k in mine)
     assert [c["scores"] for c in grown_data["cells"]] == [c["scores"] for c in fresh_data["cells"]]
+    assert len(grown_data["paired"]) == 1 and grown_data["paired"] == fresh_data["paired"]
 
 
 def test_a_cell_trained_with_other_settings_is_refused_before_anything_trains(tmp_path):

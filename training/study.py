@@ -129,10 +129,10 @@ class Cell:
         if not record.exists():
             return
         where = f"{self.study.source or 'the study'}: {self.label()} ({self.out})"
-        ours = self.config()
-        if ours.placement is None:  # left to the suite, as training resolves it
-            ours.resolve(load_task(self.suite, seed=self.seed, n_test=self.study.n_test).placement)
-        conflict = config_conflict(read_json(record, expect=dict), ours)
+        cfg = self.config()
+        if cfg.placement is None:  # left to the suite, as training resolves it
+            cfg.resolve(load_task(self.suite, seed=self.seed, n_test=self.study.n_test).placement)
+        conflict = config_conflict(read_json(record, expect=dict), cfg)
         if conflict:
             k, theirs, ours = conflict
             raise UserError(f"{where} was trained with {k}={theirs!r}, the study now says {k}={ours!r}; give the "
@@ -462,15 +462,15 @@ def _over_seeds(scores: list[dict]) -> dict:
 def _paired(study: Study) -> list[dict]:
     """Each student against the first one on the same examples (with the context), per suite and seed."""
     out = []
-    ref = study.students[0].name
+    ref = study.students[0]
     for c in study.cells():
-        a = None if c.student.name == ref else c.evaluation()
+        a = None if c.student is ref else c.evaluation()
         if a is None:
             continue
-        b = read_model_eval(c.run_dir, ref)
-        if a is None or b is None or len(a.rows) != len(b.rows):
+        b = Cell(study, c.suite, c.seed, ref).evaluation()  # the same checks as the student's: settings, current adapter
+        if b is None or len(a.rows) != len(b.rows):
             continue
-        out.append({"suite": c.suite, "seed": c.seed, "student": c.student.name, "vs": ref,
+        out.append({"suite": c.suite, "seed": c.seed, "student": c.student.name, "vs": ref.name,
                     **stats.paired([r.correct_ctx for r in a.rows], [r.correct_ctx for r in b.rows])})
     return out
 
