@@ -222,8 +222,7 @@ def _train(cfg: TrainConfig, *, resume: bool, overwrite: bool, progress: bool, l
         update_run_json(out.parent, cfg, out.name)
         if start_from is None:
             clear_out(out)
-        # On resume only RESUMABLE settings can differ (steps among them): the record follows the latest command.
-        atomic_write_json(out / CONFIG_FILE, _config_dict(cfg))
+            atomic_write_json(out / CONFIG_FILE, _config_dict(cfg))
     accelerator.wait_for_everyone()
     params = list(_lora_params(peft_model).values())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -247,6 +246,9 @@ def _train(cfg: TrainConfig, *, resume: bool, overwrite: bool, progress: bool, l
             # Extending a finished run: its adapter is the earlier last step's, and left in place it would pass for the
             # extended run's until the new one is written (an evaluation or a study would read the old weights).
             remove_adapter(out)
+            # Only RESUMABLE settings can differ (steps among them): the record follows the latest command, once
+            # the checkpoint has loaded (a damaged one leaves the folder as it was).
+            atomic_write_json(out / CONFIG_FILE, _config_dict(cfg))
     if cfg.anchor == "ema" and ema is None:
         ema = {n: p.detach().clone() for n, p in _lora_params(peft_model).items()}
     metrics_path = out / METRICS_FILE
