@@ -124,10 +124,10 @@ def wilson(k: int, n: int, level: float = LEVEL) -> tuple[float, float] | None:
     return lo, hi
 
 
-def _log_binom_tail(k: int, n: int, p: float, upper: bool) -> float:
-    """log P(X ≥ k) (upper) or log P(X ≤ k) for X ~ Binomial(n, p), 0 < p < 1, summed in log space."""
+def _log_binom_tail(k: int, n: int, p: float, upper: bool, lgam: np.ndarray) -> float:
+    """log P(X ≥ k) (upper) or log P(X ≤ k) for X ~ Binomial(n, p), 0 < p < 1, summed in log space; lgam[j] is
+    log j!."""
     i = np.arange(k, n + 1) if upper else np.arange(0, k + 1)
-    lgam = np.array([math.lgamma(j + 1) for j in range(n + 1)])
     terms = lgam[n] - lgam[i] - lgam[n - i] + i * math.log(p) + (n - i) * math.log1p(-p)
     top = terms.max()
     return float(top + math.log(np.exp(terms - top).sum()))
@@ -163,8 +163,9 @@ def clopper_pearson(k: int, n: int, level: float = LEVEL) -> tuple[float, float]
         return None
     k, n = int(k), int(n)
     log_a = math.log((1 - level) / 2)
-    lo = 0.0 if k == 0 else _bisect(lambda p: _log_binom_tail(k, n, p, True) - log_a, increasing=True)
-    hi = 1.0 if k == n else _bisect(lambda p: _log_binom_tail(k, n, p, False) - log_a, increasing=False)
+    lgam = np.array([math.lgamma(j + 1) for j in range(n + 1)])
+    lo = 0.0 if k == 0 else _bisect(lambda p: _log_binom_tail(k, n, p, True, lgam) - log_a, increasing=True)
+    hi = 1.0 if k == n else _bisect(lambda p: _log_binom_tail(k, n, p, False, lgam) - log_a, increasing=False)
     return lo, hi
 
 
