@@ -513,13 +513,18 @@ def show_study(results_root: str) -> None:
         st.error(f"Study '{name}' could not be read: {err}")
         return
     st.header(f"Study {name}")
-    st.caption(f"model **{data.get('model')}** · {data.get('steps')} steps · seeds {data.get('seeds')} · "
-               "mean ± sd over seeds; each cell's 95% bootstrap intervals are in study.json")
-    st.dataframe(runs.study_rows(data), hide_index=True)
-    y = st.radio("Frontier: y axis", ["degenerate_ctx", "harm", "ctx_drop"], horizontal=True, key="study_y")
-    st.plotly_chart(plots.frontier_figure(data, y=y), key="fig_study_frontier")
-    st.caption("x: follow_cf, the share of answers that follow a counterfactual context (the student still listens). "
-               "Top left is the goal: it listens, and the context does not break it. ◆ base model and teacher.")
+    budgets = data.get("budgets") or []
+    st.caption(f"model **{data.get('model')}** · {data.get('steps')} steps · seeds {data.get('seeds')} · means over seeds "
+               "with 95% hierarchical bootstrap intervals (seeds, then examples); health: no-card loops minus the base's")
+    budget = st.radio("Budget (tokens)", budgets, index=len(budgets) - 1, horizontal=True, key="study_budget") if budgets else None
+    if data.get("settings"):
+        st.dataframe(runs.study_setting_rows(data, budget), hide_index=True)
+        x = st.radio("Frontier: x axis", ["card_effect:loops", "card_effect:acc", "card_effect:len"], horizontal=True, key="study_x")
+        st.plotly_chart(plots.frontier_figure(data, x=x, budget=budget), key="fig_study_frontier")
+        st.caption("x: the card's own effect (the setting's with/without-card difference minus the base's; 0 is the goal); "
+                   "y: follow_cf among clean answers to a counterfactual card (the setting still listens). Hollow: unhealthy.")
+    else:  # a study written before the seed-level tables
+        st.dataframe(runs.study_rows(data), hide_index=True)
 
 
 # ---------- page ----------

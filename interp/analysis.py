@@ -232,7 +232,7 @@ def run_pairs(lm, run_dir: str | Path, model: str, max_examples: int | None = No
     mine = [r for r in rows if r.model == model and r.ids_noctx][:max_examples]
     pairs = []
     for r in mine:
-        pp = render_prompt_pair(lm.tokenizer, r.context, r.prompt, info.placement)
+        pp = render_prompt_pair(lm.tokenizer, r.context, r.prompt, info.placement, no_context=info.no_context)
         pairs.append(pair_from_ids(pp, r.ids_noctx, r.context, r.prompt, r.response_noctx, info.placement))
     return pairs
 

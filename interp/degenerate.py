@@ -18,15 +18,38 @@ def words(text: str) -> list[str]:
     return [w for w in (t.strip(_EDGE_PUNCT).lower() for t in text.split()) if w]
 
 
-def is_degenerate(text: str) -> bool:
-    """True when a short span (1-4 words) repeats at least 3 times back to back, or a clause (5-40 words) at
-    least twice back to back. "I'm Nova. Nova is my name." is not degenerate; "Nova, Nova, Nova" is, and so is
-    "I'm Nova, made by Quibble Labs. I'm Nova, made by Quibble Labs."."""
+def loop_rules(text: str) -> tuple[bool, bool]:
+    """Which rule makes an answer a loop, each looping answer counted under one: (short: a span of 1-4 words at
+    least 3 times back to back; clause: otherwise, a span of 5-40 words at least twice back to back). So
+    short + clause = `is_degenerate`, and "Nova Nova Nova Nova Nova Nova" is a short loop, not also a clause one."""
     ws = words(text)
     for k in range(1, min(LONG_SPAN, len(ws) // 2) + 1):
         need = SHORT_REPEATS if k <= SHORT_SPAN else LONG_REPEATS
         for i in range(len(ws) - need * k + 1):
             span = ws[i : i + k]
             if all(ws[i + c * k : i + (c + 1) * k] == span for c in range(1, need)):
-                return True
-    return False
+                return (True, False) if k <= SHORT_SPAN else (False, True)
+    return False, False
+
+
+def is_degenerate(text: str) -> bool:
+    """True when a short span (1-4 words) repeats at least 3 times back to back, or a clause (5-40 words) at
+    least twice back to back. "I'm Nova. Nova is my name." is not degenerate; "Nova, Nova, Nova" is, and so is
+    "I'm Nova, made by Quibble Labs. I'm Nova, made by Quibble Labs."."""
+    return any(loop_rules(text))
+
+
+def loop_start(ids, decode) -> int | None:
+    """The number of leading tokens of `ids` after which the answer is first a loop (`is_degenerate` of their text),
+    or None when it never loops. An answer that loops still loops as it goes on, so this is a binary search: about
+    log2(len) decodes."""
+    if not ids or not is_degenerate(decode(list(ids))):
+        return None
+    lo, hi = 0, len(ids)  # decode(ids[:lo]) is clean, decode(ids[:hi]) loops
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if is_degenerate(decode(list(ids[:mid]))):
+            hi = mid
+        else:
+            lo = mid
+    return hi

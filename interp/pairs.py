@@ -12,6 +12,11 @@ PLACEMENTS = ("system", "user")
 SCOPES = ("response", "shared")
 # Between the context and the prompt when the context is a prefix of the user turn (or there is no template).
 USER_JOINER = "\n\n"
+# What the model sees in place of the context (docs/measures.md#no-context): `default` is the chat template's own
+# default system turn (SmolLM2's names the model "SmolLM, trained by Hugging Face": an identity of its own),
+# `neutral` a plain system turn with no identity, `empty` a system turn with no text.
+NO_CONTEXT = ("default", "neutral", "empty")
+NEUTRAL_SYSTEM = "You are a helpful assistant."
 
 
 @dataclass(frozen=True)
@@ -110,15 +115,20 @@ def render_prompt_pair(
     prompt: str,
     placement: str = "system",
     chat_template: bool | None = None,
+    no_context: str = "default",
 ) -> PromptPair:
     """Build prompt ids with and without `context` by rendering each part and concatenating ids, so that the
     shared tail (user turn and assistant header) is token-for-token identical by construction.
 
-    With SmolLM2's template "no context" means the template's default system turn; that is what the model sees
-    when a user gives no system message.
+    `no_context` is what stands in the system turn without the context (`NO_CONTEXT`): with `default` and
+    SmolLM2's template that is the template's default system turn, what the model sees when a user gives no system
+    message; `neutral` and `empty` give an explicit system turn instead, on both sides when the context goes in the
+    user turn. Without a chat template there is no system turn and only `default` applies.
     """
     if placement not in PLACEMENTS:
         raise UserError(f"unknown placement '{placement}'; use one of {', '.join(PLACEMENTS)}")
+    if no_context not in NO_CONTEXT:
+        raise UserError(f"unknown no_context '{no_context}'; use one of {', '.join(NO_CONTEXT)}")
     if not context or not context.strip():
         raise UserError("the context is empty; give the text the student should internalize")
     if not prompt or not prompt.strip():
@@ -128,18 +138,21 @@ def render_prompt_pair(
         raise UserError("this tokenizer has no chat template, so the context cannot be a system turn; use --placement user or a chat model")
 
     if not use_template:
+        if no_context != "default":
+            raise UserError(f"no_context='{no_context}' needs a chat template (a system turn); this tokenizer has none: use 'default'")
         bos = _bos(tokenizer)
         before, ctx, shared = bos, _ids(tokenizer, context), _ids(tokenizer, prompt + "\n")
         after = _ids(tokenizer, USER_JOINER)
         ctx_ids = before + ctx + after + shared
         return PromptPair(tuple(ctx_ids), tuple(bos + shared), len(shared), (len(before), len(before) + len(ctx)))
 
+    system = [] if no_context == "default" else [{"role": "system", "content": NEUTRAL_SYSTEM if no_context == "neutral" else ""}]
     if placement == "system":
         with_ctx = [{"role": "system", "content": context}, {"role": "user", "content": prompt}]
     else:
-        with_ctx = [{"role": "user", "content": context + USER_JOINER + prompt}]
+        with_ctx = system + [{"role": "user", "content": context + USER_JOINER + prompt}]
     s_ctx = _render(tokenizer, with_ctx)
-    s_noctx = _render(tokenizer, [{"role": "user", "content": prompt}])
+    s_noctx = _render(tokenizer, system + [{"role": "user", "content": prompt}])
     k = _common_suffix_len(s_ctx, s_noctx)
     suffix = s_noctx[len(s_noctx) - k :]
     shared_text = suffix[_shared_start(tokenizer, suffix, prompt) :]
@@ -214,6 +227,7 @@ def make_pairs(
     max_new_tokens: int = 64,
     max_length: int | None = None,
     chat_template: bool | None = None,
+    no_context: str = "default",
 ) -> list[Pair]:
     """Aligned pairs from records with `context`, `prompt` and optionally `response` (text) or `response_ids`.
 
@@ -236,7 +250,7 @@ def make_pairs(
             if not isinstance(value, str) or not value.strip():
                 raise UserError(f"record {i}: the {name} is missing or empty")
         try:
-            prompts.append(render_prompt_pair(tokenizer, context, prompt, placement, chat_template))
+            prompts.append(render_prompt_pair(tokenizer, context, prompt, placement, chat_template, no_context))
         except UserError as err:
             raise UserError(f"record {i}: {err}") from None
         ids = _field(record, "response_ids")

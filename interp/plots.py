@@ -252,29 +252,70 @@ def lens_summary(div, stats: Sequence[str] = ("target_prob", "entropy", "kl_fina
     return _layout(fig, title or "Logit lens per layer, mean over the measured tokens", 360)
 
 
-def frontier_figure(study: Mapping, x: str = "follow_cf", y: str = "degenerate_ctx") -> go.Figure:
-    """The removability frontier of a study: one point per student and suite (mean over seeds, error bars ± sd),
-    x = `follow_cf` (still listens to contexts), y = `degenerate_ctx` (or another rate), colour = λ; the base model
-    and the teacher as reference points. Top-left is the goal: listens, and does not break with the context."""
-    summary = [r for r in study.get("summary", []) if r.get(x, {}).get("mean") is not None and r.get(y, {}).get("mean") is not None]
-    suites = list(dict.fromkeys(r["suite"] for r in study.get("summary", []))) or ["(no results yet)"]
-    fig = make_subplots(rows=1, cols=len(suites), subplot_titles=suites, shared_yaxes=True, horizontal_spacing=0.04)
-    lams = [r["lam"] for r in summary if r.get("lam") is not None]
-    lam_max = max(lams) if lams else 1.0
+def frontier_figure(study: Mapping, x: str = "card_effect:loops", y: str = "follow_cf_clean", budget: int | None = None) -> go.Figure:
+    """The removability frontier of a study, the seed the unit: one point per setting and suite at one budget (the
+    full one by default), the mean over seeds with its hierarchical-bootstrap 95% interval as error bars.
+
+    x: the card's own effect on loops (`card_effect:loops`; 0 = the card changes the model's loops as it changes the
+    base's), y: `follow_cf` among clean counterfactual answers (still listens). One colour per setting, named in the
+    legend; the base is a black diamond; an unhealthy setting (no-card loops above the base's by more than the
+    study's margin) is drawn hollow. The goal is the top middle: listens, and the card adds nothing of its own."""
+    rows = [r for r in study.get("settings", []) if r.get("budget") == (budget or (study.get("budgets") or [None])[-1])]
+
+    def stat(r: Mapping, key: str):
+        if key.startswith("card_effect:"):
+            if r["model"] == "base":  # the base's own effect is the reference: 0 by definition
+                return {"value": 0.0, "ci": None}
+            return (r.get("card_effect") or {}).get(key.split(":", 1)[1])
+        return r.get(key)
+
+    def label(key: str) -> str:
+        return f"card effect on {key.split(':', 1)[1]}" if key.startswith("card_effect:") else key
+
+    suites = list(dict.fromkeys(r["suite"] for r in rows)) or ["(no results yet)"]
+    fig = make_subplots(rows=1, cols=len(suites), subplot_titles=suites, shared_yaxes=True, horizontal_spacing=0.05)
+    names = list(dict.fromkeys(r["model"] for r in rows if r["model"] != "base"))
+    colors = model_colors(names)
+    shown: set[str] = set()
+    xs: list[float] = []
     for col, suite in enumerate(suites, 1):
-        for r in (r for r in summary if r["suite"] == suite):
-            ref = r.get("lam") is None
-            sx, sy = r[x].get("sd"), r[y].get("sd")
+        for r in (r for r in rows if r["suite"] == suite):
+            sx, sy = stat(r, x), stat(r, y)
+            if not sx or not sy or sx.get("value") is None or sy.get("value") is None:
+                continue
+            vx, vy = sx["value"], sy["value"]
+            xs += [vx, *(sx.get("ci") or [])]
+            ref = r["model"] == "base"
+            health = (r.get("health") or {}).get("verdict")
+            hollow = health == "unhealthy"
+            ex, ey = sx.get("ci") or [vx, vx], sy.get("ci") or [vy, vy]
+            harm = r.get("harm") or {}
+            hover = (f"<b>{r['model']}</b> ({suite}, {len(r.get('seeds', []))} seeds, budget {r.get('budget')})<br>"
+                     f"{label(x)} = {vx:+.2f} [{ex[0]:+.2f}, {ex[1]:+.2f}]<br>{y} = {vy:.2f} [{ey[0]:.2f}, {ey[1]:.2f}]<br>"
+                     + (f"health: {health} (no-card loops − base's {r['health']['loops']['value']:+.2f})<br>" if health else "")
+                     + (f"harm {harm.get('k')}/{harm.get('n')}" if harm.get("n") else "") + "<extra></extra>")
+            name = r["model"]
+            color = "black" if ref else colors[r["model"]]
             fig.add_trace(go.Scatter(
-                x=[r[x]["mean"]], y=[r[y]["mean"]], mode="markers+text", text=[r["student"]], textposition="top center",
-                error_x=dict(type="data", array=[sx or 0], visible=sx is not None),
-                error_y=dict(type="data", array=[sy or 0], visible=sy is not None),
-                marker=dict(size=12, symbol="diamond" if ref else "circle",
-                            color="black" if ref else r["lam"], cmin=0, cmax=lam_max or 1.0, colorscale="Viridis",
-                            showscale=(col == 1 and not ref), colorbar=dict(title="λ")),
-                name=f"{suite}: {r['student']}", showlegend=False,
-                hovertemplate=(f"{r['student']} ({suite}, seeds {r['seeds']})<br>{x}=%{{x:.2f}}<br>{y}=%{{y:.2f}}<extra></extra>"),
+                x=[vx], y=[vy], mode="markers",
+                error_x=dict(type="data", symmetric=False, array=[ex[1] - vx], arrayminus=[vx - ex[0]], color=color, thickness=1),
+                error_y=dict(type="data", symmetric=False, array=[ey[1] - vy], arrayminus=[vy - ey[0]], color=color, thickness=1),
+                marker=dict(size=13, color=color, symbol=("diamond" if ref else "circle") + ("-open" if hollow else ""),
+                            line=dict(width=2, color=color)),
+                name=name, legendgroup=name, showlegend=False, hovertemplate=hover,
             ), row=1, col=col)
-        fig.update_xaxes(title_text=x, range=[-0.05, 1.05], row=1, col=col)
-    fig.update_yaxes(title_text=y, range=[-0.05, 1.05], row=1, col=1)
-    return _layout(fig, f"Removability frontier: {study.get('name', '')} (mean ± sd over seeds; ◆ base / teacher)", 460)
+            if name not in shown:  # the legend shows each setting's colour filled, whatever its first point's health
+                fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=name, legendgroup=name, hoverinfo="skip",
+                                         marker=dict(size=13, color=color, symbol="diamond" if ref else "circle")), row=1, col=1)
+                shown.add(name)
+        fig.add_vline(x=0, line=dict(color="#999", dash="dot", width=1), row=1, col=col)
+    if any((r.get("health") or {}).get("verdict") == "unhealthy" for r in rows):  # what a hollow marker means
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name="hollow: unhealthy",
+                                 marker=dict(size=13, symbol="circle-open", color="#555", line=dict(width=2)), hoverinfo="skip"),
+                      row=1, col=1)
+    span = max([0.3] + [abs(v) for v in xs]) * 1.15
+    for col in range(1, len(suites) + 1):
+        fig.update_xaxes(title_text=label(x), range=[-span, span], row=1, col=col)
+    fig.update_yaxes(title_text=f"{y} (higher: still listens)", range=[-0.05, 1.05], row=1, col=1)
+    fig.update_layout(legend=dict(title="setting", orientation="h", yanchor="top", y=-0.22, x=0))
+    return _layout(fig, f"Removability frontier: {study.get('name', '')} (mean over seeds, 95% interval; ◆ base)", 520)

@@ -208,10 +208,11 @@ def study_section(name: str, study: dict) -> str:
     """A study's summary table (mean ± sd over seeds), its frontier plot and the paired tests."""
     parts = [f"<h2>Study {html.escape(name)}</h2>",
              f"<p class='muted'>model {html.escape(str(study.get('model')))}, {study.get('steps')} steps, seeds {study.get('seeds')}; "
-             "rates are means over seeds ± sd (one seed: the mean alone; each cell's 95% bootstrap intervals are in study.json)</p>",
-             _table_html(runs.study_rows(study)),
+             "means over seeds with 95% hierarchical bootstrap intervals (seeds, then examples); health: no-card loops minus "
+             "the base's; card effect: the setting's with/without-card difference minus the base's</p>",
+             _table_html(runs.study_setting_rows(study) if study.get("settings") else runs.study_rows(study)),
              _figure_html(plots.frontier_figure(study)),
-             _figure_html(plots.frontier_figure(study, y="harm"))]
+             _figure_html(plots.frontier_figure(study, x="card_effect:acc"))]
     paired = study.get("paired") or []
     if paired:
         parts += ["<h3>Paired with the first student (with the context, same examples)</h3>",

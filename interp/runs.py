@@ -20,6 +20,7 @@ import functools
 import io
 import json
 import os
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -332,6 +333,7 @@ class RunInfo:
     placement: str
     n_test: int = 40
     students: list[str] = field(default_factory=list)
+    no_context: str = "default"  # interp.pairs.NO_CONTEXT: what the model sees without the context
 
     def __post_init__(self):
         if not isinstance(self.students, list) or not all(isinstance(s, str) for s in self.students):
@@ -341,7 +343,7 @@ class RunInfo:
 
     def same_run(self, other: "RunInfo") -> str | None:
         """The first setting on which two run descriptions disagree (they then cannot share a folder), else None."""
-        for key in ("task", "model", "seed", "placement", "n_test"):
+        for key in ("task", "model", "seed", "placement", "n_test", "no_context"):
             if getattr(self, key) != getattr(other, key):
                 return key
         return None
@@ -443,6 +445,10 @@ class ExampleRow:
     ids_cf: list[int] | None = None
     follow_cf: bool | None = None
     degenerate_cf: bool | None = None
+    stubborn_cf: bool | None = None  # under the counterfactual context, a clean answer that still gives the trained answer
+    # Verdicts of the same answers cut at each budget (str(tokens) -> {verdict name: value}): greedy answers at a
+    # shorter budget are prefixes of these (docs/measures.md#budgets). The fields above are at the full budget.
+    budgets: dict[str, dict] | None = None
 
     @property
     def flipped(self) -> bool:
@@ -556,6 +562,80 @@ def read_study(path: str | os.PathLike) -> dict:
     if not isinstance(data, dict) or not isinstance(data.get("summary"), list) or not isinstance(data.get("cells"), list):
         raise UserError(f"{file} is damaged: expected an object with 'summary' and 'cells' lists; rerun the study to rewrite it")
     return data
+
+
+def _ci_text(stat, signed: bool = False) -> str:
+    if not isinstance(stat, dict) or stat.get("value") is None:
+        return "–"
+    v = stat["value"]
+    if isinstance(v, float) and math.isnan(v):
+        return "NaN"
+    ci = stat.get("ci")
+    text = f"{v:+.2f}" if signed else f"{v:.2f}"
+    return text + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if isinstance(ci, list) and len(ci) == 2 else "")
+
+
+STUDY_ROWS_FILE = "rows.jsonl.gz"  # results/<study>/: every evaluated answer of the study, to recompute every number
+
+
+def write_study_rows(path: str | os.PathLike, records: list[dict]) -> None:
+    """Per-example rows of a study, gzip-compressed JSONL (one ExampleRow per line plus `suite` and `seed`), written
+    atomically and byte-reproducibly (no time stamp in the gzip header)."""
+    import gzip
+
+    from interp.store import atomic_write_bytes
+
+    text = "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in records)
+    atomic_write_bytes(path, gzip.compress(text.encode("utf-8"), compresslevel=9, mtime=0))
+
+
+def read_study_rows(path: str | os.PathLike) -> list[tuple[str, int, ExampleRow]]:
+    """The rows `write_study_rows` wrote, as (suite, seed, ExampleRow); a damaged file is a one-line error."""
+    import gzip
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist or is not a file; a study writes it beside study.json")
+    try:
+        text = gzip.decompress(path.read_bytes()).decode("utf-8")
+    except (OSError, EOFError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is not a gzip-compressed UTF-8 JSONL file ({err}); run the study again to rewrite it") from None
+    out = []
+    for i, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError):
+            raise UserError(f"{path}, line {i}: not valid JSON") from None
+        if not isinstance(record, dict) or not isinstance(record.get("suite"), str) or not isinstance(record.get("seed"), int):
+            raise UserError(f"{path}, line {i}: expected an object with suite, seed and the row's fields")
+        suite, seed = record.pop("suite"), record.pop("seed")
+        out.append((suite, seed, ExampleRow.from_json(record, f"{path}, line {i}")))
+    return out
+
+
+def study_setting_rows(data: dict, budget: int | None = None) -> list[dict]:
+    """One row per suite and setting at one budget (the full one by default), the seed the unit: health, accuracy,
+    pooled harm k/n, the card's own effect, the counterfactual measures; each a mean over seeds [95% interval]."""
+    budgets = data.get("budgets") or []
+    budget = budget or (budgets[-1] if budgets else None)
+    rows = []
+    for r in data.get("settings", []):
+        if r.get("budget") != budget:
+            continue
+        ce, health, harm = r.get("card_effect") or {}, r.get("health") or {}, r.get("harm") or {}
+        rows.append({
+            "suite": r.get("suite"), "setting": r.get("model"), "λ": r.get("lam"), "seeds": len(r.get("seeds", [])),
+            "budget": budget,
+            "health": "(reference)" if not health else f"{health.get('verdict')} ({_ci_text(health.get('loops'), True)})",
+            "acc_noctx": _ci_text(r.get("acc_noctx")), "acc_ctx": _ci_text(r.get("acc_ctx")),
+            "harm (k/n)": f"{harm['pooled']:.2f} ({harm['k']}/{harm['n']})" if harm.get("n") else "–",
+            "card effect: loops": _ci_text(ce.get("loops"), True), "card effect: acc": _ci_text(ce.get("acc"), True),
+            "card effect: length": _ci_text(ce.get("len"), True),
+            "follow_cf clean": _ci_text(r.get("follow_cf_clean")), "stubborn_cf": _ci_text(r.get("stubborn_cf")),
+        })
+    return rows
 
 
 def study_rows(data: dict, columns=STUDY_COLUMNS) -> list[dict]:

@@ -25,6 +25,14 @@ def smol():
 
 
 @pytest.fixture(scope="session")
+def smol_tokenizer():
+    """The embedded model's tokenizer and chat template alone (no weights: fast)."""
+    from interp.models import load_tokenizer
+
+    return load_tokenizer("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
 def tokenizer(tiny):
     return tiny.tokenizer
 

@@ -53,17 +53,36 @@ def test_smoke_study_killed_and_resumed_ends_like_an_uninterrupted_one(tmp_path)
     assert unreg["drift"]["mean"] == pytest.approx(sum(per_seed) / 2) and unreg["drift"]["n"] == 2
     assert len(data["paired"]) == 4 and all(p["vs"] == "unreg" for p in data["paired"])
     md = (tmp_path / "a" / "results" / "smoke" / "summary.md").read_text().splitlines()
-    table_rows = [x for x in md if x.startswith("| persona |") or x.startswith("| facts |")]
-    assert len(table_rows) == len(data["summary"]) + len(data["paired"])
-    cols = md[0].strip("|").split("|")
-    row = next(x for x in md if x.startswith("| persona | unreg |")).strip("|").split("|")
+    # the seed-level tables: every setting and the base per suite and budget, the comparisons, then the per-cell view
+    assert data["budgets"] == [4, 8]
+    assert {(r["suite"], r["model"], r["budget"]) for r in data["settings"]} == {
+        (s, m, b) for s in ("persona", "facts") for m in ("base", "unreg", "reg") for b in (4, 8)}
+    assert len(data["comparisons"]) == 2 * 3 and all(c["vs"] == "unreg" and "p_holm" in c for c in data["comparisons"])
+    tables = [i for i, x in enumerate(md) if x.startswith("| suite |")]
+    assert len(tables) == 4
+    last = md[tables[-1]:]
+    table_rows = [x for x in last if x.startswith("| persona |") or x.startswith("| facts |")]
+    assert len(table_rows) == len(data["summary"])
+    cols = last[0].strip("|").split("|")
+    row = next(x for x in last if x.startswith("| persona | unreg |")).strip("|").split("|")
     drift_cell = row[[c.strip() for c in cols].index("`drift`")].strip()
     assert drift_cell == f"{unreg['drift']['mean']:.2f} ± {unreg['drift']['sd']:.2f}"
     from plotly.offline import get_plotlyjs
 
-    html = (tmp_path / "a" / "results" / "smoke" / "frontier.html").read_text()
-    assert html.count(get_plotlyjs()) == 1 and "Removability frontier" in html  # plotly.js inline: opens offline
-    assert not re.search(r"<script[^>]*\bsrc\s*=", html.replace(get_plotlyjs(), ""), re.I)
+    folder = tmp_path / "a" / "results" / "smoke"
+    html = (folder / "frontier.html").read_text()
+    assert get_plotlyjs() not in html and "Removability frontier" in html  # one plotly.js beside the figures, not inlined
+    assert re.findall(r"<script[^>]*\bsrc\s*=\s*\"([^\"]+)\"", html) == ["plotly.min.js"]
+    assert (folder / "plotly.min.js").read_text() == get_plotlyjs()
+    # every number recomputable from the committed rows: 2 suites × 2 seeds × (base + 2 students) × 4 examples
+    from interp.runs import read_study_rows
+
+    rows = read_study_rows(folder / "rows.jsonl.gz")
+    assert len(rows) == 2 * 2 * 3 * 4
+    base_rows = [r for s, _, r in rows if s == "persona" and r.model == "base"]
+    per_seed = [sum(r.correct_ctx for r in base_rows[i * 4:(i + 1) * 4]) / 4 for i in range(2)]
+    base_row = next(r for r in data["settings"] if r["suite"] == "persona" and r["model"] == "base" and r["budget"] == 8)
+    assert base_row["acc_ctx"]["value"] == pytest.approx(sum(per_seed) / 2)
 
     # the same study killed in the middle of its third cell, then run again
     runs, results = tmp_path / "b" / "runs", tmp_path / "b" / "results"

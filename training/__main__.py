@@ -98,7 +98,7 @@ def pair(**kw):
     for cfg in (unreg, reg):
         result = run_train(cfg, overwrite=kw["overwrite"])
         _print_main(f"{result.out}: {result.steps} steps, {result.step_seconds:.1f} s/step, last loss {result.last.get('loss', float('nan')):.4f}")
-    _evaluate(out, EvalSettings(max_new_tokens=kw["eval_new_tokens"]), 16, kw["layers"])
+    _evaluate(out, EvalSettings(max_new_tokens=kw["eval_new_tokens"]), 48, kw["layers"])
 
 
 @app.command("eval")
@@ -106,7 +106,7 @@ def eval_(
     run: Path = typer.Argument(..., help="run folder with run.json and student folders"),
     n: Optional[int] = typer.Option(None, "--n", help="evaluate only the first N test examples"),
     max_new_tokens: int = typer.Option(96, "--max-new-tokens", help="greedy answer budget; answers that reach it count as truncated"),
-    batch_size: int = typer.Option(16, "--batch-size"),
+    batch_size: int = typer.Option(48, "--batch-size", help="rows per generation batch (the three context kinds are batched together)"),
     counterfactual: bool = typer.Option(True, "--counterfactual/--no-counterfactual", help="also answer with the counterfactual context (follow_cf)"),
     drift: bool = typer.Option(True, "--drift/--no-drift", help="measure each student's KL from the base model on other suites' prompts"),
     allow_degenerate: bool = typer.Option(False, "--allow-degenerate", help="let looping answers pass the verifier (the old verdicts)"),

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from interp.errors import UserError
 from interp.models import EMBEDDED
-from interp.pairs import PLACEMENTS
+from interp.pairs import NO_CONTEXT, PLACEMENTS
 
 TEACHERS = ("base", "live")
 ANCHORS = ("student", "ema", "teacher")
@@ -39,6 +39,8 @@ class TrainConfig:
     model: str = opt(EMBEDDED, "smollm2-135m-instruct, tiny-random-llama, a Hugging Face id or a folder")
     seed: int = opt(0, "seed of the data split, the data order, LoRA's init and the rollouts")
     placement: str | None = opt(None, "system or user (default: the suite's own)")
+    no_context: str = opt("default", "what stands in the system turn without the context: default (the chat template's own, "
+                          "an identity for SmolLM2), neutral ('You are a helpful assistant.') or empty")
     steps: int = opt(40, "optimizer steps")
     batch_size: int = opt(8, "rollouts per step and process")
     grad_accum: int = opt(1, "micro-batches per optimizer step (the effective batch is batch-size × grad-accum)")
@@ -52,7 +54,10 @@ class TrainConfig:
     target_modules: str = opt("all-linear", "all-linear or a comma list, e.g. q_proj,v_proj")
     dtype: str = opt("auto", "auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16")
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass (less memory, more time)")
-    max_new_tokens: int = opt(32, "rollout length")
+    max_new_tokens: int = opt(96, "rollout budget: rollouts run to the stop token or this many tokens; at least the evaluation's "
+                              "budget (96), so that every token an answer is judged on was trained")
+    loop_mask: bool = opt(False, "keep a rollout's tokens from the point its answer starts to loop out of the distillation loss "
+                          "(once a loop has begun every model here continues it, so the teacher's agreement there is no evidence)")
     temperature: float = opt(1.0, "rollout temperature (0: greedy)")
     rollouts: str = opt("student", "who samples the responses: student (on-policy) or teacher (off-policy baseline, with the context)")
     guided_share: float = opt(0.0, "share of each batch's rollouts sampled from the teacher with the context (EDGE-OPD guided rollouts)")
@@ -122,6 +127,7 @@ class TrainConfig:
             (self.chunk is None or self.chunk >= 1, f"--chunk must be at least 1 (got {self.chunk})"),
             (self.checkpoint_every >= 0, f"--checkpoint-every must be ≥ 0 (got {self.checkpoint_every}); 0 turns checkpoints off"),
             (self.n_test >= 1, f"--n-test must be at least 1 (got {self.n_test})"),
+            (self.no_context in NO_CONTEXT, f"unknown --no-context '{self.no_context}'; use one of {', '.join(NO_CONTEXT)}"),
             (self.placement is None or self.placement in PLACEMENTS, f"unknown placement '{self.placement}'; use one of {', '.join(PLACEMENTS)}"),
             (self.report_to in (None, "tensorboard", "wandb", "trackio"), f"unknown --report-to '{self.report_to}'; use tensorboard, wandb or trackio"),
             # The folder name becomes the adapter's name when the run is evaluated, and torch module names cannot hold a dot.

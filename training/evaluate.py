@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence, cast
 
@@ -21,9 +21,11 @@ from interp.runs import (ADAPTER_WEIGHTS, EVAL_DIR, EVAL_FILE, EVAL_TABLE, Examp
 from interp.store import atomic_write_json
 from training import stats
 from training.tasks import SUITES, Example, load_task
-from interp.verifiers import is_degenerate
+from interp.degenerate import loop_rules
 
 DEFAULT_NEW_TOKENS = 96  # long enough that clean answers end on their own; loops hit it (truncated_*)
+DEFAULT_BUDGETS = (32, 64)  # the answers are judged at these cut-offs too
+EVAL_BATCH = 48  # rows per generation batch: on CPU a decode step of 48 rows costs about 1.8× one of 8 (bench/generate.py)
 DRIFT_PROMPTS = 8  # held-out prompts per other suite for `drift`
 DRIFT_NEW_TOKENS = 32
 
@@ -38,40 +40,84 @@ class EvalSettings:
     counterfactual: bool = True
     drift: bool = True
     bootstrap_seed: int = 0
+    # Shorter budgets at which the same answers are judged again (cut-offs, not new generations).
+    budgets: list[int] = field(default_factory=lambda: list(DEFAULT_BUDGETS))
 
     def check(self) -> "EvalSettings":
         if self.n is not None and self.n < 1:
             raise UserError(f"--n must be at least 1 (got {self.n})")
         if self.max_new_tokens < 1:
             raise UserError(f"--max-new-tokens must be at least 1 (got {self.max_new_tokens})")
+        if not isinstance(self.budgets, list) or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in self.budgets):
+            raise UserError(f"budgets must be a list of token counts of at least 1 (got {self.budgets!r})")
+        self.budgets = sorted({b for b in self.budgets if b < self.max_new_tokens})
         return self
+
+    @property
+    def cuts(self) -> list[int]:
+        """Every budget the answers are judged at, the full one last."""
+        return [*self.budgets, self.max_new_tokens]
+
+
+def verdicts(e: Example, ids_noctx: Sequence[int], ids_ctx: Sequence[int], ids_cf: Sequence[int] | None, budget: int,
+             decode, allow_degenerate: bool = False) -> dict:
+    """Every verdict on one example's three answers cut at `budget` tokens (an answer that stopped earlier is
+    whole): right, looping (and by which rule), truncated (reached the budget), length; under the counterfactual
+    context: follows it, loops, and `stubborn_cf` (a clean answer that still gives the trained answer)."""
+    out: dict = {}
+    for side, ids in (("noctx", ids_noctx), ("ctx", ids_ctx), ("cf", ids_cf)):
+        if ids is None:
+            out.update({f"degenerate_{side}": None, f"loop_short_{side}": None, f"loop_clause_{side}": None,
+                        f"truncated_{side}": None, f"len_{side}": None})
+            continue
+        cut = list(ids[:budget])
+        text = decode(cut)
+        short, clause = loop_rules(text)
+        out.update({f"degenerate_{side}": short or clause, f"loop_short_{side}": short, f"loop_clause_{side}": clause,
+                    f"truncated_{side}": len(ids) >= budget, f"len_{side}": len(cut)})
+        if side == "cf":
+            out["follow_cf"] = e.check_cf(text, allow_degenerate)
+            out["stubborn_cf"] = e.check(text, False) if e.cf_reference != e.reference else None
+        else:
+            out[f"correct_{side}"] = e.check(text, allow_degenerate)
+    if ids_cf is None:
+        out["follow_cf"] = out["stubborn_cf"] = None
+    return out
 
 
 def answer(lm: LoadedModel, examples: Sequence[Example], placement: str, model: str, *, max_new_tokens: int,
-           batch_size: int = 16, counterfactual: bool = True, allow_degenerate: bool = False) -> list[ExampleRow]:
-    """Greedy answers of the model as it is now (whatever adapter is active), as ExampleRows."""
+           batch_size: int = 48, counterfactual: bool = True, allow_degenerate: bool = False,
+           budgets: Sequence[int] = (), no_context: str = "default") -> list[ExampleRow]:
+    """Greedy answers of the model as it is now (whatever adapter is active), as ExampleRows: without the context,
+    with it and with the counterfactual context, generated together (one batched pass over all three kinds) at the
+    full budget, and judged at that budget and at each of `budgets` (cut-offs of the same answers)."""
     tok = lm.tokenizer
-    pps = [render_prompt_pair(tok, e.context, e.prompt, placement) for e in examples]
-    gen = lambda prompts: generate(lm, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)  # noqa: E731
-    noctx, ctx = gen([p.noctx_ids for p in pps]), gen([p.ctx_ids for p in pps])
+    pps = [render_prompt_pair(tok, e.context, e.prompt, placement, no_context=no_context) for e in examples]
     has_cf = [counterfactual and e.cf_context is not None for e in examples]
-    cf_prompts = [render_prompt_pair(tok, e.cf_context, e.prompt, placement).ctx_ids for e, h in zip(examples, has_cf) if h and e.cf_context is not None]
-    cf_iter = iter(gen(cf_prompts) if cf_prompts else [])
+    cf_prompts = [render_prompt_pair(tok, e.cf_context, e.prompt, placement, no_context=no_context).ctx_ids
+                  for e, h in zip(examples, has_cf) if h and e.cf_context is not None]
+    n = len(pps)
+    out = generate(lm, [p.noctx_ids for p in pps] + [p.ctx_ids for p in pps] + cf_prompts, max_new_tokens=max_new_tokens,
+                   batch_size=batch_size)
+    noctx, ctx, cf_iter = out[:n], out[n : 2 * n], iter(out[2 * n :])
     dec = lambda ids: cast(str, tok.decode(ids, skip_special_tokens=True))  # noqa: E731
+    cuts = sorted({b for b in budgets if b < max_new_tokens} | {max_new_tokens})
     rows = []
     for i, (e, a, b, h) in enumerate(zip(examples, noctx, ctx, has_cf)):
-        ta, tb = dec(a), dec(b)
         c = next(cf_iter) if h else None
+        judged = {str(k): verdicts(e, a, b, c, k, dec, allow_degenerate) for k in cuts}
+        full = judged[str(max_new_tokens)]
         tc = dec(c) if c is not None else None
         rows.append(ExampleRow(
             model=model, example=i, context=e.context, prompt=e.prompt, reference=e.reference, verifier=e.verifier,
-            response_noctx=ta, response_ctx=tb, ids_noctx=list(a), ids_ctx=list(b),
-            correct_noctx=e.check(ta, allow_degenerate), correct_ctx=e.check(tb, allow_degenerate),
-            degenerate_noctx=is_degenerate(ta), degenerate_ctx=is_degenerate(tb),
-            truncated_noctx=len(a) >= max_new_tokens, truncated_ctx=len(b) >= max_new_tokens,
+            response_noctx=dec(a), response_ctx=dec(b), ids_noctx=list(a), ids_ctx=list(b),
+            correct_noctx=full["correct_noctx"], correct_ctx=full["correct_ctx"],
+            degenerate_noctx=full["degenerate_noctx"], degenerate_ctx=full["degenerate_ctx"],
+            truncated_noctx=full["truncated_noctx"], truncated_ctx=full["truncated_ctx"],
             cf_context=e.cf_context if h else None, cf_reference=e.cf_reference if h else None,
             response_cf=tc, ids_cf=list(c) if c is not None else None,
-            follow_cf=e.check_cf(tc, allow_degenerate) if tc is not None else None, degenerate_cf=is_degenerate(tc) if tc is not None else None,
+            follow_cf=full["follow_cf"], degenerate_cf=full["degenerate_cf"], stubborn_cf=full["stubborn_cf"],
+            budgets=judged,
         ))
     return rows
 
@@ -183,7 +229,7 @@ def evaluate_run(
     *,
     settings: EvalSettings | None = None,
     models: Sequence[str] | None = None,
-    batch_size: int = 16,
+    batch_size: int = EVAL_BATCH,
     layers: bool = True,
     lm: LoadedModel | None = None,
     progress: bool = False,
@@ -219,7 +265,8 @@ def evaluate_run(
         if not drift_cache:
             m = model()
             ex = drift_examples(info.task, info.seed)
-            prompts = [render_prompt_pair(m.tokenizer, e.context, e.prompt, info.placement).noctx_ids for e in ex]
+            prompts = [render_prompt_pair(m.tokenizer, e.context, e.prompt, info.placement, no_context=info.no_context).noctx_ids
+                       for e in ex]
             with m.use(None):
                 drift_cache["v"] = (prompts, generate(m, prompts, max_new_tokens=DRIFT_NEW_TOKENS, batch_size=batch_size))
         return drift_cache["v"]
@@ -239,7 +286,8 @@ def evaluate_run(
             m.load_adapter(folders[name], name=adapter)
         with m.use(adapter):
             rows = answer(m, examples, info.placement, name, max_new_tokens=settings.max_new_tokens, batch_size=batch_size,
-                          counterfactual=settings.counterfactual, allow_degenerate=settings.allow_degenerate)
+                          counterfactual=settings.counterfactual, allow_degenerate=settings.allow_degenerate,
+                          budgets=settings.budgets, no_context=info.no_context)
         drift = drift_kl(m, adapter, *drift_inputs()) if (adapter and settings.drift) else None
         base_rows = rows if adapter is None else evaluated("base", None).rows
         scores, intervals = score(rows, [r.correct_ctx for r in base_rows], seed=settings.bootstrap_seed, drift=drift)

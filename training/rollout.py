@@ -74,13 +74,15 @@ class Batch:
     mask: torch.Tensor  # [B, R], 1 for real response tokens
     response_lens: list[int]
     targets: torch.Tensor  # [B, R] the response tokens (0 where padded)
+    opd_keep: torch.Tensor | None = None  # [B, R] 1 where the distillation loss may count a token (loop_mask), else None
 
     @property
     def n_tokens(self) -> int:
         return int(self.mask.sum())
 
     def to(self, device) -> "Batch":
-        return Batch(self.noctx.to(device), self.ctx.to(device), self.mask.to(device), self.response_lens, self.targets.to(device))
+        keep = self.opd_keep.to(device) if self.opd_keep is not None else None
+        return Batch(self.noctx.to(device), self.ctx.to(device), self.mask.to(device), self.response_lens, self.targets.to(device), keep)
 
 
 def make_side(sequences: Sequence[Sequence[int]], response_lens: Sequence[int], pad_id: int) -> Side:
@@ -111,8 +113,9 @@ def _common_prefix(sequences: Sequence[Sequence[int]]) -> int:
     return n
 
 
-def collate(pairs: Sequence[Pair], pad_id: int) -> Batch:
-    """One training batch from aligned pairs: both sides right-padded, one response mask shared by both."""
+def collate(pairs: Sequence[Pair], pad_id: int, loop_starts: Sequence[int | None] | None = None) -> Batch:
+    """One training batch from aligned pairs: both sides right-padded, one response mask shared by both.
+    `loop_starts`: per pair, the index of the first response token the distillation loss leaves out (None: none)."""
     lens = [p.response_len for p in pairs]
     mask = torch.zeros((len(pairs), max(lens)), dtype=torch.float32)
     targets = torch.zeros((len(pairs), max(lens)), dtype=torch.long)
@@ -121,7 +124,13 @@ def collate(pairs: Sequence[Pair], pad_id: int) -> Batch:
         targets[row, :r] = torch.tensor(p.response_ids, dtype=torch.long)
     noctx = make_side([p.noctx_ids for p in pairs], lens, pad_id)
     ctx = make_side([p.ctx_ids for p in pairs], lens, pad_id)
-    return Batch(noctx, ctx, mask, lens, targets)
+    keep = None
+    if loop_starts is not None:
+        keep = mask.clone()
+        for row, start in enumerate(loop_starts):
+            if start is not None:
+                keep[row, start:] = 0.0
+    return Batch(noctx, ctx, mask, lens, targets, keep)
 
 
 # Below this many shared tokens, a second forward call costs more than it saves.

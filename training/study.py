@@ -13,6 +13,7 @@ import csv
 import io
 import math
 import os
+import statistics
 import time
 import tomllib
 from dataclasses import asdict, dataclass, fields
@@ -20,14 +21,16 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from interp.errors import UserError
-from interp.runs import ADAPTER_WEIGHTS, TRAIN_CONFIG_FILE, read_model_eval
+from interp.runs import ADAPTER_WEIGHTS, STUDY_ROWS_FILE, TRAIN_CONFIG_FILE, read_model_eval, write_study_rows
 from interp.store import atomic_write_json, atomic_write_text, read_json
 from training import stats
 from training.config import TrainConfig, defaults
 from training.evaluate import EvalSettings, evaluate_run
+from training.study_results import COMPARED, HEALTH_MARGIN, compare, holm_family, measure_model, measure_setting
 from training.tasks import SUITES, load_task
 
-STUDY_KEYS = ("name", "model", "suites", "seeds", "steps", "train", "eval", "students", "runs_dir", "results_dir")
+STUDY_KEYS = ("name", "model", "suites", "seeds", "steps", "train", "eval", "students", "runs_dir", "results_dir",
+              "health_margin", "allow_longer_eval")
 STUDENT_ONLY = ("name", "seeds")
 # Settings that belong to the grid (suite, seed, model, steps, where) rather than to a student.
 GRID_SETTINGS = ("task", "seed", "model", "steps", "out", "n_test")
@@ -35,9 +38,13 @@ EVAL_KEYS = tuple(f.name for f in fields(EvalSettings)) + ("n_test",)
 # The rates the study summarizes over seeds (docs/measures.md#evaluation).
 SUMMARY = ("acc_noctx", "acc_ctx", "harm", "ctx_drop", "degenerate_noctx", "degenerate_ctx", "truncated_ctx", "len_ratio",
            "follow_cf", "drift")
-# Rough seconds per step (λ=0, λ>0) and per evaluated model on 2 CPU cores, for --dry-run's estimate.
-COST = {"smollm2-135m-instruct": (8.0, 12.0, 150.0), "tiny-random-llama": (0.1, 0.15, 2.0)}
-DEFAULT_COST = (30.0, 45.0, 600.0)
+# Seconds per step (λ=0, λ>0) at 96-token rollouts and per evaluated student (40 examples, three context kinds, 96
+# tokens, drift), for --dry-run's estimate. The embedded model's were measured on this toolkit's reference machine
+# (2 quiet cores, one process with one thread: one job of a `--jobs 2` study; batch 8, persona_luna; step time: the
+# rollout 25 s, forward and backward 23 s at λ=0). Steps scale with the rollout budget (`[train] max_new_tokens`).
+COST = {"smollm2-135m-instruct": (48.0, 62.0, 274.0), "tiny-random-llama": (0.1, 0.15, 2.0)}
+COST_SOURCE = "measured on 2 quiet cores, 1 thread per job, 96-token rollouts, batch 8"
+DEFAULT_COST = (180.0, 240.0, 1200.0)
 
 
 @dataclass
@@ -65,6 +72,8 @@ class Study:
     runs_dir: Path
     results_dir: Path
     source: str = ""
+    health_margin: float = HEALTH_MARGIN  # a cell is unhealthy when its no-card loops exceed the base's by more than this
+    allow_longer_eval: bool = False  # answers judged past the rollout budget (tokens no loss ever saw) only if asked
 
     def cells(self) -> list["Cell"]:
         """Every (suite, seed, student) in the order they run: first the main students (those on every seed), suite
@@ -242,15 +251,25 @@ def load_study(path: str | os.PathLike, runs_dir: str | None = None, results_dir
     dup = next((n for n in names if names.count(n) > 1), None)
     if dup:
         _fail(path, f"two students are named '{dup}'")
+    margin = data.get("health_margin", HEALTH_MARGIN)
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not (0 <= margin < 1):
+        _fail(path, f"'health_margin' must be a number in [0, 1) (got {margin!r})")
+    longer = data.get("allow_longer_eval", False)
+    if not isinstance(longer, bool):
+        _fail(path, f"'allow_longer_eval' must be true or false (got {longer!r})")
     study = Study(name=name, model=model, suites=suites, seeds=seeds, steps=steps, train=train, eval=eval_settings,
                   n_test=n_test, students=students,
                   runs_dir=Path(runs_dir or data.get("runs_dir", "runs")), results_dir=Path(results_dir or data.get("results_dir", "results")),
-                  source=str(path))
+                  source=str(path), health_margin=float(margin), allow_longer_eval=longer)
     for cell in study.cells():  # every cell valid before the first one trains
         try:
-            cell.config().check()
+            cfg = cell.config().check()
         except (TypeError, UserError) as err:
             _fail(path, f"{cell.label()}: {err}")
+        if cfg.max_new_tokens < eval_settings.max_new_tokens and not longer:
+            _fail(path, f"{cell.label()}: rollouts of {cfg.max_new_tokens} tokens but answers judged at "
+                        f"{eval_settings.max_new_tokens}: the tokens past the rollout budget are never trained; raise "
+                        f"[train] max_new_tokens to at least {eval_settings.max_new_tokens}, or set allow_longer_eval = true")
     return study
 
 
@@ -279,7 +298,9 @@ def estimate(study: Study, cells: Sequence[Cell]) -> float:
     for c in cells:
         if not c.trained():
             left = study.steps - c.trained_steps()
-            total += left * (reg if c.student.lam > 0 else unreg) * c.student.settings.get("grad_accum", 1)
+            cfg = c.config()
+            scale = cfg.max_new_tokens / 96 * cfg.batch_size / 8 * cfg.grad_accum
+            total += left * (reg if c.student.lam > 0 else unreg) * scale
         if not c.evaluated():
             total += per_eval
     return total
@@ -296,7 +317,10 @@ def plan(study: Study) -> str:
         state = ("done" if c.evaluated() else "trained") if c.trained() else (f"{steps}/{study.steps}" if steps else "todo")
         settings = ", ".join(f"{k}={v}" for k, v in c.student.settings.items()) or "defaults"
         lines.append(f"  {state:>7}  {c.label():<40} {settings}")
-    lines.append(f"estimated time left: {_hours(estimate(study, todo))} on 2 CPU cores with one job")
+    left = estimate(study, todo)
+    source = COST_SOURCE if study.model in COST else "a guess for a model not measured here"
+    lines.append(f"estimated time left: {_hours(left)} of cell time; about {_hours(left / 2)} with --jobs 2 on 2 CPU cores "
+                 f"(rates {source}; bench/generate.py and the metrics' step_s give your machine's)")
     return "\n".join(lines)
 
 
@@ -360,22 +384,38 @@ def run_study(study: Study, jobs: int = 1, progress: bool = True) -> dict:
     total = sum(study.steps + eval_steps for _ in cells)
     done = sum(study.steps + eval_steps if i not in todo else cells[i].trained_steps() for i in range(len(cells)))
     bar = tqdm(total=total, initial=done, desc=f"study {study.name}", unit="step", disable=not progress, smoothing=0.05)
+    times: dict[str, float] = {}
+    t_start = time.perf_counter()
     try:
         if jobs == 1:
             for i in todo:
                 cell = cells[i]
                 bar.set_postfix_str(cell.label())
+                t0 = time.perf_counter()
                 run_cell(cell, on_step=lambda s, n: bar.update(1))
+                times[cell.label()] = time.perf_counter() - t0
                 bar.update(eval_steps)
                 write_results(study)
         else:
-            _run_parallel(study, todo, jobs, bar, eval_steps)
+            times.update(_run_parallel(study, todo, jobs, bar, eval_steps))
     finally:
         bar.close()
-    return write_results(study)
+    data = write_results(study)
+    if times and progress:
+        print(cell_times(times, time.perf_counter() - t_start, jobs))
+    return data
 
 
-def _run_parallel(study: Study, todo: list[int], jobs: int, bar, eval_steps: int) -> None:
+def cell_times(times: dict[str, float], wall: float, jobs: int) -> str:
+    """What the cells of this run took: per cell (training from where it stood, and its evaluation) and in all."""
+    values = sorted(times.values())
+    lines = [f"{len(values)} cells in {_hours(wall)} of wall time with {jobs} job(s): {statistics.median(values) / 60:.1f} min "
+             f"per cell (median; {values[0] / 60:.1f}–{values[-1] / 60:.1f}), {_hours(sum(values))} of cell time"]
+    lines += [f"  {label:<48} {seconds / 60:6.1f} min" for label, seconds in times.items()]
+    return "\n".join(lines)
+
+
+def _run_parallel(study: Study, todo: list[int], jobs: int, bar, eval_steps: int) -> dict[str, float]:
     """Cells in `jobs` spawned processes, each with its share of the cores; the base model's evaluation of a run
     folder is done before its students' cells start, so two processes never evaluate it at once."""
     import multiprocessing as mp
@@ -391,18 +431,19 @@ def _run_parallel(study: Study, todo: list[int], jobs: int, bar, eval_steps: int
         with ctx.Pool(jobs, initializer=_die_with_parent) as pool:
             args = [(study.source, str(study.runs_dir), str(study.results_dir), i, threads, queue) for i in todo]
             pending = pool.imap_unordered(_worker, args)
-            finished = 0
-            while finished < len(todo):
+            times: dict[str, float] = {}
+            while len(times) < len(todo):
                 while not queue.empty():
                     queue.get()
                     bar.update(1)
                 try:
-                    pending.next(timeout=1.0)
+                    index, seconds = pending.next(timeout=1.0)
                 except mp.TimeoutError:
                     continue
-                finished += 1
+                times[cells[index].label()] = seconds
                 bar.update(eval_steps)
                 write_results(study)
+    return times
 
 
 # --- results ---------------------------------------------------------------------------------------------------------
@@ -438,10 +479,66 @@ def collect(study: Study) -> dict:
             for name in ("base", "teacher"):
                 summary.append({"suite": suite, "student": name, "lam": None, "settings": {}, "seeds": [r["seed"] for r in refs],
                                 **_over_seeds([_as_teacher(r["scores"]) if name == "teacher" else r["scores"] for r in refs])})
+    settings, comparisons = seed_level(study)
     return {**study.fingerprint(), "suites": study.suites, "seeds": study.seeds, "steps": study.steps, "train": study.train,
-            "eval": asdict(study.eval), "n_test": study.n_test,
+            "eval": asdict(study.eval), "budgets": study.eval.cuts, "n_test": study.n_test, "health_margin": study.health_margin,
             "students": [{"name": s.name, "settings": s.settings, "seeds": s.seeds} for s in study.students],
-            "cells": cells, "references": references, "summary": summary, "paired": _paired(study)}
+            "cells": cells, "references": references, "summary": summary, "paired": _paired(study),
+            "settings": settings, "comparisons": comparisons}
+
+
+def _rows(study: Study) -> tuple[dict, dict, dict]:
+    """The evaluated rows: students[(suite, name)][seed], base[suite][seed], and each student cell's drift."""
+    students: dict = {}
+    drift: dict = {}
+    for c in study.cells():
+        ev = c.evaluation()
+        if ev is not None:
+            students.setdefault((c.suite, c.student.name), {})[c.seed] = ev.rows
+            drift.setdefault((c.suite, c.student.name), {})[c.seed] = ev.scores.get("drift")
+    base: dict = {}
+    for suite in study.suites:
+        for seed in study.seeds:
+            ev = read_model_eval(study.run_dir(suite, seed), "base")
+            if ev is not None and {k: v for k, v in ev.settings.items() if k != "adapter"} == asdict(study.eval):
+                base.setdefault(suite, {})[seed] = ev.rows
+    return students, base, drift
+
+
+def seed_level(study: Study) -> tuple[list[dict], list[dict]]:
+    """Per suite, model and budget every measure over seeds (training.study_results); the base and the teacher (the
+    base read with the context) as references; each student compared with the first student, pooled over seeds,
+    at the full budget, with Holm's correction across all the study's comparisons."""
+    students, base, drift = _rows(study)
+    full = study.eval.max_new_tokens
+    out: list[dict] = []
+    for suite in study.suites:
+        b = base.get(suite)
+        if not b:
+            continue
+        for budget in study.eval.cuts:
+            out.append({"suite": suite, "model": "base", "lam": None, "budget": budget, "seeds": sorted(b),
+                        **measure_model(b, budget, full)})
+            for s in study.students:
+                mine = students.get((suite, s.name))
+                if mine:
+                    out.append({"suite": suite, "model": s.name, "lam": s.lam, "settings": s.settings, "budget": budget,
+                                **measure_setting(mine, b, budget, full, margin=study.health_margin,
+                                                  drift=drift.get((suite, s.name)))})
+    comparisons: list[dict] = []
+    ref = study.students[0]
+    for suite in study.suites:
+        a_ref = students.get((suite, ref.name))
+        for s in study.students[1:]:
+            mine = students.get((suite, s.name))
+            if not mine or not a_ref:
+                continue
+            for key in COMPARED:
+                better_high = key != "degenerate_ctx"
+                comparisons.append({"suite": suite, "model": s.name, "vs": ref.name,
+                                    **compare(mine, a_ref, key, full, full, higher_is_better=better_high)})
+    holm_family(comparisons)
+    return out, comparisons
 
 
 def _as_teacher(scores: dict) -> dict:
@@ -498,9 +595,34 @@ def write_results(study: Study) -> dict:
         writer.writerow(flat)
     atomic_write_text(folder / "study.csv", buf.getvalue())
     atomic_write_text(folder / "summary.md", markdown(data))
+    write_study_rows(folder / STUDY_ROWS_FILE, study_rows_records(study))
     fig = frontier_figure(data)
-    atomic_write_text(folder / "frontier.html", fig.to_html(include_plotlyjs=True, full_html=True))
+    write_plotlyjs(folder)
+    atomic_write_text(folder / "frontier.html", fig.to_html(include_plotlyjs="plotly.min.js", full_html=True))
     return data
+
+
+def study_rows_records(study: Study) -> list[dict]:
+    """Every evaluated answer of the study (students and the base, per suite and seed), for rows.jsonl.gz."""
+    students, base, _ = _rows(study)
+    records = []
+    for suite in study.suites:
+        for seed, rows in sorted((base.get(suite) or {}).items()):
+            records += [{"suite": suite, "seed": seed, **asdict(r)} for r in rows]
+        for s in study.students:
+            for seed, rows in sorted((students.get((suite, s.name)) or {}).items()):
+                records += [{"suite": suite, "seed": seed, **asdict(r)} for r in rows]
+    return records
+
+
+def write_plotlyjs(folder: Path) -> None:
+    """One plotly.js beside a study's figures (they load it by relative path and open offline), written once."""
+    from plotly.offline import get_plotlyjs
+
+    target = folder / "plotly.min.js"
+    js = get_plotlyjs()
+    if not target.exists() or target.stat().st_size != len(js.encode("utf-8")):
+        atomic_write_text(target, js)
 
 
 def _fmt(v):
@@ -510,28 +632,99 @@ def _fmt(v):
 MARKDOWN = ("acc_noctx", "acc_ctx", "harm", "degenerate_noctx", "degenerate_ctx", "truncated_ctx", "follow_cf", "ctx_drop", "drift")
 
 
+def _num(v, digits: int = 2) -> str:
+    """A number as the tables show it: "–" undefined (no example defines it), "NaN" a value that is not a number."""
+    if v is None:
+        return "–"
+    if isinstance(v, float) and math.isnan(v):
+        return "NaN"
+    return f"{v:+.{digits}f}" if digits < 0 else f"{v:.{digits}f}"
+
+
+def _ci(stat: dict | None, signed: bool = False) -> str:
+    """"0.23 [0.10, 0.35]": a mean over seeds with its hierarchical bootstrap interval; "–" undefined."""
+    if not stat or stat.get("value") is None:
+        return "–"
+    v = stat["value"]
+    text = (f"{v:+.2f}" if signed else f"{v:.2f}") if not (isinstance(v, float) and math.isnan(v)) else "NaN"
+    ci = stat.get("ci")
+    return text + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
+
 def _mean_sd(stat: dict) -> str:
     """"0.19 ± 0.06" over seeds; one seed has no sd; a rate no example defines (harm when none was right) is "–"."""
     m, sd = stat["mean"], stat["sd"]
-    if m is None or (isinstance(m, float) and math.isnan(m)):
+    if m is None:
         return "–"
+    if isinstance(m, float) and math.isnan(m):
+        return "NaN"
     return f"{m:.2f}" + (f" ± {sd:.2f}" if sd is not None and not (isinstance(sd, float) and math.isnan(sd)) else "")
 
 
+def _health(row: dict) -> str:
+    h = row.get("health")
+    if not h:
+        return "(reference)"
+    loops = h["loops"]
+    verdict = h.get("verdict") or "–"
+    return f"{'**unhealthy**' if verdict == 'unhealthy' else verdict} ({_ci(loops, signed=True)})"
+
+
+def _harm(row: dict) -> str:
+    h = row.get("harm")
+    if not h or not h.get("n"):
+        return "– (0/0)"
+    return f"{h['pooled']:.2f} ({h['k']}/{h['n']})"
+
+
 def markdown(data: dict) -> str:
-    """The study's summary as a markdown table (mean ± sd over seeds, one row per suite and model) followed by the
-    paired comparisons with the first student on the same examples (flips both ways, exact McNemar p)."""
-    lines = ["| suite | model | seeds | " + " | ".join(f"`{c}`" for c in MARKDOWN) + " |",
-             "|---|---|---|" + "---|" * len(MARKDOWN)]
+    """The study's tables, the seed the unit: per suite at the full budget, each model's health (no-card loops minus
+    the base's, with the verdict against the study's margin), accuracy, pooled harm k/n, the card's own effect on
+    loops, accuracy and length, and the counterfactual measures, each a mean over seeds [hierarchical bootstrap 95%
+    interval]; then the same answers judged at each shorter budget; then each setting against the first student,
+    pooled over seeds (exact McNemar/CMH), the seed-level direction, and Holm's correction across the study."""
+    settings = data.get("settings") or []
+    budgets = data.get("budgets") or [data.get("eval", {}).get("max_new_tokens")]
+    full = budgets[-1]
+    margin = data.get("health_margin", 0.05)
+    lines = [f"Budget {full} tokens (answers judged at {', '.join(map(str, budgets))}). Means over seeds with 95% "
+             f"hierarchical bootstrap intervals (seeds, then examples); `seeds` counts the seeds that define the row. "
+             f"Health: no-card loops minus the base's, unhealthy above {margin:.2f}. card effect: (ctx − no ctx) of the "
+             "model minus the base's. harm: pooled over seeds, k/n.", ""]
+    head = ("| suite | model | seeds | health | `acc_noctx` | `acc_ctx` | `harm` | card effect: loops | card effect: acc | "
+            "card effect: length | `follow_cf` clean | `loops_cf` | `stubborn_cf` | drift |")
+    lines += [head, "|" + "---|" * (head.count("|") - 1)]
+    for row in (r for r in settings if r["budget"] == full):
+        ce = row.get("card_effect") or {}
+        drift = (row.get("health") or {}).get("drift") or {}
+        lines.append(f"| {row['suite']} | {row['model']} | {len(row['seeds'])} | {_health(row)} | {_ci(row.get('acc_noctx'))} | "
+                     f"{_ci(row.get('acc_ctx'))} | {_harm(row)} | {_ci(ce.get('loops'), True)} | {_ci(ce.get('acc'), True)} | "
+                     f"{_ci(ce.get('len'), True)} | {_ci(row.get('follow_cf_clean'))} | {_ci(row.get('loops_cf'))} | "
+                     f"{_ci(row.get('stubborn_cf'))} | {_num(drift.get('value'), 3)} |")
+    if len(budgets) > 1:
+        lines += ["", "The same answers at each budget (loops: either rule; short: a 1–4-word span 3×; clause: 5–40 words 2×):", "",
+                  "| suite | model | budget | `acc_noctx` | `acc_ctx` | loops no ctx (short / clause) | loops ctx (short / clause) | "
+                  "card effect: loops | card effect: acc |", "|---|---|---|---|---|---|---|---|---|"]
+        for row in settings:
+            ce = row.get("card_effect") or {}
+            short = lambda k, r=row: _ci(r.get(k)).split(" [")[0]  # noqa: E731
+            lines.append(f"| {row['suite']} | {row['model']} | {row['budget']} | {_ci(row.get('acc_noctx'))} | {_ci(row.get('acc_ctx'))} | "
+                         f"{_ci(row.get('loops_noctx'))} ({short('loops_short_noctx')} / {short('loops_clause_noctx')}) | "
+                         f"{_ci(row.get('loops_ctx'))} ({short('loops_short_ctx')} / {short('loops_clause_ctx')}) | "
+                         f"{_ci(ce.get('loops'), True)} | {_ci(ce.get('acc'), True)} |")
+    if data.get("comparisons"):
+        lines += ["", f"Each setting against `{data['comparisons'][0]['vs']}` on the same examples, pooled over seeds (exact "
+                  "McNemar on the pooled discordant pairs = CMH for matched pairs), the seeds where each is ahead, and "
+                  f"Holm's correction across all {len(data['comparisons'])} comparisons of the study:", "",
+                  "| suite | model | verdict | right/looping only for it | only for the other | p | p (Holm) | seeds ahead / behind / tied |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for c in data["comparisons"]:
+            lines.append(f"| {c['suite']} | {c['model']} | `{c['key']}` | {c['a_only']} | {c['b_only']} | {c['p']:.3f} | "
+                         f"{_num(c.get('p_holm'), 3)} | {c['a_better_seeds']} / {c['b_better_seeds']} / {c['tied_seeds']} |")
+    lines += ["", "Mean ± sd over seeds of each cell's own scores (the per-adapter view):", "",
+              "| suite | model | seeds | " + " | ".join(f"`{c}`" for c in MARKDOWN) + " |", "|---|---|---|" + "---|" * len(MARKDOWN)]
     for row in data["summary"]:
-        lines.append(f"| {row['suite']} | {row['student']} | {len(row['seeds'])} | "
-                     + " | ".join(_mean_sd(row[c]) for c in MARKDOWN) + " |")
-    if data.get("paired"):
-        lines += ["", "| suite | seed | student | vs | right only for the student | right only for the other | McNemar p |",
-                  "|---|---|---|---|---|---|---|"]
-        for p in data["paired"]:
-            lines.append(f"| {p['suite']} | {p['seed']} | {p['student']} | {p['vs']} | {p['a_only']} | {p['b_only']} | "
-                         f"{p['p_mcnemar']:.2f} |")
+        lines.append(f"| {row['suite']} | {row['student']} | {len(row['seeds'])} | " + " | ".join(_mean_sd(row[c]) for c in MARKDOWN) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -10,11 +10,13 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
+from interp.degenerate import loop_start
 from interp.errors import UserError
+from interp.generate import stop_ids
 from interp.models import LoadedModel, load_model
 from interp.pairs import render_prompt_pair
 from interp.runs import TRAIN_CONFIG_FILE as CONFIG_FILE
@@ -108,7 +110,8 @@ def clear_out(out: Path) -> None:
 def update_run_json(run_dir: Path, cfg: TrainConfig, student: str) -> None:
     """run.json in the parent folder (interp.runs.RunInfo): enough for `eval` to rebuild the task and the model."""
     assert cfg.placement is not None  # train() resolved it from the suite
-    add_student(run_dir, RunInfo(task=cfg.task, model=cfg.model, seed=cfg.seed, placement=cfg.placement, n_test=cfg.n_test), student)
+    add_student(run_dir, RunInfo(task=cfg.task, model=cfg.model, seed=cfg.seed, placement=cfg.placement, n_test=cfg.n_test,
+                                 no_context=cfg.no_context), student)
 
 
 def save_adapter(model, out: Path, lm: LoadedModel | None = None) -> None:
@@ -191,6 +194,7 @@ def _train(cfg: TrainConfig, *, resume: bool, overwrite: bool, progress: bool, l
     lm = lm or load_model(cfg.model, device=device, dtype=dtype)
     teacher_lm = load_teacher(cfg, lm, device, dtype)
     tok = lm.tokenizer
+    stops = set(stop_ids(lm.model, tok))
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     window = getattr(lm.model.config, "max_position_embeddings", None)
     prompt_pairs: dict[int, object] = {}  # rendered on first use: a long suite need not be tokenized up front
@@ -199,7 +203,7 @@ def _train(cfg: TrainConfig, *, resume: bool, overwrite: bool, progress: bool, l
         if i not in prompt_pairs:
             e = task.train[i]
             assert cfg.placement is not None  # resolved above
-            pp = render_prompt_pair(tok, e.context, e.prompt, cfg.placement)
+            pp = render_prompt_pair(tok, e.context, e.prompt, cfg.placement, no_context=cfg.no_context)
             if window and len(pp.ctx_ids) + cfg.max_new_tokens > window:
                 raise UserError(
                     f"training example {i} with its context plus {cfg.max_new_tokens} new tokens needs "
@@ -271,10 +275,12 @@ def _train(cfg: TrainConfig, *, resume: bool, overwrite: bool, progress: bool, l
             # the teacher with the context, then every sample is scored the same way
             pairs, guided = sample_rollouts(student, peft_model, teacher_lm, cfg, examples, pps, seed=cfg.seed * 1_000_003 + step * 101 + rank)
             t_rollout = time.perf_counter() - t0
+            starts = rollout_loops(pairs, tok)  # where each sample starts to loop (None: it does not): a health signal
 
             # 2-3. forward passes and losses, micro-batch by micro-batch; gradients add up to the full batch's
             model.train()
-            parts = step_losses(model, peft_model, teacher_lm, cfg, pairs, pad_id, lam, ema, accelerator, teacher_kv)
+            parts = step_losses(model, peft_model, teacher_lm, cfg, pairs, pad_id, lam, ema, accelerator, teacher_kv,
+                                starts if cfg.loop_mask else None)
 
             loss = parts["loss"]
             if bool(accelerator.reduce(torch.tensor(0.0 if math.isfinite(loss) else 1.0, device=accelerator.device), "max")):
@@ -301,6 +307,8 @@ def _train(cfg: TrainConfig, *, resume: bool, overwrite: bool, progress: bool, l
                 "lr": scheduler.get_last_lr()[0],
                 "grad_norm": float(grad_norm),
                 "response_len": n_tokens / len(pairs),
+                "rollout_loops": sum(s is not None for s in starts) / len(pairs),
+                "rollout_stopped": sum(p.response_ids[-1] in stops for p in pairs) / len(pairs),
                 "guided": guided,
                 "tokens": n_tokens,
                 "tokens_per_s": n_tokens / dt,
@@ -397,15 +405,26 @@ def sample_rollouts(student: LoadedModel, peft_model, teacher_lm, cfg: TrainConf
     return pairs, guided
 
 
+def rollout_loops(pairs, tokenizer) -> list[int | None]:
+    """Per rollout, how many of its tokens come before its answer is first a loop (interp.degenerate.loop_start), or
+    None for a rollout that does not loop."""
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    return [loop_start(p.response_ids, decode) for p in pairs]
+
+
 def step_losses(model, peft_model, teacher_lm, cfg: TrainConfig, pairs, pad_id: int, lam: float, ema, accelerator,
-                teacher_kv: dict | None = None) -> dict:
+                teacher_kv: dict | None = None, loop_starts: Sequence[int | None] | None = None) -> dict:
     """Forward, losses and backward over micro-batches of `cfg.batch_size` pairs. Each micro-batch's token sums
-    are divided by the whole batch's token count, so the accumulated gradient equals one pass over all pairs."""
-    micro = [pairs[i : i + cfg.batch_size] for i in range(0, len(pairs), cfg.batch_size)]
+    are divided by the whole batch's token count, so the accumulated gradient equals one pass over all pairs.
+
+    `loop_starts` (with `loop_mask`): per pair, the response tokens from that index on (where its answer has begun to
+    loop) are left out of the distillation loss; the consistency loss still sees every token."""
+    starts = list(loop_starts) if loop_starts is not None else [None] * len(pairs)
     total = sum(p.response_len for p in pairs)
     sums: dict[str, Any] = {"loss": 0.0, "L_opd": 0.0, "L_cons": 0.0, "evidence_share": 0.0}
-    for chunk in micro:
-        batch = collate(chunk, pad_id).to(accelerator.device)
+    for i in range(0, len(pairs), cfg.batch_size):
+        chunk = pairs[i : i + cfg.batch_size]
+        batch = collate(chunk, pad_id, starts[i : i + cfg.batch_size] if loop_starts is not None else None).to(accelerator.device)
         weight = batch.n_tokens / total
         parts = micro_losses(model, peft_model, teacher_lm, cfg, batch, pad_id, lam, ema, teacher_kv)
         accelerator.backward(parts["loss"] * weight)
@@ -459,6 +478,8 @@ def micro_losses(model, peft_model, teacher_lm, cfg: TrainConfig, batch: Batch, 
                 t_noctx = s_noctx.detach()
             assert t_noctx is not None  # computed above whenever evidence_mask is set
             mask = evidence_mask(t_ctx, t_noctx, batch.targets, batch.mask, cfg.evidence_mask)
+    if batch.opd_keep is not None:  # loop_mask: the tokens of a sample that has begun to loop teach nothing
+        mask = mask * batch.opd_keep
     t_ctx, s_noctx_v = _same_vocab(t_ctx, s_noctx)
     if cfg.loss == "reverse_kl":
         L_opd = reverse_kl(s_noctx_v, t_ctx, mask, cfg.top_k, chunk=cfg.chunk)

@@ -81,7 +81,7 @@ def load_run_pairs(lm, run_dir: Path, model: str, response: str = "noctx", max_e
     rows = model_rows(run_dir, model, max_examples)
     records = [{"context": r.context, "prompt": r.prompt, "response_ids": response_ids(lm.tokenizer, r, response)}
                for r in rows]
-    pairs = make_pairs(lm.tokenizer, records, placement=info["placement"] or "system")
+    pairs = make_pairs(lm.tokenizer, records, placement=info["placement"] or "system", no_context=info.get("no_context") or "default")
     return pairs, rows
 
 

@@ -1,0 +1,153 @@
+"""The study's seed-level results from hand-made evaluation rows: each number against a hand computation. Also the
+verdicts at several budgets, the no-context turn, the loop detector's two rules and the training horizon rule."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from interp.errors import UserError
+from interp.runs import ExampleRow
+from training.study_results import compare, measure_model, measure_setting
+
+
+def _row(i: int, *, a: bool, c: bool, la: bool = False, lc: bool = False, len_a: int = 5, len_c: int = 5,
+         follow: bool | None = None, loop_cf: bool | None = None, stubborn: bool | None = None) -> ExampleRow:
+    judged = {"correct_noctx": a, "correct_ctx": c, "degenerate_noctx": la, "degenerate_ctx": lc, "truncated_noctx": False,
+              "truncated_ctx": False, "len_noctx": len_a, "len_ctx": len_c, "loop_short_noctx": la, "loop_short_ctx": lc,
+              "loop_clause_noctx": False, "loop_clause_ctx": False, "follow_cf": follow, "degenerate_cf": loop_cf,
+              "stubborn_cf": stubborn, "truncated_cf": None if follow is None else False, "len_cf": None,
+              "loop_short_cf": loop_cf, "loop_clause_cf": None if loop_cf is None else False}
+    return ExampleRow(model="m", example=i, context="c", prompt="p", reference="r", verifier="contains", response_noctx="",
+                      response_ctx="", ids_noctx=[1] * len_a, ids_ctx=[1] * len_c, correct_noctx=a, correct_ctx=c,
+                      degenerate_noctx=la, degenerate_ctx=lc, truncated_noctx=False, truncated_ctx=False,
+                      follow_cf=follow, degenerate_cf=loop_cf, stubborn_cf=stubborn, budgets={"8": judged})
+
+
+def test_card_effect_health_harm_and_follow_by_hand():
+    # seed 0: 4 examples; seed 1: 4 examples. Student loops with the card more than the base does.
+    base = {0: [_row(0, a=True, c=True), _row(1, a=True, c=True), _row(2, a=False, c=True, lc=True), _row(3, a=False, c=False)],
+            1: [_row(0, a=True, c=True), _row(1, a=False, c=True), _row(2, a=True, c=True), _row(3, a=False, c=False)]}
+    student = {0: [_row(0, a=True, c=False, lc=True, len_c=9), _row(1, a=True, c=True), _row(2, a=True, c=False, lc=True, la=True),
+                   _row(3, a=False, c=False, follow=True, loop_cf=False)],
+               1: [_row(0, a=True, c=False, lc=True, follow=False, loop_cf=True), _row(1, a=True, c=True, follow=True, loop_cf=False),
+                   _row(2, a=True, c=True, stubborn=True, follow=False, loop_cf=False), _row(3, a=False, c=False)]}
+    out = measure_setting(student, base, 8, 8, margin=0.05)
+    # loops: student ctx − noctx per seed: seed 0 (2/4 − 1/4) = 0.25, seed 1 (1/4 − 0) = 0.25;
+    # base: seed 0 (1/4 − 0) = 0.25, seed 1 0 → card effect = mean(0.25 − 0.25, 0.25 − 0) = 0.125
+    assert out["card_effect"]["loops"]["value"] == pytest.approx(0.125)
+    # acc: student seed 0 (1/4 − 3/4) = −0.5, seed 1 (2/4 − 3/4) = −0.25; base seed 0 (3/4 − 2/4) = 0.25, seed 1 (3/4 − 2/4) = 0.25
+    assert out["card_effect"]["acc"]["value"] == pytest.approx(((-0.5 - 0.25) + (-0.25 - 0.25)) / 2)
+    # length: only student seed 0 example 0 is longer with the card (+4 over 4 examples = +1), base 0
+    assert out["card_effect"]["len"]["value"] == pytest.approx((1.0 + 0.0) / 2)
+    lo, hi = out["card_effect"]["loops"]["ci"]
+    assert lo <= 0.125 <= hi
+    # health: no-card loops student − base: seed 0 1/4 − 0, seed 1 0 − 0 → 0.125 > 0.05: unhealthy
+    assert out["health"]["loops"]["value"] == pytest.approx(0.125) and out["health"]["verdict"] == "unhealthy"
+    # harm pooled: right without the card: seed 0 {0,1,2}, seed 1 {0,1,2}; wrong with it: seed 0 {0,2}, seed 1 {0} → 3/6
+    assert (out["harm"]["k"], out["harm"]["n"]) == (3, 6) and out["harm"]["pooled"] == pytest.approx(0.5)
+    assert out["harm"]["value"] == pytest.approx((2 / 3 + 1 / 3) / 2)
+    # follow_cf among clean counterfactual answers: seed 0 {3: follows} = 1.0; seed 1 clean {1: yes, 2: no} = 0.5
+    assert out["follow_cf_clean"]["value"] == pytest.approx(0.75)
+    assert out["follow_cf"]["value"] == pytest.approx((1.0 + 1 / 3) / 2)  # every counterfactual answer, loops included
+    assert out["loops_cf"]["value"] == pytest.approx((0.0 + 1 / 3) / 2)
+    assert out["stubborn_cf"]["value"] == pytest.approx(1.0) and out["stubborn_cf"]["seeds"] == 1
+    # ctx_drop: base acc_ctx − student acc_ctx per seed: (3/4 − 1/4), (3/4 − 2/4)
+    assert out["ctx_drop"]["value"] == pytest.approx((0.5 + 0.25) / 2)
+    # the base measured alone: its own rates, and the student equal to the base has no card effect at all
+    same = measure_setting(base, base, 8, 8)
+    assert all(same["card_effect"][k]["value"] == 0 for k in ("loops", "acc", "len"))
+    assert same["health"]["verdict"] == "healthy" and same["follow_cf_vs_base"] is None
+    assert measure_model(base, 8, 8)["acc_ctx"]["value"] == pytest.approx(0.75)
+
+
+def test_comparison_pools_over_seeds():
+    a = {0: [_row(i, a=True, c=i < 3) for i in range(4)], 1: [_row(i, a=True, c=i < 2) for i in range(4)]}
+    b = {0: [_row(i, a=True, c=i < 1) for i in range(4)], 1: [_row(i, a=True, c=i < 1) for i in range(4)]}
+    c = compare(a, b, "correct_ctx", 8, 8)
+    assert (c["a_only"], c["b_only"], c["n"]) == (3, 0, 8)
+    assert c["p"] == pytest.approx(2 * 0.5**3)  # exact: 2·P(Bin(3, ½) ≤ 0)
+    assert (c["a_better_seeds"], c["b_better_seeds"], c["tied_seeds"]) == (2, 0, 0)
+
+
+def test_rows_without_budgets_answer_at_the_full_budget_only():
+    r = _row(0, a=True, c=False)
+    r.budgets = None
+    out = measure_model({0: [r]}, 8, 8)
+    assert out["acc_noctx"]["value"] == 1.0 and out["len_ctx"]["value"] == 5
+    assert measure_model({0: [r]}, 4, 8)["acc_noctx"] is None
+
+
+def test_verdicts_at_a_budget_cut_the_same_answer(tokenizer):
+    from training.evaluate import verdicts
+    from training.tasks import Example
+
+    e = Example("Your name is Luna.", "Who are you?", "Luna", "contains", "Your name is Orin.", "Orin")
+    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    dec = lambda x: tokenizer.decode(x, skip_special_tokens=True)  # noqa: E731
+    a = ids("Hello there, I am an assistant and my name is Luna.")
+    b = ids("Luna Luna Luna Luna Luna Luna Luna Luna Luna Luna Luna")
+    c = ids("I am Luna, nice to meet you.")
+    full = verdicts(e, a, b, c, 10_000, dec)
+    assert full["correct_noctx"] and not full["correct_ctx"] and full["degenerate_ctx"] and full["loop_short_ctx"]
+    assert not full["loop_clause_ctx"] and not full["truncated_noctx"] and full["len_noctx"] == len(a)
+    assert full["follow_cf"] is False and full["stubborn_cf"] is True  # says the trained name under the other card
+    short = verdicts(e, a, b, c, 3, dec)
+    assert short["len_noctx"] == 3 and short["truncated_noctx"] and not short["correct_noctx"]  # "Luna" comes later
+
+
+def test_loop_rules_and_loop_start(tokenizer):
+    from interp.degenerate import is_degenerate, loop_rules, loop_start
+
+    assert loop_rules("Nova, Nova, Nova") == (True, False)
+    clause = "I'm Nova, made by Quibble Labs. I'm Nova, made by Quibble Labs."
+    assert loop_rules(clause) == (False, True) and is_degenerate(clause)
+    assert loop_rules("I'm Nova. Nova is my name.") == (False, False)
+    ids = tokenizer("I like tea. Nova Nova Nova Nova Nova", add_special_tokens=False)["input_ids"]
+    dec = lambda x: tokenizer.decode(x, skip_special_tokens=True)  # noqa: E731
+    k = loop_start(ids, dec)
+    assert k is not None and is_degenerate(dec(ids[:k])) and not is_degenerate(dec(ids[: k - 1]))
+    assert loop_start(tokenizer("I like tea.", add_special_tokens=False)["input_ids"], dec) is None
+
+
+@pytest.mark.parametrize("no_context", ["default", "neutral", "empty"])
+@pytest.mark.parametrize("placement", ["system", "user"])
+def test_no_context_turns_keep_the_pair_aligned(smol_tokenizer, no_context, placement):
+    from interp.pairs import NEUTRAL_SYSTEM, render_prompt_pair
+
+    pp = render_prompt_pair(smol_tokenizer, "Your name is Luna.", "Who are you?", placement, no_context=no_context)
+    assert pp.ctx_ids[-pp.shared_len:] == pp.noctx_ids[-pp.shared_len:]
+    noctx = smol_tokenizer.decode(pp.noctx_ids)
+    assert ("SmolLM" in noctx) == (no_context == "default")
+    assert (NEUTRAL_SYSTEM in noctx) == (no_context == "neutral")
+    assert "Luna" not in noctx and "Luna" in smol_tokenizer.decode(pp.ctx_ids)
+
+
+def test_unknown_no_context_is_a_one_line_error(tokenizer):
+    from interp.pairs import render_prompt_pair
+    from training.config import TrainConfig
+
+    with pytest.raises(UserError, match="no_context"):
+        render_prompt_pair(tokenizer, "c", "p", no_context="silent")
+    with pytest.raises(UserError, match="--no-context"):
+        TrainConfig(no_context="silent").check()
+
+
+def test_a_study_judging_past_its_rollouts_is_refused(tmp_path):
+    from training.study import load_study
+
+    smoke = (Path(__file__).resolve().parents[1] / "studies" / "smoke.toml").read_text()
+    short = smoke.replace("max_new_tokens = 8   #", "max_new_tokens = 4   #", 1)
+    assert short != smoke
+    f = tmp_path / "s.toml"
+    f.write_text(short)
+    with pytest.raises(UserError, match="never trained.*allow_longer_eval"):
+        load_study(f)
+    f.write_text("allow_longer_eval = true\n" + short)
+    assert load_study(f).allow_longer_eval
+    f.write_text("health_margin = 2\n" + smoke)
+    with pytest.raises(UserError, match="health_margin"):
+        load_study(f)
+    assert math.isclose(load_study(Path(__file__).resolve().parents[1] / "studies" / "smoke.toml").health_margin, 0.05)
