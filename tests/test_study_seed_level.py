@@ -151,3 +151,58 @@ def test_a_study_judging_past_its_rollouts_is_refused(tmp_path):
     with pytest.raises(UserError, match="health_margin"):
         load_study(f)
     assert math.isclose(load_study(Path(__file__).resolve().parents[1] / "studies" / "smoke.toml").health_margin, 0.05)
+
+
+def test_loop_mask_keeps_looping_tokens_out_of_the_distillation_loss(tiny):
+    """collate's keep mask drops the tokens from each pair's loop start; L_opd over it equals L_opd over the pairs'
+    clean prefixes alone (the same token-mean, computed by hand)."""
+    import torch
+
+    from interp.pairs import pair_from_ids, render_prompt_pair
+    from training.losses import reverse_kl
+    from training.rollout import collate
+
+    tok = tiny.tokenizer
+    pp = render_prompt_pair(tok, "Your name is Luna.", "Who are you?", "user")
+    pairs = [pair_from_ids(pp, ids, "c", "p", "r", "user") for ids in ([5, 6, 7, 8, 9, 10], [11, 12, 13])]
+    batch = collate(pairs, 0, [2, None])
+    assert batch.opd_keep.tolist() == [[1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]]
+    assert batch.mask.tolist() == [[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]]
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 6, 50), torch.randn(2, 6, 50)
+    kept = reverse_kl(s, t, batch.mask * batch.opd_keep)
+    ls, lt = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
+    per = (ls.exp() * (ls - lt)).sum(-1)
+    by_hand = (per[0, :2].sum() + per[1, :3].sum()) / 5
+    assert torch.allclose(kept, by_hand, atol=1e-6)
+    assert collate(pairs, 0).opd_keep is None
+
+
+def test_training_logs_rollout_health_and_takes_the_loop_mask(tmp_path):
+    import json
+
+    from training.config import TrainConfig
+    from training.trainer import train
+
+    cfg = TrainConfig(out=str(tmp_path / "run" / "s"), model="tiny-random-llama", task="persona", steps=2, batch_size=2,
+                      max_new_tokens=6, n_test=2, checkpoint_every=0, loop_mask=True, no_context="neutral")
+    result = train(cfg, progress=False)
+    rows = [json.loads(x) for x in (result.out / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 <= r["rollout_loops"] <= 1 and 0 <= r["rollout_stopped"] <= 1 for r in rows)
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["no_context"] == "neutral"
+
+
+def test_the_training_bar_shows_the_loss_without_a_tracker(tmp_path):
+    """The progress bar's loss, rollout length and loops show with no --report-to (they used to need a tracker)."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-m", "training", "train", "--model", "tiny-random-llama", "--task", "persona",
+                          "--steps", "2", "--batch-size", "2", "--max-new-tokens", "4", "--n-test", "2", "--checkpoint-every", "0",
+                          "--out", str(tmp_path / "run" / "s")], cwd=root, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "loss=" in out.stderr and "loops=" in out.stderr and "len=" in out.stderr

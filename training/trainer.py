@@ -324,7 +324,8 @@ def _train(cfg: TrainConfig, *, resume: bool, overwrite: bool, progress: bool, l
                     f.write(json.dumps(row) + "\n")
             if cfg.report_to:
                 accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=step + 1)
-                bar.set_postfix(loss=f"{row['loss']:.3f}", opd=f"{row['L_opd']:.3f}", cons="-" if row["L_cons"] is None else f"{row['L_cons']:.3f}", lam=f"{lam:g}", tok_s=f"{row['tokens_per_s']:.0f}")
+            bar.set_postfix(loss=f"{row['loss']:.3f}", opd=f"{row['L_opd']:.3f}", cons="-" if row["L_cons"] is None else f"{row['L_cons']:.3f}",
+                            lam=f"{lam:g}", len=f"{row['response_len']:.0f}", loops=f"{row['rollout_loops']:.2f}", tok_s=f"{row['tokens_per_s']:.0f}")
             # The last step is checkpointed too, so that `--resume --steps N` can extend a finished run.
             if cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
                 rngs = _gather_rng(accelerator)
