@@ -3,6 +3,7 @@ the experience, the same seed gives the same experience, and bad input is a one-
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -126,3 +127,14 @@ def test_a_fixed_split_is_checked(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ValueError, match="give every record a split or none"):
         load_task(str(path))
+
+
+def test_the_experience_study_plans(tmp_path, monkeypatch):
+    from training.study import load_study, plan
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the suite path in the file is relative to the repository
+    spec = load_study("studies/experience.toml", str(tmp_path / "runs"), str(tmp_path / "results"))
+    assert {s.name for s in spec.students} == {"opcd", "opcd_reg", "offpolicy", "offpolicy_reg"}
+    task = load_task(spec.suites[0], n_test=spec.n_test)
+    assert len(task.test) == 40 and not {e.prompt for e in task.test} & {e.prompt for e in task.train}
+    assert "12 cells" in plan(spec)

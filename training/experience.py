@@ -90,6 +90,7 @@ class Trace:
     verdict: bool
     reference: str
     verifier: str
+    truncated: bool = False  # the sample reached max_new_tokens: a worked example only if its prompt has no other
 
 
 @dataclass
@@ -158,15 +159,19 @@ def attempt(lm, task: Task, settings: ExperienceSettings, progress: bool = False
         for (i, s), new in zip(part, out):
             e = task.train[i]
             text = str(tok.decode(new, skip_special_tokens=True)).strip()
-            traces.append(Trace(i, s, e.prompt, text, bool(text) and e.check(text), e.reference, e.verifier))
+            traces.append(Trace(i, s, e.prompt, text, bool(text) and e.check(text), e.reference, e.verifier,
+                                len(new) >= settings.max_new_tokens))
     return traces
 
 
 def best_per_prompt(traces: Sequence[Trace], verdict: bool) -> list[Trace]:
-    """One trace per prompt with this verdict: the shortest (ties: the first sampled), in prompt order."""
+    """One trace per prompt with this verdict: an answer that ended on its own before one cut by the budget, then the
+    shortest (ties: the first sampled), in prompt order. Measured on arith: "One possible approach is to say 4 + 2 = 6,
+    … However, a more precise way to" passes a last-number verifier but makes a poor worked example."""
+    key = lambda t: (t.truncated, len(t.sample))  # noqa: E731
     best: dict[int, Trace] = {}
     for t in traces:
-        if t.verdict == verdict and t.sample and (t.example not in best or len(t.sample) < len(best[t.example].sample)):
+        if t.verdict == verdict and t.sample and (t.example not in best or key(t) < key(best[t.example])):
             best[t.example] = t
     return [best[i] for i in sorted(best)]
 
@@ -249,7 +254,7 @@ def read_traces(path: str | Path, task: Task, settings: ExperienceSettings) -> l
         if r["prompt"] not in train:
             raise UserError(f"--traces {path}: prompt {r['prompt'][:40]!r} is not in the training split")
         out.append(Trace(int(r["example"]), int(r["sample_index"]), r["prompt"], str(r.get("sample", "")), bool(r["verdict"]),
-                         str(r["reference"]), str(r["verifier"])))
+                         str(r["reference"]), str(r["verifier"]), bool(r.get("truncated", False))))
     return out
 
 
@@ -288,6 +293,7 @@ def write(exp: Experience, out: str | Path, overwrite: bool = False) -> Path:
         "format": FORMAT, "kind": s.kind, "model": s.model, "writer": (s.teacher_model or s.model) if s.kind == "lessons" else None,
         "suite": s.task, "seed": s.seed, "suite_file": name, "settings": asdict(s),
         "context_in_attempts": False, "attempts": len(exp.traces), "verified": exp.verified,
+        "truncated": sum(t.truncated for t in exp.traces),
         "prompts_attempted": len({t.example for t in exp.traces}),
         "n_train": sum(r["split"] == "train" for r in exp.records), "n_test": sum(r["split"] == "test" for r in exp.records),
         "experience_chars": len(exp.context),
