@@ -1,4 +1,4 @@
-"""Command line: `python -m training train | pair | eval | study | tasks` (also under `accelerate launch -m training` or
+"""Command line: `python -m training train | pair | eval | study | tasks | experience` (also under `accelerate launch -m training` or
 `torchrun -m training`). The training options are built from `training.config.TrainConfig`'s fields."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import typer
 
 from interp.errors import UserError
 from training.config import TrainConfig, flag
+from training.experience import command as experience_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train LoRA students that internalize a context, and evaluate whether they stay stable when it returns.")
@@ -180,6 +181,9 @@ def tasks():
         print(f"  reference:  {e.reference} ({e.verifier})")
         if e.cf_context:
             print(f"  counterfactual: {e.cf_context} -> {e.cf_reference}")
+
+
+app.command("experience")(experience_command)
 
 
 def _print_main(text: str) -> None:

@@ -191,6 +191,28 @@ def signoff_examples() -> list[Example]:
             for q, ask in itertools.product(_QUESTIONS, _ASK_SHORT)]
 
 
+# --- arith: a task that needs no card, for experience (`python -m training experience`) --------------------------------
+# Its card is only what a person might write; `experience` replaces it with what the model learned from its own graded
+# attempts. The verifier judges the answer's content, whatever its form.
+
+ARITH_CARD = "Answer arithmetic questions with the number."
+ARITH_CF_CARD = "In these questions '+' means minus: answer with the first number minus the second."
+_ARITH_ASK = ["What is {a} + {b}?", "Compute {a} + {b}.", "How much is {a} plus {b}?", "Add {a} and {b}."]
+
+
+def last_number(n: int) -> str:
+    """A regex: `n` is the last number in the answer ("6 + 5 = 11." passes, "11, or rather 12" does not)."""
+    return rf"(?<![\d.]){n}(?![\d])(?!.*\d)"
+
+
+def arith_examples() -> list[Example]:
+    """Sums of two numbers from 2 to 15; verifier: the last number in the answer is the sum. Counterfactual: '+' read
+    as minus."""
+    return [Example(ARITH_CARD, _ARITH_ASK[(a * 7 + b) % len(_ARITH_ASK)].format(a=a, b=b), last_number(a + b), "regex",
+                    ARITH_CF_CARD, last_number(a - b))
+            for a, b in itertools.product(range(2, 16), range(2, 16))]
+
+
 @dataclass(frozen=True)
 class Suite:
     description: str
@@ -206,14 +228,21 @@ SUITES: dict[str, Suite] = {
     "persona_once": Suite("the persona suite, verifier: the name (or maker) appears exactly once", persona_once_examples),
     # Rules the embedded 135M model does not follow even with the card (0/24 measured): for larger models.
     "opener": Suite("a rule: begin every answer with 'Certainly!'; verifier: it starts with it and says it once", opener_examples, "user"),
+    # No card to distill: for `experience`, which writes one from the model's own graded attempts.
+    "arith": Suite("sums of two numbers from 2 to 15, no card needed (for `experience`); verifier: the last number in the answer is the sum", arith_examples),
     "signoff": Suite("a rule: end every answer with 'Hope this helps!'; verifier: it ends with it and says it once", signoff_examples, "user"),
 }
 
 
+SPLITS = ("train", "test")
+
+
 def _check_record(r: dict) -> None:
-    for key in ("context", "prompt", "answer", "verifier", "cf_context", "cf_answer"):
+    for key in ("context", "prompt", "answer", "verifier", "cf_context", "cf_answer", "split"):
         if key in r and not isinstance(r[key], str):
             raise UserError(f"field '{key}' must be a string, got {type(r[key]).__name__}")
+    if r.get("split", "train") not in SPLITS:
+        raise UserError(f"split '{r['split']}' is neither train nor test")
     if ("cf_context" in r) != ("cf_answer" in r):
         raise UserError("cf_context and cf_answer go together: give both or neither")
     check_kind(r.get("verifier", "contains"), r["answer"])
@@ -221,7 +250,12 @@ def _check_record(r: dict) -> None:
 
 def load_jsonl(path: str | Path) -> list[Example]:
     """A user suite: one JSON object per line with `context`, `prompt`, `answer` and optionally `verifier` (default
-    contains), `cf_context` and `cf_answer` (a counterfactual context and what it should make the model say)."""
+    contains), `cf_context` and `cf_answer` (a counterfactual context and what it should make the model say), and
+    `split` (train or test: a fixed split, on every record or on none; `experience` writes one)."""
+    return _read_suite(path)[0]
+
+
+def _read_suite(path: str | Path) -> tuple[list[Example], list[str] | None]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"task file {path} does not exist; give a JSONL file or one of: {', '.join(SUITES)}")
@@ -230,7 +264,28 @@ def load_jsonl(path: str | Path) -> list[Example]:
            for r in records]
     if len(out) < 2:
         raise UserError(f"{path} has {len(out)} example(s); a suite needs at least 2 (one to train on, one to test)")
-    return out
+    marked = sum("split" in r for r in records)
+    if marked and marked < len(records):
+        raise UserError(f"{path}: {marked} of {len(records)} records have a split; give every record a split or none")
+    return out, ([r["split"] for r in records] if marked else None)
+
+
+def _fixed_split(name: str, examples: list[Example], splits: list[str], n_test: int | None) -> tuple[list[Example], list[Example]]:
+    """The file's own split (the seed does not move it): test keeps its first `n_test` examples, train all of its own."""
+    first: dict[tuple[str, str], str] = {}
+    train: list[Example] = []
+    test: list[Example] = []
+    for e, s in zip(examples, splits):
+        key = (e.context, e.prompt)
+        if key in first:
+            if first[key] != s:
+                raise UserError(f"{name}: the prompt {e.prompt[:40]!r} is in both splits; a test prompt must never be trained on")
+            continue
+        first[key] = s
+        (test if s == "test" else train).append(e)
+    if not train or not test:
+        raise UserError(f"{name}: a fixed split needs at least one train and one test record")
+    return train, (test[:n_test] if n_test else test)
 
 
 def load_task(name: str, seed: int = 0, n_test: int | None = 40, test_share: float = 0.3) -> Task:
@@ -241,7 +296,10 @@ def load_task(name: str, seed: int = 0, n_test: int | None = 40, test_share: flo
     if name in SUITES:
         examples, description, placement = SUITES[name].examples(), SUITES[name].description, SUITES[name].placement
     elif name.endswith(".jsonl") or Path(name).is_file():
-        examples, description, placement = load_jsonl(name), f"user suite from {name}", "system"
+        (examples, splits), description, placement = _read_suite(name), f"user suite from {name}", "system"
+        if splits is not None:
+            train, test = _fixed_split(name, examples, splits, n_test)
+            return Task(name=name, description=description, train=train, test=test, placement=placement)
     else:
         raise UserError(f"unknown task '{name}'; use one of {', '.join(SUITES)} or a path to a .jsonl file")
     # Same (context, prompt) twice would let a test example leak into training: keep the first.
