@@ -28,6 +28,8 @@ DEFAULT_BUDGETS = (32, 64)  # the answers are judged at these cut-offs too
 EVAL_BATCH = 48  # rows per generation batch: on CPU a decode step of 48 rows costs about 1.8× one of 8 (bench/generate.py)
 DRIFT_PROMPTS = 8  # held-out prompts per other suite for `drift`
 DRIFT_NEW_TOKENS = 32
+# The suites whose prompts measure drift: fixed, so that a suite added later does not change what drift means.
+DRIFT_SUITES = ("persona", "format", "facts", "persona_luna", "persona_once", "opener", "signoff")
 
 
 @dataclass
@@ -177,10 +179,10 @@ def score(rows: Sequence[ExampleRow], teacher_ctx: Sequence[bool] | None = None,
 
 
 def drift_examples(task: str, seed: int) -> list[Example]:
-    """Held-out prompts of the *other* built-in suites (those with another context), without any context."""
+    """Held-out prompts of the *other* drift suites (`DRIFT_SUITES`: those with another context), without any context."""
     own = load_task(task, seed=seed, n_test=1).test[0].context if task in SUITES else None
     out = []
-    for name in SUITES:
+    for name in DRIFT_SUITES:
         t = load_task(name, seed=seed, n_test=DRIFT_PROMPTS)
         if t.test[0].context != own and name != task:
             out.extend(t.test[:DRIFT_PROMPTS])
