@@ -6,7 +6,8 @@ logit lens, the base's tuned lens, and a tuned lens trained on the student with 
 
     python -m interp tune-lens --model smollm2-135m-instruct            # the base's lens, in the cache
     python -m training train --out runs/persona/unreg --task persona --steps 10 ...
-    python bench/tuned_lens.py --adapter runs/persona/unreg --student-lens /tmp/student-lens --out docs
+    python bench/tuned_lens.py student --adapter runs/persona/unreg --student-lens /tmp/student-lens
+    python bench/tuned_lens.py report --adapter runs/persona/unreg --student-lens /tmp/student-lens --out docs
 
 Writes OUT/tuned_lens.md (tables), OUT/tuned_lens.html (plotly figure) and OUT/tuned_lens.json.
 """
@@ -16,33 +17,33 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
+from interp.tuned_lens import TuneSettings
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("phase", choices=["student", "report"], help="student: train the student's own lens (it can run "
+                        "while the base's trains, once the base's answers are sampled); report: measure and write")
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--adapter", type=Path, help="a student adapter folder (transfer); left out: the base's table only")
     parser.add_argument("--student-lens", type=Path, default=Path("/tmp/student-tuned-lens"), help="where the student's own lens is trained")
-    parser.add_argument("--steps", type=int, default=None, help="the student lens's steps (default: the base lens's)")
+    parser.add_argument("--steps", type=int, default=TuneSettings().steps, help="the student lens's steps (as the base's)")
     parser.add_argument("--out", type=Path, default=Path("docs"))
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     from interp.models import base_identity, load_model
-    from interp.tuned_lens import (SAMPLES_FILE, TuneSettings, _pairs, heldout_kl, model_dir, resolve_lens, tune_lens)
+    from interp.tuned_lens import SAMPLES_FILE, _pairs, heldout_kl, load_lens, model_dir, resolve_lens, tune_lens
 
     lm = load_model(args.model, device="cpu")
-    base_lens = resolve_lens(lm, "tuned")
-    assert base_lens is not None
-    result: dict = {"model": args.model, "identity": base_identity(lm), "base_lens": base_lens.describe(),
-                    "base": base_lens.meta["heldout"], "n_heldout_tokens": base_lens.meta.get("n_heldout_tokens")}
-    if args.adapter is not None:
-        settings = TuneSettings(**{**base_lens.meta["settings"], **({"steps": args.steps} if args.steps else {})})
+    if args.phase == "student":
+        if args.adapter is None:
+            raise SystemExit("the student phase needs --adapter")
         args.student_lens.mkdir(parents=True, exist_ok=True)
         cache = model_dir(base_identity(lm))
         for name in (SAMPLES_FILE, "data.json"):  # the same text as the base's lens: the student reads the same answers
@@ -50,12 +51,23 @@ def main() -> None:
                 shutil.copy(cache / name, args.student_lens / name)
         name = lm.load_adapter(args.adapter, name="student")
         with lm.use(name):
-            trained = tune_lens(lm, settings, folder=args.student_lens, progress=True)
+            tune_lens(lm, TuneSettings(steps=args.steps), folder=args.student_lens, progress=True)
+        return
+    base_lens = resolve_lens(lm, "tuned")
+    assert base_lens is not None
+    result: dict = {"model": args.model, "identity": base_identity(lm), "base_lens": base_lens.describe(),
+                    "base": base_lens.meta["heldout"], "n_heldout_tokens": base_lens.meta.get("n_heldout_tokens"),
+                    "settings": base_lens.meta.get("settings")}
+    if args.adapter is not None:
+        name = lm.load_adapter(args.adapter, name="student")
+        student_lens = load_lens(args.student_lens / "lens", lm)
+        with lm.use(name):
             samples = [json.loads(line) for line in (args.student_lens / SAMPLES_FILE).read_text().splitlines() if line]
             held = _pairs(lm, [s for s in samples if s["heldout"]])
             base_on_student = heldout_kl(lm, base_lens, held)
-        result["transfer"] = {"adapter": str(args.adapter), "logit": trained.heldout["logit"], "base_lens": base_on_student,
-                              "student_lens": trained.heldout["tuned"], "student_lens_settings": asdict(settings)}
+        result["transfer"] = {"adapter": str(args.adapter), "logit": student_lens.meta["heldout"]["logit"],
+                              "base_lens": base_on_student, "student_lens": student_lens.meta["heldout"]["tuned"],
+                              "student_lens_settings": student_lens.meta["settings"]}
     write(result, args.out)
 
 
@@ -71,7 +83,8 @@ def write(result: dict, out: Path) -> None:
     lines = [f"# The tuned lens on {result['model']}", "",
              "Held-out KL(final ‖ lens_l), nats, token mean over the answers to held-out prompts (both runs, with and "
              f"without the context; {result.get('n_heldout_tokens')} tokens). Lens: {result['base_lens'].get('steps')} steps, "
-             f"{result['base_lens'].get('tokens_seen')} training tokens (`python -m interp tune-lens`, defaults). "
+             f"{result['base_lens'].get('tokens_seen')} training tokens (`python -m interp tune-lens`, settings "
+             f"{result.get('settings')}). "
              "Written by `bench/tuned_lens.py`; figure: `tuned_lens.html`.", ""]
     transfer = result.get("transfer")
     head = "| layer | logit lens | tuned lens |"

@@ -165,11 +165,10 @@ def report_command(
 def tune_lens_command(
     model: str = typer.Option("smollm2-135m-instruct", help="smollm2-135m-instruct (embedded), tiny-random-llama, a Hugging Face id or a local folder."),
     steps: int = typer.Option(60, help="Optimizer steps (Adam). Raising it later continues the saved training."),
-    prompts: int = typer.Option(40, help="Training prompts the model answers (its own sampled answers are the training text)."),
+    prompts: int = typer.Option(32, help="Training prompts the model answers (its own sampled answers are the training text)."),
     heldout_prompts: int = typer.Option(8, help="Held-out prompts (other prompts): the KL reported is read on their answers."),
-    batch_size: int = typer.Option(8, help="Prompts per step; each is read with and without its context."),
-    tokens_per_step: int = typer.Option(64, help="Tokens drawn from the step's runs to train on (each costs one unembedding per layer)."),
-    max_new_tokens: int = typer.Option(48, help="Longest sampled answer, in tokens."),
+    tokens_per_step: int = typer.Option(64, help="Tokens drawn per step from all training answers, read with and without their context (each costs one unembedding per layer)."),
+    max_new_tokens: int = typer.Option(40, help="Longest sampled answer, in tokens."),
     lr: float = typer.Option(1e-3, help="Adam's learning rate for the translators."),
     temperature: float = typer.Option(1.0, help="Sampling temperature of the answers (0: greedy)."),
     seed: int = typer.Option(0, help="Seed of the prompts' split, the sampling and the data order."),
@@ -183,8 +182,7 @@ def tune_lens_command(
     from interp.models import load_model
     from interp.tuned_lens import TuneSettings, format_heldout, tune_lens
 
-    settings = TuneSettings(steps=steps, prompts=prompts, heldout_prompts=heldout_prompts, batch_size=batch_size,
-                            tokens_per_step=tokens_per_step, max_new_tokens=max_new_tokens, lr=lr, temperature=temperature, seed=seed)
+    settings = TuneSettings(steps=steps, prompts=prompts, heldout_prompts=heldout_prompts, tokens_per_step=tokens_per_step, max_new_tokens=max_new_tokens, lr=lr, temperature=temperature, seed=seed)
     settings.check()
     check_device(device)
     if out is not None and out.exists() and not out.is_dir():

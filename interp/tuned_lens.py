@@ -310,17 +310,16 @@ class TuneSettings:
     """What a tuned lens is trained with; a resumed training must use the same (steps may grow)."""
 
     steps: int = 60
-    prompts: int = 40  # prompts answered for training (held-out prompts are extra)
+    prompts: int = 32  # prompts answered for training (held-out prompts are extra)
     heldout_prompts: int = 8
-    batch_size: int = 8  # prompts per step; both runs (with and without the context) of each are read
-    tokens_per_step: int = 64  # tokens drawn from those runs for the step (the unembedding of each token is the cost)
-    max_new_tokens: int = 48
+    tokens_per_step: int = 64  # tokens drawn from all training answers' runs per step (each costs an unembedding per layer)
+    max_new_tokens: int = 40
     lr: float = 1e-3
     temperature: float = 1.0
     seed: int = 0
 
     def check(self) -> None:
-        for name in ("steps", "prompts", "heldout_prompts", "batch_size", "tokens_per_step", "max_new_tokens"):
+        for name in ("steps", "prompts", "heldout_prompts", "tokens_per_step", "max_new_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be a whole number of at least 1 (got {value!r})")
@@ -333,20 +332,27 @@ class TuneSettings:
         return {k: getattr(self, k) for k in ("prompts", "heldout_prompts", "max_new_tokens", "temperature", "seed")}
 
 
-def _make_samples(lm, settings: TuneSettings, progress: bool) -> list[dict]:
-    """The model's own answers (without the context) to the training and held-out prompts, as token ids."""
+def _make_samples(lm, settings: TuneSettings, progress: bool, partial: Path | None = None) -> list[dict]:
+    """The model's own answers (without the context) to the training and held-out prompts, as token ids. With
+    `partial`, the answers so far are saved after each batch and a killed sampling continues from there."""
+    from tqdm.auto import tqdm
+
     from interp.generate import generate
     from interp.pairs import render_prompt_pair
+    from interp.store import atomic_write_json, read_json
 
     chosen = [s for s in training_prompts(settings.seed) if not s.heldout][: settings.prompts]
     chosen += [s for s in training_prompts(settings.seed) if s.heldout][: settings.heldout_prompts]
     prompt_pairs = [render_prompt_pair(lm.tokenizer, s.context, s.prompt, s.placement) for s in chosen]
     out: list[dict] = []
+    done = 0
+    if partial is not None and partial.is_file():
+        saved = read_json(partial, expect=dict)
+        if saved.get("data") == settings.data_key():
+            out, done = list(saved.get("samples", [])), int(saved.get("done", 0))
     batch = 8
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(chosen), desc="tune-lens: sampling answers", unit="prompt", disable=not progress)
-    for start in range(0, len(chosen), batch):
+    bar = tqdm(total=len(chosen), initial=done, desc="tune-lens: sampling answers", unit="prompt", disable=not progress)
+    for start in range(done, len(chosen), batch):
         rows = list(range(start, min(start + batch, len(chosen))))
         with lm.use(lm.active_adapter):
             answers = generate(lm, [list(prompt_pairs[i].noctx_ids) for i in rows], max_new_tokens=settings.max_new_tokens,
@@ -354,6 +360,8 @@ def _make_samples(lm, settings: TuneSettings, progress: bool) -> list[dict]:
         for i, ids in zip(rows, answers):
             if ids:
                 out.append({**asdict(chosen[i]), "response_ids": [int(t) for t in ids]})
+        if partial is not None:
+            atomic_write_json(partial, {"data": settings.data_key(), "done": rows[-1] + 1, "samples": out})
         bar.update(len(rows))
     bar.close()
     return out
@@ -461,13 +469,18 @@ def _load_state(folder: Path, lens: TunedLens, opt: torch.optim.Optimizer, setti
     return int(info["step"]), int(info.get("tokens_seen", 0))
 
 
-def _batches(n: int, batch_size: int, seed: int, step: int) -> list[int]:
-    """The training prompts of `step`: a fresh seeded permutation each epoch, so a resumed run sees the same order."""
-    per_epoch = max(1, math.ceil(n / batch_size))
-    epoch, k = divmod(step, per_epoch)
-    order = list(range(n))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return order[k * batch_size : (k + 1) * batch_size]
+def _pool(lm, pairs, batch_size: int = 8) -> torch.Tensor:
+    """Hidden states [L, n, d] (host, float32) of every training answer's runs with and without the context, captured
+    once: each step then draws its tokens from all of them, and the model's forward is paid once, not every step."""
+    from interp.capture import capture_torch, make_batch
+
+    pad_id = lm.tokenizer.pad_token_id or 0
+    parts = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        for w in ("ctx", "noctx"):
+            parts.append(capture_torch(lm, make_batch(chunk, w, "response", "right", pad_id), attention=False).hidden.cpu())
+    return torch.cat(parts, dim=1)
 
 
 def tune_lens(lm, settings: TuneSettings | None = None, *, folder: str | Path | None = None, restart: bool = False,
@@ -495,7 +508,8 @@ def tune_lens(lm, settings: TuneSettings | None = None, *, folder: str | Path | 
         if restart:
             for part in (TRAIN_FOLDER, LENS_FOLDER):
                 shutil.rmtree(root / part, ignore_errors=True)
-            (root / SAMPLES_FILE).unlink(missing_ok=True)
+            for name in (SAMPLES_FILE, "samples.partial.json", "data.json"):
+                (root / name).unlink(missing_ok=True)
         samples_file = root / SAMPLES_FILE
         meta_file = root / "data.json"
         if samples_file.is_file() and meta_file.is_file():
@@ -506,11 +520,13 @@ def tune_lens(lm, settings: TuneSettings | None = None, *, folder: str | Path | 
                                 f"{read_json(meta_file, expect=dict)}); continue with them or pass --restart to start over")
             samples = read_jsonl(samples_file, required=("context", "prompt", "placement"))
         else:
-            samples = _make_samples(lm, settings, progress)
+            partial = root / "samples.partial.json"
+            samples = _make_samples(lm, settings, progress, partial)
             atomic_write_text(samples_file, "".join(json.dumps(s) + "\n" for s in samples))
             from interp.store import atomic_write_json
 
             atomic_write_json(meta_file, settings.data_key())
+            partial.unlink(missing_ok=True)
         train = _pairs(lm, [s for s in samples if not s["heldout"]])
         held = _pairs(lm, [s for s in samples if s["heldout"]])
         if not train or not held:
@@ -534,13 +550,14 @@ def tune_lens(lm, settings: TuneSettings | None = None, *, folder: str | Path | 
             p.requires_grad_(False)
         try:
             bar = tqdm(total=settings.steps, initial=min(step, settings.steps), desc="tune-lens", unit="step", disable=not progress)
-            while step < settings.steps:
-                batch = [train[i] for i in _batches(len(train), settings.batch_size, settings.seed, step)]
-                h, final = _hidden(lm, batch)
-                if h.shape[1] > settings.tokens_per_step:  # a seeded draw per step: a resumed training draws the same
-                    gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
-                    keep = torch.randperm(h.shape[1], generator=gen)[: settings.tokens_per_step].sort().values
-                    h, final = h[:, keep.to(h.device)], final[keep.to(final.device)]
+            pool = _pool(lm, train) if step < settings.steps else None
+            while pool is not None and step < settings.steps:
+                # A seeded draw per step, without replacement within the step: a resumed training draws the same.
+                gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
+                keep = torch.randperm(pool.shape[1], generator=gen)[: settings.tokens_per_step].sort().values
+                h = pool[:, keep].to(lm.device)
+                with torch.no_grad():
+                    final = torch.log_softmax(read_lens(lm.model, h[-1], L - 1), -1)
                 opt.zero_grad(set_to_none=True)
                 total = 0.0
                 for layer in range(L - 1):  # one layer at a time: only one [n, vocab] graph is alive

@@ -15,7 +15,7 @@ from interp import tuned_lens as tl
 
 TINY = ["--model", "tiny-random-llama", "--device", "cpu"]
 # Small enough to train in seconds on the tiny model, enough to move every layer's translator.
-QUICK = tl.TuneSettings(steps=12, prompts=8, heldout_prompts=4, batch_size=4, max_new_tokens=12, lr=3e-3)
+QUICK = tl.TuneSettings(steps=12, prompts=8, heldout_prompts=4, max_new_tokens=12, lr=3e-3)
 
 
 @pytest.fixture
@@ -138,7 +138,7 @@ class Killed(Exception):
 
 
 def test_killed_training_resumes_where_it_stopped(tiny, tmp_path):
-    settings = tl.TuneSettings(steps=5, prompts=6, heldout_prompts=2, batch_size=2, max_new_tokens=8, lr=3e-3)
+    settings = tl.TuneSettings(steps=5, prompts=6, heldout_prompts=2, tokens_per_step=16, max_new_tokens=8, lr=3e-3)
     whole = tl.tune_lens(tiny, settings, folder=tmp_path / "whole", progress=False, save_every=2)
 
     def kill_at_3(step, loss):
