@@ -38,7 +38,7 @@ import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Sequence, cast
 
 import torch
 
@@ -346,10 +346,15 @@ def _make_samples(lm, settings: TuneSettings, progress: bool, partial: Path | No
     prompt_pairs = [render_prompt_pair(lm.tokenizer, s.context, s.prompt, s.placement) for s in chosen]
     out: list[dict] = []
     done = 0
+    keys = [[s.context, s.prompt, s.placement] for s in chosen]
+    sampling = {k: getattr(settings, k) for k in ("max_new_tokens", "temperature", "seed")}
     if partial is not None and partial.is_file():
+        # Answers already sampled are kept when they answer the same first prompts the same way (other counts of
+        # prompts choose the same first ones).
         saved = read_json(partial, expect=dict)
-        if saved.get("data") == settings.data_key():
-            out, done = list(saved.get("samples", [])), int(saved.get("done", 0))
+        k = int(saved.get("done", 0))
+        if saved.get("sampling") == sampling and saved.get("keys", [])[:k] == keys[:k] and k <= len(keys):
+            out, done = [x for x in saved.get("samples", []) if [x["context"], x["prompt"], x["placement"]] in keys[:k]], k
     batch = 8
     bar = tqdm(total=len(chosen), initial=done, desc="tune-lens: sampling answers", unit="prompt", disable=not progress)
     for start in range(done, len(chosen), batch):
@@ -361,7 +366,7 @@ def _make_samples(lm, settings: TuneSettings, progress: bool, partial: Path | No
             if ids:
                 out.append({**asdict(chosen[i]), "response_ids": [int(t) for t in ids]})
         if partial is not None:
-            atomic_write_json(partial, {"data": settings.data_key(), "done": rows[-1] + 1, "samples": out})
+            atomic_write_json(partial, {"sampling": sampling, "done": rows[-1] + 1, "keys": keys[: rows[-1] + 1], "samples": out})
         bar.update(len(rows))
     bar.close()
     return out
@@ -535,7 +540,7 @@ def tune_lens(lm, settings: TuneSettings | None = None, *, folder: str | Path | 
         L = lm.num_layers
         from interp.models import unembed
 
-        d = int(unembed(lm.model).in_features)
+        d = int(cast(int, unembed(lm.model).in_features))  # nn.Module attributes are typed Tensor | Module
         lens = TunedLens(L, d, identity)
         opt = torch.optim.Adam(lens.parameters(), lr=settings.lr)
         step, tokens = _load_state(root / TRAIN_FOLDER, lens, opt, settings)
