@@ -49,9 +49,10 @@ def main() -> None:
         for name in (SAMPLES_FILE, "data.json"):  # the same text as the base's lens: the student reads the same answers
             if not (args.student_lens / name).exists():
                 shutil.copy(cache / name, args.student_lens / name)
+        data = json.loads((cache / "data.json").read_text())  # the base's text settings, so its answers are reused
         name = lm.load_adapter(args.adapter, name="student")
         with lm.use(name):
-            tune_lens(lm, TuneSettings(steps=args.steps), folder=args.student_lens, progress=True)
+            tune_lens(lm, TuneSettings(steps=args.steps, **data), folder=args.student_lens, progress=True)
         return
     base_lens = resolve_lens(lm, "tuned")
     assert base_lens is not None
@@ -103,9 +104,13 @@ def write(result: dict, out: Path) -> None:
     if transfer:
         row += f" {mean(transfer['logit']):.3f} | {mean(transfer['base_lens']):.3f} | {mean(transfer['student_lens']):.3f} |"
     lines += [row, ""]
+    lines += ["Columns: *logit lens* `KL(final ‖ unembed(final_norm(h_l)))`; *tuned lens* the same through the base's "
+              "translators `h + A_l h + b_l`. The last layer is identical by construction (no translator there).", ""]
     if transfer:
-        lines += [f"Student: `{transfer['adapter']}`; its own lens was trained with the base lens's settings and text "
-                  f"({transfer['student_lens_settings']['steps']} steps).", ""]
+        lines += ["Transfer: the same held-out answers read through a LoRA student (its activations, its own final "
+                  "distribution); *base's tuned lens* is the base model's lens applied unchanged, *its own tuned lens* one "
+                  "trained on the student with the same text and settings "
+                  f"({transfer['student_lens_settings']['steps']} steps). Student: `{transfer['adapter']}`.", ""]
     atomic_write_text(out / "tuned_lens.md", "\n".join(lines))
     atomic_write_json(out / "tuned_lens.json", result)
 
