@@ -157,7 +157,9 @@ def show_logit_lens(divs: dict, examples: dict, key: str, decode=None) -> None:
                                show_text=True if in_cells else None)
         st.plotly_chart(fig, key=f"fig_{key}_logit_lens")
     st.plotly_chart(plots.lens_kl(divs, {m: examples.get(m) for m in divs}), key=f"fig_{key}_lens_kl")
-    st.caption("KL per layer over the chosen example's tokens, for every model that has it (all tokens otherwise).")
+    read = {m: "tuned lens" if (d.meta or {}).get("lens") == "tuned" else "logit lens" for m, d in divs.items()}
+    st.caption("KL per layer over the chosen example's tokens, for every model that has it (all tokens otherwise). "
+               "Read with the " + ", ".join(f"{v} ({m})" for m, v in read.items()) + "; analyze with `--lens tuned` for the tuned lens.")
 
 
 def _pick_head_from_click(key: str) -> None:
@@ -425,7 +427,8 @@ def adapter_choices(summary) -> dict[str, Path | None]:
     return choices
 
 
-def analyze_live(spec: str, adapter: Path | None, record: dict, placement: str, scope: str, max_new_tokens: int):
+def analyze_live(spec: str, adapter: Path | None, record: dict, placement: str, scope: str, max_new_tokens: int,
+                 lens: str = "logit"):
     import interp
 
     lm = cached_model(spec)
@@ -437,7 +440,7 @@ def analyze_live(spec: str, adapter: Path | None, record: dict, placement: str, 
                 lm.load_adapter(adapter, name=name)
         with lm.use(name):
             pairs = interp.make_pairs(lm.tokenizer, [record], placement=placement, model=lm, max_new_tokens=max_new_tokens)
-            div = interp.analyze(lm, pairs, scope=scope)
+            div = interp.analyze(lm, pairs, scope=scope, lens_type=lens)
     return div, lm.tokenizer
 
 
@@ -465,6 +468,10 @@ def show_live(summary) -> None:
     scope = c4.radio("Measure on", ["response", "shared"], key="live_scope",
                      format_func=lambda s: {"response": "response tokens", "shared": "user turn + response"}[s])
     max_new = st.slider("Max new tokens when generating", 8, 128, 32, key="live_max_new")
+    lens = st.radio("Lens", ["logit", "tuned"], horizontal=True, key="live_lens",
+                    format_func=lambda v: {"logit": "logit lens", "tuned": "tuned lens"}[v],
+                    help="Which lens reads the layers: the logit lens (unembed(final_norm(h))) or the model's tuned lens "
+                         "(per-layer translators, trained once per base model with `python -m interp tune-lens --model M`).")
     if st.button("Analyze", type="primary", key="live_go"):
         record = {"context": context, "prompt": prompt, **({"response": response} if response.strip() else {})}
         refusal = live_refusal(spec.strip(), adapter, st.session_state.get("runs_dir", str(runs.default_runs_dir()))) \
@@ -473,7 +480,7 @@ def show_live(summary) -> None:
             if refusal:
                 raise UserError(refusal)
             with st.spinner("Analyzing…"):
-                div, tokenizer = analyze_live(spec.strip(), adapter, record, placement, scope, max_new)
+                div, tokenizer = analyze_live(spec.strip(), adapter, record, placement, scope, max_new, lens)
             shown = (picked if picked != OTHER_ADAPTER else Path(adapter).name) if adapter else ""
             st.session_state["live_result"] = (div, tokenizer, f"{spec.strip()}{' + ' + shown if shown else ''}")
         except UserError as err:

@@ -28,7 +28,7 @@ _LAZY = {
     "Explanation": "interp.causal",
 }
 _SUBMODULES = {"analysis", "archs", "attention", "capture", "causal", "cli", "distributed", "divergence", "generate",
-               "lens", "metrics", "models", "pairs", "plots", "remote", "report", "runs", "store"}
+               "lens", "metrics", "models", "pairs", "plots", "remote", "report", "runs", "store", "tuned_lens"}
 
 
 def __getattr__(name):

@@ -37,6 +37,7 @@ def analyze(
     lens_chunk: int = DEFAULT_CHUNK,
     progress: bool = False,
     remote: bool = False,
+    lens_type="logit",
 ) -> LayerDivergence:
     """Compare `lm`'s hidden states with and without the context on the aligned tokens of `pairs`.
 
@@ -46,7 +47,12 @@ def analyze(
     `attention=False` or `lens=False` skip those measures (their arrays are NaN). `remote=True` (nnsight only)
     runs the traces on NDIF, on the model and adapter named by their Hugging Face ids (`interp.remote`); what NDIF
     cannot load by id is refused before any work, and the artifact names what ran remotely.
+    `lens_type`: "logit" (default), "tuned" (the tuned lens of the model's base, from the cache: `python -m interp
+    tune-lens`), a tuned-lens folder, or an `interp.tuned_lens.TunedLens`; the artifact records which lens read it.
     """
+    from interp.tuned_lens import check_lens_choice, resolve_lens
+
+    check_lens_choice(lens_type)
     capture = get_backend(backend)
     target = None
     if remote:
@@ -77,6 +83,7 @@ def analyze(
         if max_len and len(p.ctx_ids) > max_len:
             raise UserError(f"pair {i} has {len(p.ctx_ids)} tokens with the context, more than the model's window of {max_len}")
     pad_id = lm.tokenizer.pad_token_id or 0
+    tuned = resolve_lens(lm, lens_type) if lens else None
 
     # Under torchrun each process measures every world-th batch (rank 0 the first); the sums are reduced and the
     # per-token arrays gathered below, so every process ends with the numbers a single process computes.
@@ -109,7 +116,8 @@ def analyze(
             "target_id": sides["ctx"].targets,
         }
         if lens:
-            part["lens"] = lens_statistics(lm.model, h_ctx, h_noctx, sides["ctx"].targets, chunk=lens_chunk, to_host=False)
+            part["lens"] = lens_statistics(lm.model, h_ctx, h_noctx, sides["ctx"].targets, chunk=lens_chunk, to_host=False,
+                                           tuned=tuned)
         if attention:  # capture(attention=True) fills every attention field
             assert got["ctx"].attn_ctx is not None and got["ctx"].attn_sink is not None and got["noctx"].attn_sink is not None
             assert got["ctx"].attn_ctx_tokens is not None
@@ -172,6 +180,8 @@ def analyze(
             "num_heads": int(heads),
             "n_examples": len(pairs),
             "n_tokens": int(tokens.shape[0]),
+            "lens": "tuned" if tuned is not None else "logit",
+            "lens_id": tuned.describe() if tuned is not None else None,
         },
     )
 
@@ -248,13 +258,16 @@ def analyze_run(
     progress: bool = True,
     dtype: str | torch.dtype | None = "auto",
     lm=None,
+    lens_type="logit",
 ) -> dict[str, Path]:
     """Analyze each model of a training run (base and every evaluated student) on the test examples, with the
     tokens each model generated without the context, and save the results under `run_dir/layers/<model>/`.
     `lm`: the run's model already loaded (the evaluation passes its own, so one copy is in memory).
 
     Under `torchrun` the pairs are shared out between the processes (gloo on CPU, NCCL on GPUs) and rank 0 writes.
+    `lens_type`: the lens that reads the layers (see `analyze`); one tuned lens, the base's, reads every student.
     """
+    from interp.tuned_lens import check_lens_available, check_lens_choice, resolve_lens
     from interp.models import load_model
     from interp.runs import read_examples, read_run
 
@@ -274,7 +287,11 @@ def analyze_run(
     for name in wanted:
         if name != "base":  # each becomes a folder name: RUN/<name> (the adapter) and RUN/layers/<name>
             check_member_name(name, run_dir / "eval")
+    check_lens_choice(lens_type)
+    if lm is None:
+        check_lens_available(lens_type, info.model)
     lm = lm or load_model(info.model, device=device, dtype=dtype)
+    tuned = resolve_lens(lm, lens_type)  # before any adapter loads: the base's identity, refused in one line
     written = {}
     for name in wanted:
         adapter = None if name == "base" else lm.load_adapter(run_dir / name, name=name)
@@ -282,7 +299,8 @@ def analyze_run(
         if not pairs:
             continue
         with lm.use(adapter):
-            div = analyze(lm, pairs, backend=backend, batch_size=batch_size, progress=progress)
+            div = analyze(lm, pairs, backend=backend, batch_size=batch_size, progress=progress,
+                          lens_type=tuned if tuned is not None else "logit")
         div.meta["run"] = str(run_dir)
         div.meta["model_name"] = name
         target = run_dir / "layers" / name

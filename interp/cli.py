@@ -12,6 +12,7 @@ import typer
 
 from interp.errors import UserError
 from interp.models import check_device
+from interp.tuned_lens import LENS_HELP
 from interp.store import check_out, folder_lock, read_jsonl
 
 app = typer.Typer(
@@ -59,6 +60,7 @@ def analyze(
     out: Optional[Path] = typer.Option(None, help="Save the results as an artifact folder here (see interp.store)."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print the per-layer numbers as JSON instead of a table."),
+    lens: str = typer.Option("logit", "--lens", help=LENS_HELP),
 ):
     """Measure one pair (--context/--prompt) or a JSONL file of pairs (--pairs)."""
     from interp import distributed
@@ -72,6 +74,9 @@ def analyze(
         raise UserError(f"unknown backend '{backend}'; use one of {', '.join(BACKENDS)}")
     _at_least_one(max_new_tokens=max_new_tokens, batch_size=batch_size)
     check_device(device)
+    from interp.tuned_lens import check_lens_available
+
+    check_lens_available(lens, model)  # an unknown --lens, or no tuned lens for the model: one line, before any work
     if adapter is not None and adapter.exists() and not adapter.is_dir():
         raise UserError(f"--adapter {adapter} is a file; pass the adapter folder that holds adapter_config.json")
     if adapter is not None and not adapter.exists():
@@ -96,7 +101,8 @@ def analyze(
         lm = load_model(model, adapter, device=device, dtype=dtype)
         built = make_pairs(lm.tokenizer, records, placement, model=lm, respond=respond, max_new_tokens=max_new_tokens,
                            max_length=getattr(lm.model.config, "max_position_embeddings", None))
-        div = run_analysis(lm, built, backend=backend, scope=scope, batch_size=batch_size, progress=len(built) > batch_size)
+        div = run_analysis(lm, built, backend=backend, scope=scope, batch_size=batch_size, progress=len(built) > batch_size,
+                           lens_type=lens)
         if not distributed.is_main():
             distributed.barrier()
             return
@@ -109,7 +115,7 @@ def analyze(
         if len(built) == 1:
             typer.echo(f"response: {built[0].response!r}")
         typer.echo(f"{div.meta['n_examples']} pair(s), {div.n_tokens} measured tokens, model {model}"
-                   + (f" + {adapter}" if adapter else "") + f", backend {backend}")
+                   + (f" + {adapter}" if adapter else "") + f", backend {backend}, {div.meta['lens']} lens")
         typer.echo(format_table(div))
         if out is not None:
             typer.echo(f"saved to {out}")
@@ -124,6 +130,7 @@ def analyze_run_command(
     max_examples: Optional[int] = typer.Option(None, help="Analyze at most this many test examples per model."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ..."),
     dtype: str = typer.Option("auto", help="Weights' precision: auto, fp32, bf16 or fp16. Statistics stay float32/float64."),
+    lens: str = typer.Option("logit", "--lens", help=LENS_HELP),
 ):
     """Analyze every model of a training run on its test examples; results go to RUN/layers/<model>/.
     Under `torchrun --nproc_per_node N` the examples are shared out between the processes."""
@@ -133,7 +140,7 @@ def analyze_run_command(
     _at_least_one(batch_size=batch_size, **({} if max_examples is None else {"max_examples": max_examples}))
     check_device(device)
     written = analyze_run(run, models.split(",") if models else None, backend, batch_size=batch_size,
-                          max_examples=max_examples, device=device, dtype=dtype, progress=distributed.is_main())
+                          max_examples=max_examples, device=device, dtype=dtype, progress=distributed.is_main(), lens_type=lens)
     if not distributed.is_main():
         return
     for name, folder in written.items():
@@ -152,6 +159,41 @@ def report_command(
 
     folder = write_report(runs, out, overwrite=overwrite, decode_tokens=tokens)
     typer.echo(f"wrote {folder / HTML_FILE}, {folder / JSON_FILE} and {folder / CSV_FILE}")
+
+
+@app.command("tune-lens")
+def tune_lens_command(
+    model: str = typer.Option("smollm2-135m-instruct", help="smollm2-135m-instruct (embedded), tiny-random-llama, a Hugging Face id or a local folder."),
+    steps: int = typer.Option(60, help="Optimizer steps (Adam). Raising it later continues the saved training."),
+    prompts: int = typer.Option(32, help="Training prompts the model answers (its own sampled answers are the training text)."),
+    heldout_prompts: int = typer.Option(8, help="Held-out prompts (other prompts): the KL reported is read on their answers."),
+    tokens_per_step: int = typer.Option(64, help="Tokens drawn per step from all training answers, read with and without their context (each costs one unembedding per layer)."),
+    max_new_tokens: int = typer.Option(40, help="Longest sampled answer, in tokens."),
+    lr: float = typer.Option(1e-3, help="Adam's learning rate for the translators."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature of the answers (0: greedy)."),
+    seed: int = typer.Option(0, help="Seed of the prompts' split, the sampling and the data order."),
+    out: Optional[Path] = typer.Option(None, help="Folder for the lens and its training state (default: the cache, keyed by the base model's identity, where --lens tuned finds it)."),
+    restart: bool = typer.Option(False, "--restart", help="Forget a saved training of this lens and start over."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: cuda when available)."),
+    dtype: str = typer.Option("auto", help="Weights' precision: auto, fp32, bf16 or fp16."),
+):
+    """Train the tuned lens of a base model: one affine translator per layer (h + A h + b, then the final norm and the
+    unembedding) fitted to KL(final || lens_l) on the model's own answers. Killed, it continues where it stopped."""
+    from interp.models import load_model
+    from interp.tuned_lens import TuneSettings, format_heldout, tune_lens
+
+    settings = TuneSettings(steps=steps, prompts=prompts, heldout_prompts=heldout_prompts, tokens_per_step=tokens_per_step, max_new_tokens=max_new_tokens, lr=lr, temperature=temperature, seed=seed)
+    settings.check()
+    check_device(device)
+    if out is not None and out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder path")
+    lm = load_model(model, device=device, dtype=dtype)
+    result = tune_lens(lm, settings, folder=out, restart=restart)
+    if result.resumed_from:
+        typer.echo(f"continued from step {result.resumed_from}")
+    typer.echo(f"held-out KL(final || lens) per layer, {result.n_heldout_tokens} tokens:")
+    typer.echo(format_heldout(result.heldout))
+    typer.echo(f"tuned lens of {model} saved to {result.folder}")
 
 
 def _register_causal() -> None:

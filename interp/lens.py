@@ -107,7 +107,7 @@ def _final(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def lens_statistics(model, hidden_ctx: torch.Tensor, hidden_noctx: torch.Tensor, targets: torch.Tensor, chunk: int = DEFAULT_CHUNK,
-                    to_host: bool = True) -> dict[str, torch.Tensor]:
+                    to_host: bool = True, tuned=None) -> dict[str, torch.Tensor]:
     """Per-layer, per-token logit-lens statistics for the with- and without-context runs on aligned tokens.
 
     `hidden_*` are [num_layers, n, d] (layer 0 = embeddings, last = last block's output); `targets` [n] are the
@@ -115,6 +115,8 @@ def lens_statistics(model, hidden_ctx: torch.Tensor, hidden_noctx: torch.Tensor,
     for stat in top1, top1_prob, target_prob, target_rank, entropy, kl_final (KL(final || lens_l)), and
     `lens_kl_noctx_ctx` (KL(lens_l^noctx || lens_l^ctx)). Never holds more than one chunk's logits per run.
     `to_host=False` leaves the arrays on the model's device (an analysis over many batches copies them once at the end).
+    `tuned`: an `interp.tuned_lens.TunedLens` reads the layers through its translators (the tuned lens) instead of
+    the logit lens; the final distribution is the same either way (the last layer has no translator).
     """
     if hidden_ctx.shape != hidden_noctx.shape:
         raise ValueError(f"hidden states differ in shape: {tuple(hidden_ctx.shape)} vs {tuple(hidden_noctx.shape)}")
@@ -131,8 +133,11 @@ def lens_statistics(model, hidden_ctx: torch.Tensor, hidden_noctx: torch.Tensor,
         p_ctx, h_ctx = _final(logit_lens(model, hidden_ctx[-1, a:b]))
         p_noctx, h_noctx = _final(logit_lens(model, hidden_noctx[-1, a:b]))
         for layer in range(L):
-            z_ctx = logit_lens(model, hidden_ctx[layer, a:b])
-            z_noctx = logit_lens(model, hidden_noctx[layer, a:b])
+            h_c, h_n = hidden_ctx[layer, a:b], hidden_noctx[layer, a:b]
+            if tuned is not None:
+                h_c, h_n = tuned.translate(h_c, layer), tuned.translate(h_n, layer)
+            z_ctx = logit_lens(model, h_c)
+            z_noctx = logit_lens(model, h_n)
             ctx, noctx, kl = _call_stats(L * n, z_ctx, z_noctx, p_ctx, p_noctx, h_ctx, h_noctx, tgt)
             for run, values in (("ctx", ctx), ("noctx", noctx)):
                 for stat, value in zip(LENS_STATS, values):

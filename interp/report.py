@@ -166,18 +166,29 @@ def shown_example(d: RunData, model: str) -> int:
     return 0
 
 
+def lens_label(meta: dict | None) -> str:
+    """'tuned lens' or 'logit lens', from an artifact's meta (artifacts written before the choice existed: logit)."""
+    return "tuned lens" if (meta or {}).get("lens") == "tuned" else "logit lens"
+
+
+def _lenses(divs) -> str:
+    """The lens that read a run's artifacts, from their meta ('logit lens', 'tuned lens', or both when mixed)."""
+    labels = sorted({lens_label(div.meta) for div in divs.values()})
+    return " / ".join(labels) if labels else "logit lens"
+
+
 def _run_section(d: RunData, decode) -> str:
     parts = [f"<h2>{html.escape(d.name)}</h2>", f"<p class='muted'>{html.escape(str(d.path))}</p>",
              "<h3>Evaluation</h3>", _table_html(d.eval_rows, ["model", *runs.EVAL_METRICS, "n"])]
     if d.layers:
         parts += ["<h3>Layer divergence</h3>", _figure_html(plots.layer_divergence(d.layers, title=f"{d.name}: layer divergence")),
-                  _figure_html(plots.lens_kl(d.layers, title=f"{d.name}: logit-lens KL(noctx || ctx) per layer"))]
+                  _figure_html(plots.lens_kl(d.layers, title=f"{d.name}: {_lenses(d.layers)} KL(noctx || ctx) per layer"))]
         for model, div in d.layers.items():
             example = shown_example(d, model)
             parts.append(f"<h3>{html.escape(model)}</h3>")
             if div.n_tokens and example < len(div.examples):
                 parts.append(_figure_html(plots.logit_lens(div, example, decode=decode(div),
-                                                           title=f"{model}: logit lens, example {example}")))
+                                                           title=f"{model}: {lens_label(div.meta)}, example {example}")))
             parts.append(_figure_html(plots.attention(div, title=f"{model}: attention to the context")))
             if div.attn_ctx_tokens and example < len(div.attn_ctx_tokens):
                 # The head that attends most to the context overall is the one worth a closer look.

@@ -45,7 +45,8 @@ def fourway(cmp, measure: str = "cos", title: str | None = None) -> go.Figure:
     fig.update_xaxes(title=LAYER_AXIS, dtick=1 if cmp.num_layers <= 32 else None)
     fig.update_yaxes(title="KL(a ‖ b), nats" if measure == "lens_kl" else measure)
     who = cmp.meta.get("student_name") or cmp.student
-    return _layout(fig, title or f"Four-way comparison ({who} vs base): {measure} per layer", 400)
+    read = f" ({'tuned' if cmp.meta.get('lens') == 'tuned' else 'logit'} lens)" if measure == "lens_kl" else ""
+    return _layout(fig, title or f"Four-way comparison ({who} vs base): {measure}{read} per layer", 400)
 
 
 def vectors(cmp, title: str | None = None) -> go.Figure:

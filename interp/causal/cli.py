@@ -15,6 +15,7 @@ import numpy as np
 import typer
 
 from interp.errors import UserError
+from interp.tuned_lens import LENS_HELP
 
 RunArg = Annotated[Path, typer.Argument(metavar="RUN", help="A run folder written by `python -m training pair` and evaluated.")]
 StudentOpt = Annotated[str, typer.Option("--student", help="The student (adapter folder of the run) to explain, or 'base'.")]
@@ -74,7 +75,8 @@ def _out_dir(run: Path, student: str, out: Path | None) -> Path:
 def compare_command(run: RunArg, student: StudentOpt, backend: BackendOpt = "nnsight",
                     max_examples: MaxOpt = None, batch_size: Annotated[int, typer.Option(help="Pairs per forward pass.")] = 8,
                     device: DeviceOpt = None, out: Annotated[Optional[Path], typer.Option(help="Folder for the results (default RUN/causal/STUDENT).")] = None,
-                    save: SaveOpt = True, as_json: JsonOpt = False):
+                    save: SaveOpt = True, as_json: JsonOpt = False,
+                    lens: Annotated[str, typer.Option("--lens", help=LENS_HELP)] = "logit"):
     """Four-way comparison (base and student, with and without the context) on the student's own answers without
     the context: per-layer cos/CKA/lens KL, the context vector, absorbed_l and overshoot_l, and the per-example
     overshoot of degenerate and flipped answers against the rest."""
@@ -86,11 +88,15 @@ def compare_command(run: RunArg, student: StudentOpt, backend: BackendOpt = "nns
         raise UserError("--batch-size must be at least 1")
     from interp.capture import get_backend
 
+    from interp.tuned_lens import check_lens_available
+
     info = _setup(run, student)
     get_backend(backend)  # compare reads hidden states through interp.capture: nnsight, transformer_lens or torch
+    check_lens_available(lens, info["model"] or "smollm2-135m-instruct")
     lm, name = _load(run, info, student, device)
     pairs, rows = runio.load_run_pairs(lm, run, student, "noctx", max_examples)
-    cmp = compare(lm, pairs, student=name, backend=backend, batch_size=batch_size, progress=len(pairs) > batch_size)
+    cmp = compare(lm, pairs, student=name, backend=backend, batch_size=batch_size, progress=len(pairs) > batch_size,
+                  lens_type=lens)
     cmp.meta.update(run=str(run), student_name=student)
     groups = {"degenerate_ctx": [runio.is_degenerate(r, "ctx") for r in rows],
               "flipped": [r.flipped for r in rows]}
@@ -101,7 +107,8 @@ def compare_command(run: RunArg, student: StudentOpt, backend: BackendOpt = "nns
     if as_json:
         typer.echo(json.dumps(cmp.per_layer_table()))
         return
-    typer.echo(f"{student} vs base · {len(pairs)} examples, {cmp.meta['n_tokens']} tokens (the student's answers without the context)")
+    typer.echo(f"{student} vs base · {len(pairs)} examples, {cmp.meta['n_tokens']} tokens (the student's answers without the context)"
+               f" · {cmp.meta['lens']} lens")
     p = cmp.pairs
     typer.echo(f"{'layer':>5} {'int_cos':>9} {'rem_cos':>9} {'kept_cos':>9} {'int_cka':>9} {'int_kl':>9} {'rem_kl':>9} "
                f"{'|v|':>9} {'cos(u,v)':>9} {'absorbed':>9} {'overshoot':>9}")

@@ -12,7 +12,8 @@ from tqdm.auto import tqdm
 
 from interp.capture import get_backend, make_batch
 from interp.errors import UserError
-from interp.lens import DEFAULT_CHUNK, logit_lens
+from interp.lens import DEFAULT_CHUNK
+from interp.tuned_lens import check_lens_choice, read_lens, resolve_lens
 from interp.metrics import CKAAccumulator, cosine_per_token
 from interp.pairs import SCOPES, Pair
 
@@ -32,9 +33,10 @@ COMPARISONS = {
 }
 
 
-def _lens_kls(model, hidden: dict[str, torch.Tensor], names: Sequence[str], chunk: int) -> dict[str, torch.Tensor]:
+def _lens_kls(model, hidden: dict[str, torch.Tensor], names: Sequence[str], chunk: int, tuned=None) -> dict[str, torch.Tensor]:
     """KL(lens(h_a) || lens(h_b)) per layer and token [L, n] for each comparison, in chunks of tokens. Each run is
-    projected once per layer and chunk, however many comparisons it takes part in (the projection is the cost)."""
+    projected once per layer and chunk, however many comparisons it takes part in (the projection is the cost).
+    `tuned`: a TunedLens reads every run (the base's lens, also for the student), else the logit lens."""
     runs = sorted({r for c in names for r in COMPARISONS[c]})
     L, n, _ = hidden[runs[0]].shape
     out = {c: torch.empty(L, n, dtype=torch.float64) for c in names}
@@ -45,7 +47,7 @@ def _lens_kls(model, hidden: dict[str, torch.Tensor], names: Sequence[str], chun
             by_id: dict[int, torch.Tensor] = {}
             for r in runs:
                 if id(hidden[r]) not in by_id:
-                    by_id[id(hidden[r])] = torch.log_softmax(logit_lens(model, hidden[r][layer, a:b]), -1)
+                    by_id[id(hidden[r])] = torch.log_softmax(read_lens(model, hidden[r][layer, a:b], layer, tuned), -1)
             logp = {r: by_id[id(hidden[r])] for r in runs}
             for c in names:
                 x, y = COMPARISONS[c]
@@ -67,13 +69,18 @@ def compare(
     lens_chunk: int = DEFAULT_CHUNK,
     progress: bool = False,
     remote: bool = False,
+    lens_type="logit",
 ) -> Comparison:
     """Four-way comparison of the base model (adapter off) and `student` (a loaded adapter, or "base" to compare the
     base with itself: a check) on the aligned tokens of `pairs`: runs B·ctx, B·noctx, S·ctx, S·noctx, per-layer
     cos / CKA / lens KL for each pair of runs in COMPARISONS, and the context vector with `absorbed_l` and
     `overshoot_l` (docs/measures.md). One model stays in memory; the adapter is switched in place.
+    `lens_type`: "logit" (default), "tuned" (the base's tuned lens, which reads all four runs), a tuned-lens folder
+    or a TunedLens; the result's meta records which.
     """
     check_student(lm, student)
+    check_lens_choice(lens_type)
+    tuned = resolve_lens(lm, lens_type) if lens else None
     capture = get_backend(backend)
     if remote:
         capture = functools.partial(capture, remote=True)
@@ -120,7 +127,7 @@ def compare(
                 cka[c].update(a, b)
                 cos[c].append(torch.stack([cosine_per_token(x, y) for x, y in zip(a, b)]))
             if lens:
-                for c, values in _lens_kls(lm.model, hidden, names, lens_chunk).items():
+                for c, values in _lens_kls(lm.model, hidden, names, lens_chunk, tuned).items():
                     kl[c].append(values)
             bar.update(len(chunk))
     bar.close()
@@ -154,5 +161,6 @@ def compare(
         examples=[{"context": p.context, "prompt": p.prompt, "response": p.response} for p in pairs],
         meta={"model": lm.spec, "student": student, "backend": backend, "scope": scope, "placement": pairs[0].placement,
               "num_layers": int(v.shape[0]), "n_examples": len(pairs), "n_tokens": int(n_tokens),
-              "comparisons": {c: list(COMPARISONS[c]) for c in names}},
+              "comparisons": {c: list(COMPARISONS[c]) for c in names},
+              "lens": "tuned" if tuned is not None else "logit", "lens_id": tuned.describe() if tuned is not None else None},
     )
