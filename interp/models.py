@@ -119,6 +119,33 @@ def load_tokenizer(spec: str = EMBEDDED):
     return AutoTokenizer.from_pretrained(spec)
 
 
+# The context window of the built-in models (tokens): a generation budget must stay below it.
+_BUILTIN_WINDOW = {EMBEDDED: 8192, **{spec: 2048 for spec in TINY_SPECS}}
+
+
+def model_window(spec) -> int | None:
+    """The longest sequence a model spec takes (max_position_embeddings), read without loading it: known for the
+    built-in models, read from config.json for a model folder; None when it cannot be told (a hub id)."""
+    if not isinstance(spec, str):
+        return None
+    if spec in _BUILTIN_WINDOW:
+        return _BUILTIN_WINDOW[spec]
+    from interp.store import is_regular, read_json
+
+    config = Path(spec) / "config.json"
+    if not is_regular(config):
+        return None
+    try:
+        data = read_json(config, expect=dict)
+    except UserError:
+        return None
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = data.get(key)
+        if type(value) is int and value > 0:
+            return value
+    return None
+
+
 def tiny_random_llama(seed: int = 0, num_layers: int = 3, hidden: int = 64):
     """A seeded few-layer Llama sharing the embedded model's tokenizer, for fast tests."""
     return tiny_random("llama", seed=seed, num_layers=num_layers, hidden=hidden)
