@@ -410,7 +410,7 @@ def read_regular(path: str | os.PathLike, what: str = "file") -> bytes:
             raise UserError(f"{path} is a folder, not a {what}")
         if not stat.S_ISREG(mode):
             raise UserError(f"{path} is not a regular file (a pipe, socket or device); pass a {what}")
-        chunks = []
+        chunks: list[bytes] = []
         while True:
             chunk = os.read(fd, 1 << 20)
             if not chunk:
@@ -519,6 +519,7 @@ def read_jsonl(path: str | os.PathLike, required: tuple[str, ...] = (), check=No
             raise UserError(f"{path}, line {i}: not valid JSON ({detail})") from None
         if not isinstance(record, dict):
             raise UserError(f"{path}, line {i}: expected a JSON object with {', '.join(required) or 'fields'}")
+        record = restore_nonfinite(record)
         for key in required:
             if not isinstance(record.get(key), str) or not record[key].strip():
                 raise UserError(f"{path}, line {i}: missing or empty field '{key}'")

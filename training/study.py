@@ -189,7 +189,7 @@ def _unique(values: list, key: str, fold=lambda v: v) -> None:
 
 
 def _list(data: dict, key: str, item_type, *, required: bool = True):
-    value = check_value(data[key], list[item_type], key)  # type: ignore[valid-type]
+    value = check_value(data[key], list[item_type], key)
     if required and not value:
         raise UserError(f"'{key}' must be a non-empty list")
     if len(value) > MAX_ENTRIES:
@@ -491,7 +491,13 @@ def _run_parallel(study: Study, todo: list[int], jobs: int, bar, eval_steps: int
             evaluate_run(run_dir, settings=study.eval, models=[], layers=False)
     ctx = mp.get_context("spawn")
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    with ctx.Manager() as manager:
+    from multiprocessing.managers import SyncManager
+
+    # The manager process, like the cells, ends with the study process (killed or not): an orphaned manager would
+    # hold the resource tracker's pipe open and both would outlive a `kill -9`.
+    manager = SyncManager(ctx=ctx)
+    manager.start(_die_with_parent)
+    with manager:
         queue = manager.Queue()
         with ctx.Pool(jobs, initializer=_die_with_parent) as pool:
             args = [(study.source, str(study.runs_dir), str(study.results_dir), i, threads, queue) for i in todo]
@@ -609,18 +615,21 @@ def write_results(study: Study) -> dict:
 
 
 def _fmt(v):
-    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else round(v, 4)
+    """A CSV cell: empty for a statistic no example defines, "NaN" for one that is not a number."""
+    if v is None:
+        return ""
+    return str(v) if isinstance(v, float) and not math.isfinite(v) else round(v, 4)
 
 
 MARKDOWN = ("acc_noctx", "acc_ctx", "harm", "degenerate_noctx", "degenerate_ctx", "truncated_ctx", "follow_cf", "ctx_drop", "drift")
 
 
 def _mean_sd(stat: dict) -> str:
-    """"0.19 ± 0.06" over seeds; one seed has no sd; a rate no example defines (harm when none was right) is "–"."""
-    m, sd = stat["mean"], stat["sd"]
-    if m is None or (isinstance(m, float) and math.isnan(m)):
-        return "–"
-    return f"{m:.2f}" + (f" ± {sd:.2f}" if sd is not None and not (isinstance(sd, float) and math.isnan(sd)) else "")
+    """"0.19 ± 0.06" over seeds; one seed has no sd; a rate no example defines (harm when none was right) is "–", one
+    that is not a number "NaN"."""
+    from interp.runs import format_stat
+
+    return format_stat(stat["mean"], stat["sd"])
 
 
 def markdown(data: dict) -> str:
