@@ -190,7 +190,10 @@ def folder_lock(path: str | os.PathLike, *, hint: str = "wait for it to finish o
             with _HELD_GUARD:
                 _HELD[key][1] -= 1
         return
-    created = _make_parents(lock.parent)
+    try:
+        created = _make_parents(lock.parent)
+    except OSError as err:  # a part of the path is a file, or the place is read-only
+        raise UserError(f"{path} cannot be created ({err.strerror or err}); choose another folder") from None
     try:
         fd = _acquire(lock, Path(path), hint)
     except BaseException:
@@ -236,7 +239,12 @@ def _acquire(lock: Path, path: Path, hint: str) -> int:
     if fcntl is None:
         return _acquire_exclusive(lock, path, hint)
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except NotADirectoryError:
+            raise UserError(f"{path} cannot be created: a part of {path.parent} is a file, not a folder") from None
+        except OSError as err:
+            raise UserError(f"{path} cannot be written ({err.strerror or err}); choose another folder") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -380,12 +388,14 @@ def check_name(name, what: str = "name", where: str | os.PathLike | None = None)
     if isinstance(name, str) and NAME_PATTERN.fullmatch(name):
         return name
     source = f"{where}: " if where else ""
-    if isinstance(name, str):
-        shown = repr(name if len(name) <= 40 else name[:40] + "…")
-        shown += f" ({len(name)} characters)" if len(name) > 64 else ""
-    else:
-        shown = f"of type {type(name).__name__}"
-    raise UserError(f"{source}{what} {shown} is not a name: use {NAME_RULE} (a name, not a path)")
+    raise UserError(f"{source}{what} {shown_name(name)} is not a name: use {NAME_RULE} (a name, not a path)")
+
+
+def shown_name(name) -> str:
+    """A would-be name in an error message: quoted, cut short (with its length) when long, or its type."""
+    if not isinstance(name, str):
+        return f"of type {type(name).__name__}"
+    return repr(name if len(name) <= 40 else name[:40] + "…") + (f" ({len(name)} characters)" if len(name) > 64 else "")
 
 
 # --- reading --------------------------------------------------------------------------------------------------------

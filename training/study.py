@@ -23,7 +23,7 @@ from interp.errors import UserError
 from interp.models import model_window
 from interp.runs import ADAPTER_WEIGHTS, TRAIN_CONFIG_FILE, read_model_eval
 from interp.store import (NAME_PATTERN, NAME_RULE, atomic_write_json, atomic_write_text, check_name, check_out, is_regular,
-                          read_json, read_text_file)
+                          read_json, read_text_file, shown_name)
 from interp.typed import check_fields, check_value, field_types
 from training import stats
 from training.config import MAX_SEED, TrainConfig, defaults
@@ -228,8 +228,7 @@ def _student_name(entry: dict, where: str) -> str:
     if name is None:
         raise UserError(f"{where} has no name")
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or name in RESERVED_NAMES:
-        shown = repr(name if len(name) <= 40 else name[:40] + "…") if isinstance(name, str) else f"of type {type(name).__name__}"
-        raise UserError(f"{where}: the student name {shown} cannot be used: use {NAME_RULE} (a name, not a path), "
+        raise UserError(f"{where}: the student name {shown_name(name)} cannot be used: use {NAME_RULE} (a name, not a path), "
                         f"not one of {', '.join(RESERVED_NAMES)}")
     return name
 
@@ -295,8 +294,9 @@ def _parse(data: dict, runs_dir: str | None, results_dir: str | None, source: st
     if dup:
         other = next(n for n, f in zip(names, folded) if f == dup.lower() and n != dup) if names.count(dup) == 1 else dup
         raise UserError(f"two students are named '{dup}'" + (f" and '{other}' (one folder where case is ignored)" if other != dup else ""))
-    where_runs = check_value(runs_dir if runs_dir is not None else data.get("runs_dir", "runs"), str, "runs_dir")
-    where_results = check_value(results_dir if results_dir is not None else data.get("results_dir", "results"), str, "results_dir")
+    in_file = {k: check_value(data.get(k, k.removesuffix("_dir")), str, k) for k in ("runs_dir", "results_dir")}
+    where_runs = check_value(runs_dir if runs_dir is not None else in_file["runs_dir"], str, "--runs-dir")
+    where_results = check_value(results_dir if results_dir is not None else in_file["results_dir"], str, "--results-dir")
     if not where_runs.strip() or not where_results.strip():
         raise UserError("'runs_dir' and 'results_dir' must be folder paths")
     study = Study(name=name, model=model, suites=suites, seeds=seeds, steps=steps, train=train, eval=eval_settings,
