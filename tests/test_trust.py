@@ -456,8 +456,8 @@ class Case:
 
 
 def _run(change=None):
-    def setup(tmp, made):
-        shutil.copytree(made / "run", tmp / "run")
+    def setup(tmp, _made):
+        shutil.copytree(_made / "run", tmp / "run")
         if change:
             change(tmp / "run")
     return setup
@@ -469,9 +469,9 @@ def _pickled_adapter(folder: Path) -> None:
 
 
 def _adapter(change):
-    def setup(tmp, made):
+    def setup(tmp, _made):
         folder = tmp / "in" / "adapter"
-        shutil.copytree(made / "run" / "s", folder, ignore=shutil.ignore_patterns("checkpoints", "metrics.jsonl", "train_config.json"))
+        shutil.copytree(_made / "run" / "s", folder, ignore=shutil.ignore_patterns("checkpoints", "metrics.jsonl", "train_config.json"))
         change(folder)
     return setup
 
@@ -514,7 +514,7 @@ def _examples(*rows):
 
 
 def _study_json(summary):
-    def setup(tmp, made):
+    def setup(tmp, _made):
         folder = tmp / "res" / "x"
         folder.mkdir(parents=True)
         (folder / "study.json").write_text(json.dumps({"name": "x", "model": "tiny-random-llama", "cells": [], "summary": summary}))
@@ -535,7 +535,7 @@ def _load_adapter(tmp):
 
 def _comparison(change):
     """A run-less causal folder holding a small comparison, then damaged by `change(folder)`."""
-    def setup(tmp, made):
+    def setup(tmp, _made):
         import numpy as np
 
         from interp.causal.artifacts import save_comparison
