@@ -407,6 +407,10 @@ def check_safetensors(path: Path, what: str = "weights") -> None:
     that the header's offsets cover the file exactly; nothing is read into memory)."""
     from safetensors import SafetensorError, safe_open
 
+    from interp.store import is_regular
+
+    if not is_regular(path):  # a FIFO would block the reader
+        raise UserError(f"{what} {path} is missing or not a regular file; train it again or copy it again")
     try:
         with safe_open(str(path), framework="pt") as f:
             f.keys()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import functools
 import io
+import json
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
@@ -25,7 +26,8 @@ from pathlib import Path
 
 from interp.errors import UserError
 from interp.store import (META_FILE, NAME_PATTERN, NAME_RULE, atomic_write_json, atomic_write_text, check_member_name,
-                          dumps_strict, load_divergence, read_json, read_jsonl, update_json)
+                          dumps_strict, load_divergence, read_json, read_jsonl, read_text_file, restore_nonfinite,
+                          update_json)
 
 RUN_FILE = "run.json"
 EVAL_FILE = "eval.json"
@@ -492,10 +494,20 @@ def read_examples(run_dir: str | os.PathLike) -> list[ExampleRow] | None:
     if not file.exists() and not file.is_symlink():
         return None
     try:
-        records = read_jsonl(file, allow_empty=True)
+        text = read_text_file(file, "JSONL file")
     except UserError as err:
         raise UserError(f"{err}; rerun `python -m training eval`") from None
-    return [ExampleRow.from_json(data, f"{file}, record {i}") for i, data in enumerate(records, 1)]
+    rows = []
+    for i, line in enumerate(text.split("\n"), 1):  # "\n" only: JSON strings may hold U+2028 raw
+        if not line.strip():
+            continue
+        try:
+            data = restore_nonfinite(json.loads(line))
+        except (ValueError, RecursionError) as err:
+            detail = err.msg if isinstance(err, json.JSONDecodeError) else "nested too deeply or too large"
+            raise UserError(f"{file}, line {i}: not valid JSON ({detail}); rerun `python -m training eval`") from None
+        rows.append(ExampleRow.from_json(data, f"{file}, line {i}"))
+    return rows
 
 
 @dataclass

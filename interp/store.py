@@ -578,6 +578,8 @@ def load_divergence(folder: str | os.PathLike) -> LayerDivergence:
     arrays_path = folder / ARRAYS_FILE
     if not arrays_path.exists():
         raise UserError(f"{arrays_path} is missing; rerun `python -m interp analyze`")
+    if not is_regular(arrays_path):  # a FIFO would block the reader
+        raise UserError(f"{arrays_path} is not a regular file; rerun `python -m interp analyze`")
     try:
         arrays = load_file(str(arrays_path))
     except (SafetensorError, OSError, ValueError) as err:

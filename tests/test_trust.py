@@ -521,6 +521,15 @@ def _study_json(summary):
     return setup
 
 
+def _layers(change):
+    def setup(tmp, _made):
+        from interp.store import save_divergence
+        from interp.synthetic import synthetic_divergence
+
+        change(save_divergence(synthetic_divergence(), tmp / "in" / "layers"))
+    return setup
+
+
 def _read_examples(tmp):
     from interp.runs import read_examples
 
@@ -667,6 +676,15 @@ READER_CASES = [
     Case("train-seed-huge", ["training", "train", *SMALL_TRAIN, "--seed", str(2**63 - 1), "--out", "{tmp}/r/s"], "--seed must be in"),
     Case("train-max-new-tokens-window", ["training", "train", *SMALL_TRAIN, "--max-new-tokens", "4096", "--out", "{tmp}/r/s"],
          "does not fit the model's window of 2048"),
+    Case("eval-max-new-tokens-window", ["training", "eval", RUN, "--max-new-tokens", "5000", "--no-layers"],
+         "does not fit the model's window of 2048", setup=_run()),
+    Case("pair-eval-new-tokens-window", ["training", "pair", *SMALL_TRAIN, "--eval-new-tokens", "4096", "--out", "{tmp}/p"],
+         "does not fit the model's window"),
+    Case("api-layers-arrays-fifo", None, "arrays.safetensors is not a regular file", hangs=True, setup=_layers(_fifo("arrays.safetensors")),
+         call=_api("interp.store", "load_divergence", lambda tmp: tmp / "in" / "layers")),
+    Case("api-safetensors-fifo", None, "not a regular file", hangs=True,
+         setup=lambda tmp, _made: os.mkfifo(tmp / "w.safetensors"),
+         call=_api("interp.models", "check_safetensors", lambda tmp: tmp / "w.safetensors")),
     Case("api-train-config-bool-string", None, "'gradient_checkpointing' must be true or false",
          call=lambda tmp: __import__("training.config").config.TrainConfig.from_json({"gradient_checkpointing": "no"}, "train_config.json")),
     Case("api-train-config-steps-float", None, "'steps' must be an integer",
@@ -857,3 +875,39 @@ def test_live_only_app_fixes_the_results_folder(monkeypatch, tmp_path):
     at = AppTest.from_file(str(ROOT / "apps" / "layers.py"), default_timeout=120).run()
     at.sidebar.radio(key="mode").set_value("Study").run()
     assert not at.sidebar.text_input(key="results_dir").disabled
+
+
+def test_the_app_renders_beside_a_run_json_that_is_a_fifo(monkeypatch, tmp_path):
+    from streamlit.testing.v1 import AppTest
+
+    from interp.synthetic import write_synthetic_run
+
+    write_synthetic_run(tmp_path / "runs" / "good")
+    (tmp_path / "runs" / "evil").mkdir()
+    os.mkfifo(tmp_path / "runs" / "evil" / "run.json")
+    monkeypatch.setenv("LAYERS_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.delenv("LAYERS_LIVE_RUNS_ONLY", raising=False)
+    at = AppTest.from_file(str(ROOT / "apps" / "layers.py"), default_timeout=120).run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("evil: damaged" in c.value for c in at.sidebar.caption), [c.value for c in at.sidebar.caption]
+
+
+def test_a_second_study_on_the_same_results_is_refused_while_the_first_runs(tmp_path, monkeypatch):
+    from interp.store import FolderLocked
+    from training.study import load_study, run_study
+
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "s.toml"
+    path.write_text(toml_doc(BASE))
+    study = load_study(path, str(tmp_path / "runs"), str(tmp_path / "results"))
+    holder = subprocess.Popen([sys.executable, "-c", "import time\nfrom interp.store import folder_lock\n"
+                               f"with folder_lock({str(tmp_path / 'results' / 't')!r}):\n    print('held', flush=True)\n    time.sleep(60)\n"],
+                              env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(FolderLocked, match="another study writes these results"):
+            run_study(study, progress=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (tmp_path / "runs").exists()

@@ -22,8 +22,8 @@ from typing import Any, Sequence
 from interp.errors import UserError
 from interp.models import model_window
 from interp.runs import ADAPTER_WEIGHTS, TRAIN_CONFIG_FILE, read_model_eval
-from interp.store import (NAME_PATTERN, NAME_RULE, atomic_write_json, atomic_write_text, check_name, check_out, is_regular,
-                          read_json, read_text_file, shown_name)
+from interp.store import (NAME_PATTERN, NAME_RULE, atomic_write_json, atomic_write_text, check_name, check_out, folder_lock,
+                          is_regular, read_json, read_text_file, shown_name)
 from interp.typed import check_fields, check_value, field_types
 from training import stats
 from training.config import MAX_SEED, TrainConfig, defaults
@@ -233,7 +233,7 @@ def _student_name(entry: dict, where: str) -> str:
     return name
 
 
-def _parse(data: dict, runs_dir: str | None, results_dir: str | None, source: str) -> Study:
+def _parse(data: dict, runs_dir: str | os.PathLike | None, results_dir: str | os.PathLike | None, source: str) -> Study:
     """The study file's tables, every value checked against the type of the TrainConfig / EvalSettings field it
     sets (interp.typed), before any training starts."""
     unknown = [k for k in data if k not in STUDY_KEYS]
@@ -295,8 +295,9 @@ def _parse(data: dict, runs_dir: str | None, results_dir: str | None, source: st
         other = next(n for n, f in zip(names, folded) if f == dup.lower() and n != dup) if names.count(dup) == 1 else dup
         raise UserError(f"two students are named '{dup}'" + (f" and '{other}' (one folder where case is ignored)" if other != dup else ""))
     in_file = {k: check_value(data.get(k, k.removesuffix("_dir")), str, k) for k in ("runs_dir", "results_dir")}
-    where_runs = check_value(runs_dir if runs_dir is not None else in_file["runs_dir"], str, "--runs-dir")
-    where_results = check_value(results_dir if results_dir is not None else in_file["results_dir"], str, "--results-dir")
+    given = {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in (("runs_dir", runs_dir), ("results_dir", results_dir))}
+    where_runs = check_value(given["runs_dir"] if runs_dir is not None else in_file["runs_dir"], str, "--runs-dir")
+    where_results = check_value(given["results_dir"] if results_dir is not None else in_file["results_dir"], str, "--results-dir")
     if not where_runs.strip() or not where_results.strip():
         raise UserError("'runs_dir' and 'results_dir' must be folder paths")
     study = Study(name=name, model=model, suites=suites, seeds=seeds, steps=steps, train=train, eval=eval_settings,
@@ -323,7 +324,8 @@ def _parse(data: dict, runs_dir: str | None, results_dir: str | None, source: st
     return study
 
 
-def load_study(path: str | os.PathLike, runs_dir: str | None = None, results_dir: str | None = None) -> Study:
+def load_study(path: str | os.PathLike, runs_dir: str | os.PathLike | None = None,
+               results_dir: str | os.PathLike | None = None) -> Study:
     """Read and check a study file: every mistake is a one-line error naming the file and the key, before any
     training starts. Every value is checked against the type of the TrainConfig / EvalSettings field it sets, every
     name against the name rule (interp.store.check_name), and every cell's settings are validated as a TrainConfig."""
@@ -451,11 +453,19 @@ def _worker(args):
 
 
 def run_study(study: Study, jobs: int = 1, progress: bool = True) -> dict:
-    """Run every unfinished cell (`jobs` processes at a time), then write the study's results."""
-    from tqdm.auto import tqdm
-
+    """Run every unfinished cell (`jobs` processes at a time), then write the study's results. The results folder
+    is locked for the whole run: a second study writing the same results/<name>/ is refused, not interleaved."""
     if jobs < 1:
         raise UserError(f"--jobs must be at least 1 (got {jobs})")
+    check_results(study)
+    with folder_lock(study.results_dir / study.name, hint="another study writes these results; wait for it to finish "
+                                                          "or choose another --results-dir"):
+        return _run_study(study, jobs, progress)
+
+
+def _run_study(study: Study, jobs: int, progress: bool) -> dict:
+    from tqdm.auto import tqdm
+
     check_results(study)
     check_cells(study)
     cells = study.cells()
