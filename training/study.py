@@ -361,8 +361,10 @@ def check_results(study: Study) -> Path:
     with another name or model, other shared settings, or a student of the same name with other settings (adding
     seeds, suites, students or steps keeps it the same study)."""
     folder = study.results_dir / study.name
-    check_out(folder, overwrite=True, option="--results-dir")
-    check_out(study.runs_dir / study.name, overwrite=True, option="--runs-dir")
+    for where, option in ((folder, "--results-dir"), (study.runs_dir / study.name, "--runs-dir")):
+        if where.is_symlink():  # writing through it would touch a folder the user did not name
+            raise UserError(f"{option} {where} is a symbolic link; give a real folder")
+        check_out(where, overwrite=True, option=option)
     meta = folder / "study.json"
     if meta.exists() or meta.is_symlink():
         data = read_json(meta)
