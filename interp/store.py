@@ -111,7 +111,7 @@ def restore_nonfinite(value):
     if not isinstance(value, dict) or not isinstance(value.get(NONFINITE_KEY), dict):
         return value
     marks = value[NONFINITE_KEY]
-    if not all(isinstance(p, str) and p.startswith("/") and m in _NONFINITE_NAMES for p, m in marks.items()):
+    if not all(isinstance(p, str) and p.startswith("/") and isinstance(m, str) and m in _NONFINITE_NAMES for p, m in marks.items()):
         return value
     value = {k: v for k, v in value.items() if k != NONFINITE_KEY}
     for pointer, mark in marks.items():

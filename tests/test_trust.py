@@ -759,6 +759,10 @@ def test_json_is_written_strict_and_read_back_with_its_nans(tmp_path):
     back = read_json(tmp_path / "d.json")
     assert math.isnan(back["summary"][0]["harm"]["mean"]) and back["summary"][0]["harm"]["sd"] is None
     assert back["summary"][0]["x/y"][1] == math.inf and back["arr"][0] == -math.inf and NONFINITE_KEY not in back
+    for damaged in ({"/a": [1]}, {"/a/b/c": "NaN"}, {"/0": "NaN"}, [1], {"a": "Infinity"}, {"/a": "nan"}):
+        (tmp_path / "x.json").write_text(json.dumps({"a": None, NONFINITE_KEY: damaged}))
+        got = read_json(tmp_path / "x.json")  # a damaged key is left as it is, never a traceback
+        assert got["a"] is None
 
 
 def test_nan_is_shown_as_nan_and_undefined_as_a_dash():
