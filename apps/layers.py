@@ -553,7 +553,11 @@ def main() -> None:
     if mode == "Live":
         show_live(summary)
     elif mode == "Study":
-        show_study(st.sidebar.text_input("Results folder", os.environ.get("LAYERS_RESULTS_DIR", "results"), key="results_dir"))
+        # Live-only: the results folder is the server's, fixed like the runs folder (a browser must not point the app
+        # at any study.json on the machine).
+        show_study(st.sidebar.text_input("Results folder", os.environ.get("LAYERS_RESULTS_DIR", "results"), key="results_dir",
+                                         disabled=live_runs_only(),
+                                         help="Set the default with the environment variable LAYERS_RESULTS_DIR."))
     elif summary is None:
         st.title("Layer divergence")
         st.info(

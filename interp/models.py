@@ -119,6 +119,33 @@ def load_tokenizer(spec: str = EMBEDDED):
     return AutoTokenizer.from_pretrained(spec)
 
 
+# The context window of the built-in models (tokens): a generation budget must stay below it.
+_BUILTIN_WINDOW = {EMBEDDED: 8192, **{spec: 2048 for spec in TINY_SPECS}}
+
+
+def model_window(spec) -> int | None:
+    """The longest sequence a model spec takes (max_position_embeddings), read without loading it: known for the
+    built-in models, read from config.json for a model folder; None when it cannot be told (a hub id)."""
+    if not isinstance(spec, str):
+        return None
+    if spec in _BUILTIN_WINDOW:
+        return _BUILTIN_WINDOW[spec]
+    from interp.store import is_regular, read_json
+
+    config = Path(spec) / "config.json"
+    if not is_regular(config):
+        return None
+    try:
+        data = read_json(config, expect=dict)
+    except UserError:
+        return None
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = data.get(key)
+        if type(value) is int and value > 0:
+            return value
+    return None
+
+
 def tiny_random_llama(seed: int = 0, num_layers: int = 3, hidden: int = 64):
     """A seeded few-layer Llama sharing the embedded model's tokenizer, for fast tests."""
     return tiny_random("llama", seed=seed, num_layers=num_layers, hidden=hidden)
@@ -211,7 +238,10 @@ class LoadedModel:
         hub = is_hub_id(str(path))
         path = Path(path)
         name = peft_name(name or path.name)
-        if not hub:
+        source = path
+        if hub:
+            source = hub_adapter_folder(str(path))  # the safetensors files only, never a pickle
+        else:
             check_adapter(path, self)
         from peft import PeftModel
 
@@ -219,9 +249,9 @@ class LoadedModel:
 
         try:
             if self.peft is None:
-                self.peft = PeftModel.from_pretrained(self.model, str(path), adapter_name=name, is_trainable=False)
+                self.peft = PeftModel.from_pretrained(self.model, str(source), adapter_name=name, is_trainable=False)
             elif name not in self.adapters:
-                self.peft.load_adapter(str(path), adapter_name=name, is_trainable=False)
+                self.peft.load_adapter(str(source), adapter_name=name, is_trainable=False)
         except RuntimeError as err:  # shape mismatches surface here
             raise UserError(f"adapter {path} does not fit model '{self.spec}': {_mismatch(err)}") from err
         except (SafetensorError, OSError, ValueError, KeyError) as err:  # a damaged file, or a hub id that does not resolve
@@ -293,9 +323,8 @@ def check_adapter(path: Path, lm: "LoadedModel") -> None:
     from interp.store import read_json
 
     config = read_json(config_file, expect=dict)
-    weights = path / ADAPTER_WEIGHTS
-    if weights.exists():
-        check_safetensors(weights, "adapter weights")
+    check_adapter_config(config, config_file)
+    check_adapter_weights(path)
     identity = path / BASE_MODEL_FILE
     if identity.exists():
         saved = read_json(identity, expect=dict)
@@ -318,11 +347,70 @@ def check_adapter(path: Path, lm: "LoadedModel") -> None:
         )
 
 
+# Files peft (and torch) would unpickle: never loaded here, whatever the folder holds besides.
+PICKLED_WEIGHTS = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "pytorch_model.bin")
+
+
+def check_adapter_weights(path: Path) -> None:
+    """An adapter folder's weights are a whole safetensors file; a pickled adapter (adapter_model.bin, written by
+    torch.save) is refused, since unpickling a file can run code. peft reads the safetensors file first when both
+    are there, so with it present a .bin beside it is never opened."""
+    from interp.store import is_regular
+
+    weights = path / ADAPTER_WEIGHTS
+    if not is_regular(weights):
+        pickled = next((n for n in PICKLED_WEIGHTS if (path / n).exists()), None)
+        if pickled:
+            raise UserError(f"adapter {path} holds {pickled}, a pickle, and no {ADAPTER_WEIGHTS}: it is not loaded "
+                            "because unpickling a file can run code; save the adapter as safetensors (peft's default)")
+        if weights.exists():
+            raise UserError(f"adapter weights {weights} are not a regular file; train it again or copy it again")
+        raise UserError(f"adapter {path} has no {ADAPTER_WEIGHTS}; train it again or copy it again")
+    check_safetensors(weights, "adapter weights")
+
+
+def check_adapter_config(config: dict, where: Path) -> None:
+    """The numbers peft builds the LoRA layers from: a rank that is a positive integer, a finite alpha and dropout."""
+    import math
+
+    r, alpha, dropout = config.get("r", 8), config.get("lora_alpha", 8), config.get("lora_dropout", 0.0)
+    if type(r) is not int or not 1 <= r <= 1 << 16:
+        raise UserError(f"{where} is damaged: 'r' must be a positive integer (got {str(r)[:40]}); train the adapter again")
+    for key, value in (("lora_alpha", alpha), ("lora_dropout", dropout)):
+        if type(value) not in (int, float) or not math.isfinite(value):
+            raise UserError(f"{where} is damaged: '{key}' must be a finite number (got {str(value)[:40]}); train the adapter again")
+
+
+def hub_adapter_folder(adapter_id: str) -> Path:
+    """A hub adapter's local copy holding only its config and safetensors weights (a pickled adapter is refused
+    before peft could unpickle it)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(adapter_id, allow_patterns=["adapter_config.json", ADAPTER_WEIGHTS, BASE_MODEL_FILE]))
+    except Exception as err:  # noqa: BLE001 - offline, unknown id, network: one line either way
+        raise UserError(f"adapter '{adapter_id}' could not be fetched from the Hugging Face hub ({_first_line(err)})") from err
+    if not (folder / "adapter_config.json").exists():
+        raise UserError(f"adapter '{adapter_id}' on the hub has no adapter_config.json; it is not a peft adapter")
+    from interp.store import read_json
+
+    check_adapter_config(read_json(folder / "adapter_config.json", expect=dict), folder / "adapter_config.json")
+    if not (folder / ADAPTER_WEIGHTS).exists():
+        raise UserError(f"adapter '{adapter_id}' on the hub has no {ADAPTER_WEIGHTS}: a pickled adapter is not loaded "
+                        "because unpickling a file can run code")
+    check_adapter_weights(folder)
+    return folder
+
+
 def check_safetensors(path: Path, what: str = "weights") -> None:
     """A one-line UserError when a safetensors file is truncated or not a safetensors file at all (opening checks
     that the header's offsets cover the file exactly; nothing is read into memory)."""
     from safetensors import SafetensorError, safe_open
 
+    from interp.store import is_regular
+
+    if not is_regular(path):  # a FIFO would block the reader
+        raise UserError(f"{what} {path} is missing or not a regular file; train it again or copy it again")
     try:
         with safe_open(str(path), framework="pt") as f:
             f.keys()

@@ -19,13 +19,14 @@ import csv
 import functools
 import io
 import json
-import os
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from interp.errors import UserError
-from interp.store import (META_FILE, atomic_write_json, atomic_write_text, check_member_name, load_divergence, read_json,
+from interp.store import (META_FILE, NAME_PATTERN, NAME_RULE, atomic_write_json, atomic_write_text, check_member_name,
+                          dumps_strict, load_divergence, read_json, read_jsonl, read_text_file, restore_nonfinite,
                           update_json)
 
 RUN_FILE = "run.json"
@@ -45,6 +46,8 @@ EVAL_METRICS = ("acc_noctx", "acc_ctx", "harm", "help", "len_ratio", "ctx_drop",
 EVAL_TABLE = ("acc_noctx", "acc_ctx", "harm", "ctx_drop", "degenerate_ctx", "truncated_ctx", "len_ratio", "follow_cf", "drift")
 # Models that are not students: always listed first.
 REFERENCE_MODELS = ("base", "teacher")
+# Names a student cannot take: the reference models and the run folder's own members.
+RESERVED_NAMES = (*REFERENCE_MODELS, EVAL_DIR, LAYERS_DIR, "causal")
 
 
 def default_runs_dir() -> Path:
@@ -217,18 +220,10 @@ def load_metrics(path: str | os.PathLike, student: str) -> list[dict]:
     file = Path(path) / student / METRICS_FILE
     if not file.exists():
         return []
-    lines = file.read_text().splitlines()
-    out = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            if i == len(lines):
-                break
-            raise UserError(f"{file} is damaged at line {i} ({err.msg})") from err
-    return out
+    try:
+        return read_jsonl(file, partial_ok=True, allow_empty=True)
+    except UserError as err:
+        raise UserError(f"{err}; the training curve of '{student}' is damaged") from None
 
 
 def load_all_metrics(path: str | os.PathLike) -> dict[str, list[dict]]:
@@ -350,10 +345,11 @@ class RunInfo:
 
 
 def check_student_name(name: str) -> str:
-    """A student is a folder directly inside the run: no path separators, no dots (torch module names), not a
-    reference model's name."""
-    if not name or "/" in name or "\\" in name or "." in name or name in REFERENCE_MODELS or name in (EVAL_DIR, LAYERS_DIR):
-        raise UserError(f"'{name}' is not a valid student name: use letters, digits, '-' and '_' (not base or teacher)")
+    """A student is a folder directly inside the run: THE name rule (interp.store.check_name: no path, no dots, which
+    torch module names cannot hold), and not a reference model's or a run member's name."""
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or name in RESERVED_NAMES:
+        shown = repr(name[:64]) if isinstance(name, str) else type(name).__name__
+        raise UserError(f"{shown} is not a valid student name: use {NAME_RULE}, not one of {', '.join(RESERVED_NAMES)}")
     return name
 
 
@@ -462,15 +458,22 @@ class ExampleRow:
 
     @classmethod
     def from_json(cls, data: dict, where: str) -> "ExampleRow":
+        """A row read back, every field of its declared type (a verdict is true or false, never the string "no")."""
+        from interp.typed import check_fields
+
         if not isinstance(data, dict):
             raise UserError(f"{where}: expected a JSON object")
         known = {f.name for f in fields(cls)}
         try:
-            row = cls(**{k: v for k, v in data.items() if k in known})
+            row = cls(**check_fields(cls, {k: v for k, v in data.items() if k in known}, where))
         except TypeError as err:
             raise UserError(f"{where} is damaged ({err}); rerun `python -m training eval`") from err
-        for name in ("ids_noctx", "ids_ctx"):
+        except UserError as err:
+            raise UserError(f"{err}; rerun `python -m training eval`") from None
+        for name in ("ids_noctx", "ids_ctx", "ids_cf"):
             ids = getattr(row, name)
+            if name == "ids_cf" and ids is None:
+                continue
             if not isinstance(ids, list) or not all(isinstance(i, int) and i >= 0 for i in ids):
                 raise UserError(f"{where}: '{name}' must be a list of token ids (non-negative integers)")
         return row
@@ -482,7 +485,7 @@ CSV_FIELDS = [f.name for f in fields(ExampleRow) if not f.name.startswith("ids_"
 def write_examples(run_dir: str | os.PathLike, rows: list[ExampleRow]) -> None:
     """eval_examples.jsonl (with token ids) and eval_examples.csv (for people), each replaced in one rename."""
     run_dir = Path(run_dir)
-    atomic_write_text(run_dir / EXAMPLES_JSONL, "".join(json.dumps(asdict(r)) + "\n" for r in rows))
+    atomic_write_text(run_dir / EXAMPLES_JSONL, "".join(dumps_strict(asdict(r)) + "\n" for r in rows))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
     writer.writeheader()
@@ -493,20 +496,21 @@ def write_examples(run_dir: str | os.PathLike, rows: list[ExampleRow]) -> None:
 def read_examples(run_dir: str | os.PathLike) -> list[ExampleRow] | None:
     """Every ExampleRow of a run's evaluation (None before the run is evaluated)."""
     file = Path(run_dir) / EXAMPLES_JSONL
-    if not file.exists():
+    if not file.exists() and not file.is_symlink():
         return None
     try:
-        lines = file.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as err:
-        raise UserError(f"{file} is damaged (not UTF-8); rerun `python -m training eval`") from err
+        text = read_text_file(file, "JSONL file")
+    except UserError as err:
+        raise UserError(f"{err}; rerun `python -m training eval`") from None
     rows = []
-    for i, line in enumerate(lines, 1):
+    for i, line in enumerate(text.split("\n"), 1):  # "\n" only: JSON strings may hold U+2028 raw
         if not line.strip():
             continue
         try:
-            data = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{file}, line {i}: not valid JSON ({err.msg}); rerun `python -m training eval`") from None
+            data = restore_nonfinite(json.loads(line))
+        except (ValueError, RecursionError) as err:
+            detail = err.msg if isinstance(err, json.JSONDecodeError) else "nested too deeply or too large"
+            raise UserError(f"{file}, line {i}: not valid JSON ({detail}); rerun `python -m training eval`") from None
         rows.append(ExampleRow.from_json(data, f"{file}, line {i}"))
     return rows
 
@@ -541,6 +545,8 @@ def read_model_eval(run_dir: str | os.PathLike, model: str) -> ModelEval | None:
     data = read_json(path)
     if not isinstance(data, dict) or not all(k in data for k in ("settings", "scores", "intervals", "rows")):
         raise UserError(f"{path} is damaged; delete it and rerun `python -m training eval`")
+    if not isinstance(data["rows"], list) or not isinstance(data["settings"], dict) or not isinstance(data["scores"], dict):
+        raise UserError(f"{path} is damaged; delete it and rerun `python -m training eval`")
     rows = [ExampleRow.from_json(r, f"{path}, row {i}") for i, r in enumerate(data["rows"])]
     return ModelEval(model, data["settings"], data["scores"], data["intervals"], rows)
 
@@ -556,11 +562,17 @@ def is_study(path: str | os.PathLike) -> bool:
 
 
 def read_study(path: str | os.PathLike) -> dict:
-    """study.json of a results folder: cells, references, the per-suite summary over seeds and paired tests."""
+    """study.json of a results folder: cells, references, the per-suite summary over seeds and paired tests. Every
+    summary row is checked (names are text, each statistic a number or null), so that a reader never formats a
+    string as a number."""
     file = Path(path) / STUDY_FILE
     data = read_json(file)
     if not isinstance(data, dict) or not isinstance(data.get("summary"), list) or not isinstance(data.get("cells"), list):
         raise UserError(f"{file} is damaged: expected an object with 'summary' and 'cells' lists; rerun the study to rewrite it")
+    for i, row in enumerate(data["summary"]):
+        problem = _summary_problem(row)
+        if problem:
+            raise UserError(f"{file} is damaged: summary[{i}] {problem}; rerun the study to rewrite it")
     return data
 
 
@@ -638,14 +650,48 @@ def study_setting_rows(data: dict, budget: int | None = None) -> list[dict]:
     return rows
 
 
+def _number(x) -> bool:
+    return x is None or (type(x) in (int, float))
+
+
+def _summary_problem(row) -> str | None:
+    if not isinstance(row, dict):
+        return "is not an object"
+    for key in ("suite", "student"):
+        if not isinstance(row.get(key), str):
+            return f"has no text '{key}'"
+    if not _number(row.get("lam")):
+        return "has a 'lam' that is not a number"
+    if not isinstance(row.get("seeds", []), list):
+        return "has 'seeds' that is not a list"
+    for key, stat in row.items():
+        if isinstance(stat, dict) and ("mean" in stat or "sd" in stat):
+            if not _number(stat.get("mean")) or not _number(stat.get("sd")):
+                return f"has a '{key}' whose mean or sd is not a number"
+    return None
+
+
+def format_stat(m, sd=None) -> str:
+    """'0.19 ± 0.06' (sd None: just the mean); a statistic no example defines (null) is '–', one that is not a
+    number (NaN, written as null with its reason) is 'NaN'."""
+    if m is None:
+        return "–"
+    if isinstance(m, float) and not math.isfinite(m):
+        return "NaN" if math.isnan(m) else ("∞" if m > 0 else "−∞")
+    if sd is None:
+        return f"{m:.2f}"
+    if isinstance(sd, float) and not math.isfinite(sd):
+        return f"{m:.2f} ± NaN" if math.isnan(sd) else f"{m:.2f} ± ∞"
+    return f"{m:.2f} ± {sd:.2f}"
+
+
 def study_rows(data: dict, columns=STUDY_COLUMNS) -> list[dict]:
     """One row per suite and student: 'mean ± sd' over seeds (just the mean with one seed), and the seeds."""
     rows = []
     for r in data.get("summary", []):
         row = {"suite": r.get("suite"), "student": r.get("student"), "λ": r.get("lam"), "seeds": len(r.get("seeds", []))}
         for c in columns:
-            cell = r.get(c) or {}
-            m, sd = cell.get("mean"), cell.get("sd")
-            row[c] = "–" if m is None else (f"{m:.2f} ± {sd:.2f}" if sd is not None else f"{m:.2f}")
+            cell = r.get(c) if isinstance(r.get(c), dict) else {}
+            row[c] = format_stat(cell.get("mean"), cell.get("sd"))
         rows.append(row)
     return rows

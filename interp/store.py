@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -46,7 +49,85 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+    """Strict JSON (json.org's: no bare NaN or Infinity): see dumps_strict."""
+    atomic_write_text(path, dumps_strict(obj, indent=2) + "\n")
+
+
+# --- strict JSON: what any JSON reader accepts ---------------------------------------------------------------------
+
+# Top-level key of a JSON object that lists its non-finite numbers: each was written as null, and this key says why
+# (a JSON pointer to it -> "NaN", "Infinity" or "-Infinity"), so that "not a number" and "undefined" (a plain null)
+# stay apart. read_json puts the numbers back.
+NONFINITE_KEY = "nonfinite"
+_NONFINITE_NAMES = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def _nonfinite_name(x: float) -> str:
+    return "NaN" if math.isnan(x) else ("Infinity" if x > 0 else "-Infinity")
+
+
+def _finite_tree(obj, pointer: str, found: dict):
+    """A copy of `obj` that json.dumps(allow_nan=False) accepts: numpy values made plain, non-finite floats made None
+    (their JSON pointers and kinds recorded in `found`)."""
+    if isinstance(obj, np.ndarray):
+        obj = obj.tolist()
+    elif isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float):
+        if math.isfinite(obj):
+            return obj
+        found[pointer or "/"] = _nonfinite_name(obj)
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite_tree(v, f"{pointer}/{_escape(str(k))}", found) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_tree(v, f"{pointer}/{i}", found) for i, v in enumerate(obj)]
+    return obj
+
+
+def _escape(key: str) -> str:
+    return key.replace("~", "~0").replace("/", "~1")
+
+
+def strict_tree(obj):
+    """`obj` ready for strict JSON: non-finite floats become null, and a top-level object gains NONFINITE_KEY that
+    names each of them (JSON pointer -> "NaN" / "Infinity" / "-Infinity")."""
+    found: dict[str, str] = {}
+    plain = _finite_tree(obj, "", found)
+    if found and isinstance(plain, dict):
+        plain = {**plain, NONFINITE_KEY: found}
+    return plain
+
+
+def dumps_strict(obj, **kw) -> str:
+    """json.dumps that never writes bare NaN or Infinity (which strict readers such as JavaScript's JSON.parse
+    reject): those are written as null and named under NONFINITE_KEY (see strict_tree)."""
+    return json.dumps(strict_tree(obj), allow_nan=False, default=_json_default, **kw)
+
+
+def restore_nonfinite(value):
+    """The inverse of strict_tree on what json.loads returned: the nulls named under NONFINITE_KEY become NaN or
+    ±Infinity again and the key is dropped. Anything that does not fit (a damaged key) is left as it is."""
+    if not isinstance(value, dict) or not isinstance(value.get(NONFINITE_KEY), dict):
+        return value
+    marks = value[NONFINITE_KEY]
+    if not all(isinstance(p, str) and p.startswith("/") and isinstance(m, str) and m in _NONFINITE_NAMES for p, m in marks.items()):
+        return value
+    value = {k: v for k, v in value.items() if k != NONFINITE_KEY}
+    for pointer, mark in marks.items():
+        parts = [p.replace("~1", "/").replace("~0", "~") for p in pointer.split("/")[1:]]
+        node = value
+        try:
+            for part in parts[:-1]:
+                node = node[int(part)] if isinstance(node, list) else node[part]
+            last = parts[-1]
+            if isinstance(node, list) and node[int(last)] is None:
+                node[int(last)] = _NONFINITE_NAMES[mark]
+            elif isinstance(node, dict) and node.get(last, 0) is None:
+                node[last] = _NONFINITE_NAMES[mark]
+        except (KeyError, IndexError, ValueError, TypeError):
+            continue
+    return value
 
 
 def _json_default(obj):
@@ -109,7 +190,10 @@ def folder_lock(path: str | os.PathLike, *, hint: str = "wait for it to finish o
             with _HELD_GUARD:
                 _HELD[key][1] -= 1
         return
-    created = _make_parents(lock.parent)
+    try:
+        created = _make_parents(lock.parent)
+    except OSError as err:  # a part of the path is a file, or the place is read-only
+        raise UserError(f"{path} cannot be created ({err.strerror or err}); choose another folder") from None
     try:
         fd = _acquire(lock, Path(path), hint)
     except BaseException:
@@ -155,7 +239,12 @@ def _acquire(lock: Path, path: Path, hint: str) -> int:
     if fcntl is None:
         return _acquire_exclusive(lock, path, hint)
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except NotADirectoryError:
+            raise UserError(f"{path} cannot be created: a part of {path.parent} is a file, not a folder") from None
+        except OSError as err:
+            raise UserError(f"{path} cannot be written ({err.strerror or err}); choose another folder") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -286,7 +375,71 @@ def check_out(path: str | os.PathLike, overwrite: bool = False, option: str = "-
     return path
 
 
+# --- names: identifiers, never paths --------------------------------------------------------------------------------
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+NAME_RULE = "1 to 64 letters, digits, '-' or '_', the first a letter or digit"
+
+
+def check_name(name, what: str = "name", where: str | os.PathLike | None = None) -> str:
+    """THE name rule for what becomes a folder: a study, a student, a suite's run folder, a run. A name is an
+    identifier, not a path (no '/', '..', NUL, spaces, leading dot or dash, at most 64 characters), so `parent / name`
+    is always a folder directly inside `parent`. Returns the name; otherwise a one-line UserError."""
+    if isinstance(name, str) and NAME_PATTERN.fullmatch(name):
+        return name
+    source = f"{where}: " if where else ""
+    raise UserError(f"{source}{what} {shown_name(name)} is not a name: use {NAME_RULE} (a name, not a path)")
+
+
+def shown_name(name) -> str:
+    """A would-be name in an error message: quoted, cut short (with its length) when long, or its type."""
+    if not isinstance(name, str):
+        return f"of type {type(name).__name__}"
+    return repr(name if len(name) <= 40 else name[:40] + "…") + (f" ({len(name)} characters)" if len(name) > 64 else "")
+
+
 # --- reading --------------------------------------------------------------------------------------------------------
+
+
+def read_regular(path: str | os.PathLike, what: str = "file") -> bytes:
+    """The bytes of a regular file. A FIFO, socket or device is refused without blocking (it is opened with
+    O_NONBLOCK and checked with fstat before any read), so that no reader hangs on a planted `mkfifo run.json`."""
+    path = Path(path)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist") from None
+    except IsADirectoryError:
+        raise UserError(f"{path} is a folder, not a {what}") from None
+    except OSError as err:
+        raise UserError(f"cannot read {path} ({err.strerror or err})") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise UserError(f"{path} is a folder, not a {what}")
+        if not stat.S_ISREG(mode):
+            raise UserError(f"{path} is not a regular file (a pipe, socket or device); pass a {what}")
+        chunks: list[bytes] = []
+        while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+    except OSError as err:
+        raise UserError(f"cannot read {path} ({err.strerror or err})") from None
+    finally:
+        os.close(fd)
+
+
+def is_regular(path: str | os.PathLike) -> bool:
+    """Whether `path` is a regular file (following links), without opening it: for readers that open the file
+    themselves (safetensors, tokenizers) and would block on a FIFO."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
+
 
 
 def check_member_name(name, where: str | os.PathLike | None = None) -> str:
@@ -311,8 +464,9 @@ def read_json(path: str | os.PathLike, expect: type | None = None):
         raise UserError(f"{path} is missing")
     if path.is_dir():
         raise UserError(f"{path} is a folder, not a JSON file")
+    data = read_regular(path, "JSON file")
     try:
-        value = json.loads(path.read_bytes().decode("utf-8-sig"))
+        value = restore_nonfinite(json.loads(data.decode("utf-8-sig")))
     except UnicodeDecodeError as err:
         raise UserError(f"{path} is damaged (not UTF-8 text at byte {err.start}); rerun the command that wrote it") from err
     except (ValueError, RecursionError) as err:
@@ -338,10 +492,7 @@ def read_text_file(path: str | os.PathLike, what: str = "file") -> str:
         raise UserError(f"{path} is a folder, not a {what}; pass the file itself")
     if not path.is_file():
         raise UserError(f"{path} does not exist" if not path.exists() else f"{path} is not a regular file; pass a {what}")
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise UserError(f"cannot read {path} ({err.strerror or err})") from err
+    data = read_regular(path, what)
     if b"\x00" in data:
         raise UserError(f"{path} is binary (it holds NUL bytes), not a {what} of UTF-8 text")
     try:
@@ -378,6 +529,7 @@ def read_jsonl(path: str | os.PathLike, required: tuple[str, ...] = (), check=No
             raise UserError(f"{path}, line {i}: not valid JSON ({detail})") from None
         if not isinstance(record, dict):
             raise UserError(f"{path}, line {i}: expected a JSON object with {', '.join(required) or 'fields'}")
+        record = restore_nonfinite(record)
         for key in required:
             if not isinstance(record.get(key), str) or not record[key].strip():
                 raise UserError(f"{path}, line {i}: missing or empty field '{key}'")
@@ -426,6 +578,8 @@ def load_divergence(folder: str | os.PathLike) -> LayerDivergence:
     arrays_path = folder / ARRAYS_FILE
     if not arrays_path.exists():
         raise UserError(f"{arrays_path} is missing; rerun `python -m interp analyze`")
+    if not is_regular(arrays_path):  # a FIFO would block the reader
+        raise UserError(f"{arrays_path} is not a regular file; rerun `python -m interp analyze`")
     try:
         arrays = load_file(str(arrays_path))
     except (SafetensorError, OSError, ValueError) as err:

@@ -93,6 +93,11 @@ def pair(**kw):
         raise UserError(f"pair needs --lam > 0 for the regularized student (got {kw['lam']}); use `train --lam 0` for one student")
     reg = config_from(kw, out=str(out / "reg"))
     unreg = replace(reg, out=str(out / "unreg"), lam=0.0, lam_warmup=0, lam_ramp=None)
+    from interp.models import model_window
+
+    window = model_window(reg.model)
+    if window is not None and kw["eval_new_tokens"] >= window:  # found before training, not after
+        raise UserError(f"--eval-new-tokens {kw['eval_new_tokens']} does not fit the model's window of {window} tokens; use fewer")
     for cfg in (unreg, reg):  # fail on a bad flag or an existing folder before the first student spends minutes
         cfg.check()
         prepare_out(cfg, resume=False, overwrite=kw["overwrite"])
@@ -151,12 +156,23 @@ def _state():
     return PartialState(cpu=not torch.cuda.is_available())
 
 
+def _check_window(run: Path, max_new_tokens: int) -> None:
+    """The answer budget fits the run's model (read from run.json without loading the model)."""
+    from interp.models import model_window
+    from interp.runs import is_run, read_run
+
+    window = model_window(read_run(run).model) if is_run(run) else None
+    if window is not None and max_new_tokens >= window:
+        raise UserError(f"--max-new-tokens {max_new_tokens} does not fit the model's window of {window} tokens; use fewer")
+
+
 def _evaluate(run: Path, settings, batch_size: int, layers: bool) -> None:
     from training.evaluate import evaluate_run
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1 (got {batch_size})")
     settings.check()
+    _check_window(run, settings.max_new_tokens)
     state = _state()
     if state.is_main_process:  # greedy evaluation is cheap next to training: one process does it
         result = evaluate_run(run, settings=settings, batch_size=batch_size, layers=layers)

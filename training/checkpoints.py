@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from interp.errors import UserError
-from interp.store import atomic_dir, atomic_write_text, read_json, read_jsonl
+from interp.store import atomic_dir, atomic_write_text, dumps_strict, read_json, read_jsonl
 
 CHECKPOINTS_DIR = "checkpoints"
 WEIGHTS_FILE = "adapter.safetensors"
@@ -305,7 +305,7 @@ def truncate_metrics(path: Path, step: int) -> None:
         return
     rows = read_jsonl(path, partial_ok=True, allow_empty=True)
     keep = [r for r in rows if isinstance(r.get("step"), int) and r["step"] <= step]
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+    atomic_write_text(path, "".join(dumps_strict(r) + "\n" for r in keep))
 
 
 def adapter_is_current(model, out: str | os.PathLike) -> bool:

@@ -11,8 +11,10 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from interp.errors import UserError
-from interp.models import EMBEDDED
+from interp.models import EMBEDDED, model_window
 from interp.pairs import NO_CONTEXT, PLACEMENTS
+from interp.runs import RESERVED_NAMES
+from interp.store import NAME_PATTERN, NAME_RULE
 
 TEACHERS = ("base", "live")
 ANCHORS = ("student", "ema", "teacher")
@@ -23,6 +25,8 @@ DTYPES = ("auto", "fp32", "bf16", "fp16")  # what interp.models.resolve_dtype ac
 # the loss chunk size (it changes memory and speed, not the losses: tests/test_losses_chunked.py checks chunked
 # against whole-sequence losses).
 RESUMABLE = ("out", "steps", "checkpoint_every", "report_to", "chunk")
+# Seeds seed numpy as well as torch: numpy takes 0 .. 2**32 - 1.
+MAX_SEED = 2**32 - 1
 
 
 def opt(default, help: str, **meta):
@@ -84,13 +88,11 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, data: dict, source: str = "the settings") -> "TrainConfig":
+        from interp.typed import check_fields
+
         if not isinstance(data, dict):
             raise UserError(f"{source} is not a JSON object of settings")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise UserError(f"{source} has unknown setting '{unknown[0]}'; known: {', '.join(sorted(known))}")
-        return cls(**data)
+        return cls(**check_fields(cls, data, source))
 
     def check(self) -> "TrainConfig":
         """Every bad setting is a one-line UserError saying what to pass instead; returns self."""
@@ -98,7 +100,10 @@ class TrainConfig:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise UserError(f"--{flag(f.name)} must be a finite number (got {value})")
+        student = Path(self.out).name
+        window = model_window(self.model)
         checks = [
+            (0 <= self.seed <= MAX_SEED, f"--seed must be in 0..{MAX_SEED} (got {self.seed})"),
             (self.steps >= 1, f"--steps must be at least 1 (got {self.steps})"),
             (self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})"),
             (self.grad_accum >= 1, f"--grad-accum must be at least 1 (got {self.grad_accum})"),
@@ -114,6 +119,8 @@ class TrainConfig:
             (0 <= self.lora_dropout < 1, f"--lora-dropout must be in [0, 1) (got {self.lora_dropout})"),
             (self.dtype in DTYPES, f"unknown --dtype '{self.dtype}'; use one of {', '.join(DTYPES)}"),
             (self.max_new_tokens >= 1, f"--max-new-tokens must be at least 1 (got {self.max_new_tokens})"),
+            (window is None or self.max_new_tokens < window,
+             f"--max-new-tokens {self.max_new_tokens} does not fit the model's window of {window} tokens; use fewer"),
             (self.temperature >= 0, f"--temperature must be ≥ 0 (got {self.temperature}); 0 samples greedily"),
             (self.rollouts in ROLLOUTS, f"unknown --rollouts '{self.rollouts}'; use one of {', '.join(ROLLOUTS)}"),
             (0 <= self.guided_share <= 1, f"--guided-share must be in [0, 1] (got {self.guided_share})"),
@@ -131,8 +138,10 @@ class TrainConfig:
             (self.placement is None or self.placement in PLACEMENTS, f"unknown placement '{self.placement}'; use one of {', '.join(PLACEMENTS)}"),
             (self.report_to in (None, "tensorboard", "wandb", "trackio"), f"unknown --report-to '{self.report_to}'; use tensorboard, wandb or trackio"),
             # The folder name becomes the adapter's name when the run is evaluated, and torch module names cannot hold a dot.
-            ("." not in Path(self.out).name and Path(self.out).name not in ("", "base", "teacher"),
-             f"the student folder name '{Path(self.out).name}' cannot be used: pick a name without dots that is not base or teacher (e.g. reg_lam01)"),
+            # The same name rule as every folder a study makes (interp.store.check_name).
+            (NAME_PATTERN.fullmatch(student) is not None and student not in RESERVED_NAMES,
+             f"the student folder name {student[:64]!r} cannot be used: pick {NAME_RULE}, not one of "
+             f"{', '.join(RESERVED_NAMES)} (e.g. reg_lam01)"),
         ]
         for ok, message in checks:
             if not ok:

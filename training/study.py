@@ -21,10 +21,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from interp.errors import UserError
+from interp.models import model_window
 from interp.runs import ADAPTER_WEIGHTS, STUDY_ROWS_FILE, TRAIN_CONFIG_FILE, read_model_eval, write_study_rows
-from interp.store import atomic_write_json, atomic_write_text, read_json
+from interp.store import (NAME_PATTERN, NAME_RULE, atomic_write_json, atomic_write_text, check_name, check_out, folder_lock,
+                          is_regular, read_json, read_text_file, shown_name)
+from interp.typed import check_fields, check_value, field_types
 from training import stats
-from training.config import TrainConfig, defaults
+from training.config import MAX_SEED, TrainConfig, defaults
 from training.evaluate import EvalSettings, evaluate_run
 from training.study_results import COMPARED, HEALTH_MARGIN, compare, holm_family, measure_model, measure_setting
 from training.tasks import SUITES, load_task
@@ -169,108 +172,201 @@ class Cell:
 
 
 def _safe(name: str) -> str:
-    return Path(name).stem if name.endswith(".jsonl") else name
+    """The run folder of a suite: a built-in suite's name, or a .jsonl file's stem; always a name (check_name)."""
+    return check_name(Path(name).stem if name.endswith(".jsonl") else name, "suite")
 
 
 def _fail(path: Path, message: str):
     raise UserError(f"{path}: {message}")
 
 
-def load_study(path: str | os.PathLike, runs_dir: str | None = None, results_dir: str | None = None) -> Study:
-    """Read and check a study file: every mistake is a one-line error naming the file and the key, before any
-    training starts. Every cell's settings are validated as a TrainConfig."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"study file {path} does not exist; see studies/smoke.toml for an example")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        _fail(path, "not a UTF-8 text file")
-    except tomllib.TOMLDecodeError as err:
-        _fail(path, f"not valid TOML ({err})")
+# No list in a study file is longer: a study of more cells than this would not finish, and checking a million
+# duplicate seeds one by one took minutes.
+MAX_ENTRIES = 1000
+MAX_CELLS = 10_000
+
+
+def _unique(values: list, key: str, fold=lambda v: v) -> None:
+    """Lists hold unique values: a seed or suite listed twice would run once and be counted twice."""
+    seen: dict = {}
+    for v in values:
+        k = fold(v)
+        if k in seen:
+            raise UserError(f"'{key}' lists {v!r} twice" + (f" (as {seen[k]!r} and {v!r})" if seen[k] != v else "")
+                            + "; list each once")
+        seen[k] = v
+
+
+def _list(data: dict, key: str, item_type, *, required: bool = True):
+    value = check_value(data[key], list[item_type], key)
+    if required and not value:
+        raise UserError(f"'{key}' must be a non-empty list")
+    if len(value) > MAX_ENTRIES:
+        raise UserError(f"'{key}' has {len(value)} entries, more than {MAX_ENTRIES}; split the study")
+    return value
+
+
+def _suite_keys(suites: list[str]) -> list[str]:
+    """Each suite's run-folder key, checked: a .jsonl suite is a regular file whose stem is a name that neither a
+    built-in suite nor another .jsonl suite has (case-insensitively, for case-insensitive file systems). Two suites
+    with one key would share run folders: the second would never train and would report the first's numbers."""
+    keys = []
+    for suite in suites:
+        if suite in SUITES:
+            keys.append(suite)
+            continue
+        if not suite.endswith(".jsonl") or not is_regular(suite):
+            raise UserError(f"suites: unknown suite '{suite[:200]}'; use one of {', '.join(SUITES)} or a .jsonl file")
+        try:
+            keys.append(_safe(suite))
+        except UserError as err:
+            raise UserError(f"suites: {err}; its run folders are named after the file's stem, so rename the file") from None
+    seen: dict[str, str] = {name.lower(): name for name in SUITES if name not in suites}
+    for suite, key in zip(suites, keys):
+        other = seen.get(key.lower())
+        if other is not None and other != suite:
+            raise UserError(f"suites: '{suite}' and '{other}' would share the run folder '{key}'; rename one of the files")
+        seen[key.lower()] = suite
+    return keys
+
+
+def _student_name(entry: dict, where: str) -> str:
+    from interp.runs import RESERVED_NAMES
+
+    name = entry.get("name")
+    if name is None:
+        raise UserError(f"{where} has no name")
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or name in RESERVED_NAMES:
+        raise UserError(f"{where}: the student name {shown_name(name)} cannot be used: use {NAME_RULE} (a name, not a path), "
+                        f"not one of {', '.join(RESERVED_NAMES)}")
+    return name
+
+
+def _parse(data: dict, runs_dir: str | os.PathLike | None, results_dir: str | os.PathLike | None, source: str) -> Study:
+    """The study file's tables, every value checked against the type of the TrainConfig / EvalSettings field it
+    sets (interp.typed), before any training starts."""
     unknown = [k for k in data if k not in STUDY_KEYS]
     if unknown:
-        _fail(path, f"unknown key '{unknown[0]}'; a study has {', '.join(STUDY_KEYS)}")
+        raise UserError(f"unknown key '{str(unknown[0])[:64]}'; a study has {', '.join(STUDY_KEYS)}")
     for key in ("name", "suites", "seeds", "steps", "students"):
         if key not in data:
-            _fail(path, f"missing key '{key}'")
-    name = data["name"]
-    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
-        _fail(path, "'name' must be a folder name (letters, digits, '-', '_')")
-    suites = data["suites"]
-    if not isinstance(suites, list) or not suites or not all(isinstance(x, str) for x in suites):
-        _fail(path, "'suites' must be a non-empty list of suite names")
-    for suite in suites:
-        if suite not in SUITES and not (suite.endswith(".jsonl") and Path(suite).is_file()):
-            _fail(path, f"suites: unknown suite '{suite}'; use one of {', '.join(SUITES)} or a .jsonl file")
-    seeds = data["seeds"]
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds):
-        _fail(path, "'seeds' must be a non-empty list of integers")
-    steps = data["steps"]
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        _fail(path, "'steps' must be a positive integer")
-    model = data.get("model", defaults()["model"])
-    if not isinstance(model, str):
-        _fail(path, "'model' must be a model spec")
-    train = data.get("train", {})
-    if not isinstance(train, dict):
-        _fail(path, "'train' must be a table of training settings")
-    known = set(defaults()) - set(GRID_SETTINGS)
-    for key in train:
-        if key not in known:
-            _fail(path, f"train: unknown setting '{key}'; known: {', '.join(sorted(known))}")
-    ev = data.get("eval", {})
-    if not isinstance(ev, dict):
-        _fail(path, "'eval' must be a table of evaluation settings")
-    for key in ev:
-        if key not in EVAL_KEYS:
-            _fail(path, f"eval: unknown setting '{key}'; known: {', '.join(EVAL_KEYS)}")
-    n_test = ev.get("n_test", 40)
+            raise UserError(f"missing key '{key}'")
+    types = field_types(TrainConfig)
+    name = check_name(data["name"], "'name'")
+    suites = _list(data, "suites", str)
+    _unique(suites, "suites")
+    _suite_keys(suites)
+    seeds = _list(data, "seeds", types["seed"])
+    _unique(seeds, "seeds")
+    steps = check_value(data["steps"], types["steps"], "steps")
+    model = check_value(data.get("model", defaults()["model"]), types["model"], "model")
+    if not model.strip():
+        raise UserError("'model' must be a model spec, e.g. tiny-random-llama")
+    train = check_fields(TrainConfig, data.get("train", {}), "train", exclude=GRID_SETTINGS)
+    ev = check_fields(EvalSettings, data.get("eval", {}), "eval", extra={"n_test": types["n_test"]})
+    n_test = ev.pop("n_test", 40)
     try:
-        eval_settings = EvalSettings(**{k: v for k, v in ev.items() if k != "n_test"}).check()
+        eval_settings = EvalSettings(**ev).check()
     except (TypeError, UserError) as err:
-        _fail(path, f"eval: {err}")
+        raise UserError(f"eval: {err}") from None
+    window = model_window(model)
+    if window is not None and eval_settings.max_new_tokens >= window:
+        raise UserError(f"eval: max_new_tokens {eval_settings.max_new_tokens} does not fit the model's window of "
+                        f"{window} tokens; use fewer")
     raw = data["students"]
     if not isinstance(raw, list) or not raw:
-        _fail(path, "'students' must be a list of [[students]] tables")
+        raise UserError("'students' must be a list of [[students]] tables")
+    if len(raw) > MAX_ENTRIES:
+        raise UserError(f"'students' has {len(raw)} entries, more than {MAX_ENTRIES}; split the study")
     students = []
     for i, entry in enumerate(raw):
         where = f"students[{i}]"
         if not isinstance(entry, dict):
-            _fail(path, f"{where} must be a table")
-        if not isinstance(entry.get("name"), str) or not entry["name"]:
-            _fail(path, f"{where} has no name")
-        for key in entry:
-            if key not in STUDENT_ONLY and key not in known:
-                _fail(path, f"{where} ({entry['name']}): unknown setting '{key}'")
+            raise UserError(f"{where} must be a table")
+        s_name = _student_name(entry, where)
+        where = f"{where} ({s_name})"
+        settings = check_fields(TrainConfig, {k: v for k, v in entry.items() if k not in STUDENT_ONLY}, where,
+                                exclude=GRID_SETTINGS)
         s_seeds = entry.get("seeds")
-        if s_seeds is not None and (not isinstance(s_seeds, list) or not set(s_seeds) <= set(seeds)):
-            _fail(path, f"{where} ({entry['name']}): 'seeds' must be a subset of the study's seeds {seeds}")
-        students.append(Student(entry["name"], {k: v for k, v in entry.items() if k not in STUDENT_ONLY}, s_seeds))
+        if s_seeds is not None:
+            try:
+                s_seeds = _list(entry, "seeds", types["seed"])
+                _unique(s_seeds, "seeds")
+            except UserError as err:
+                raise UserError(f"{where}: {err}") from None
+            if not set(s_seeds) <= set(seeds):
+                raise UserError(f"{where}: 'seeds' must be a subset of the study's seeds {seeds[:20]}")
+        students.append(Student(s_name, settings, s_seeds))
     names = [s.name for s in students]
-    dup = next((n for n in names if names.count(n) > 1), None)
+    folded = [n.lower() for n in names]  # one folder on a case-insensitive file system
+    dup = next((n for n, f in zip(names, folded) if folded.count(f) > 1), None)
     if dup:
-        _fail(path, f"two students are named '{dup}'")
+        other = next(n for n, f in zip(names, folded) if f == dup.lower() and n != dup) if names.count(dup) == 1 else dup
+        raise UserError(f"two students are named '{dup}'" + (f" and '{other}' (one folder where case is ignored)" if other != dup else ""))
+    in_file = {k: check_value(data.get(k, k.removesuffix("_dir")), str, k) for k in ("runs_dir", "results_dir")}
+    given = {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in (("runs_dir", runs_dir), ("results_dir", results_dir))}
+    where_runs = check_value(given["runs_dir"] if runs_dir is not None else in_file["runs_dir"], str, "--runs-dir")
+    where_results = check_value(given["results_dir"] if results_dir is not None else in_file["results_dir"], str, "--results-dir")
+    if not where_runs.strip() or not where_results.strip():
+        raise UserError("'runs_dir' and 'results_dir' must be folder paths")
     margin = data.get("health_margin", HEALTH_MARGIN)
     if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not (0 <= margin < 1):
-        _fail(path, f"'health_margin' must be a number in [0, 1) (got {margin!r})")
+        raise UserError(f"'health_margin' must be a number in [0, 1) (got {shown_name(margin)})")
     longer = data.get("allow_longer_eval", False)
     if not isinstance(longer, bool):
-        _fail(path, f"'allow_longer_eval' must be true or false (got {longer!r})")
+        raise UserError(f"'allow_longer_eval' must be true or false (got {shown_name(longer)})")
     study = Study(name=name, model=model, suites=suites, seeds=seeds, steps=steps, train=train, eval=eval_settings,
-                  n_test=n_test, students=students,
-                  runs_dir=Path(runs_dir or data.get("runs_dir", "runs")), results_dir=Path(results_dir or data.get("results_dir", "results")),
-                  source=str(path), health_margin=float(margin), allow_longer_eval=longer)
-    for cell in study.cells():  # every cell valid before the first one trains
+                  n_test=n_test, students=students, runs_dir=Path(where_runs), results_dir=Path(where_results), source=source,
+                  health_margin=float(margin), allow_longer_eval=longer)
+    bad_seed = next((x for x in seeds if not 0 <= x <= MAX_SEED), None)
+    if bad_seed is not None:
+        raise UserError(f"seeds: {bad_seed} is out of range; seeds are 0..{MAX_SEED}")
+    n_cells = len(suites) * len(seeds) * len(students)
+    if n_cells > MAX_CELLS:
+        raise UserError(f"{n_cells} cells (suites × seeds × students) are more than {MAX_CELLS}; split the study")
+    # Every cell valid before the first one trains; cells differ across seeds only by the seed, checked above.
+    checked: set = set()
+    for cell in study.cells():
+        if (cell.suite, cell.student.name) in checked:
+            continue
+        checked.add((cell.suite, cell.student.name))
         try:
             cfg = cell.config().check()
         except (TypeError, UserError) as err:
-            _fail(path, f"{cell.label()}: {err}")
+            raise UserError(f"{cell.label()}: {err}") from None
         if cfg.max_new_tokens < eval_settings.max_new_tokens and not longer:
-            _fail(path, f"{cell.label()}: rollouts of {cfg.max_new_tokens} tokens but answers judged at "
-                        f"{eval_settings.max_new_tokens}: the tokens past the rollout budget are never trained; raise "
-                        f"[train] max_new_tokens to at least {eval_settings.max_new_tokens}, or set allow_longer_eval = true")
+            raise UserError(f"{cell.label()}: rollouts of {cfg.max_new_tokens} tokens but answers judged at "
+                            f"{eval_settings.max_new_tokens}: the tokens past the rollout budget are never trained; raise "
+                            f"[train] max_new_tokens to at least {eval_settings.max_new_tokens}, or set allow_longer_eval = true")
+    for cell in study.cells():  # no cell's folder leaves the runs folder, whatever the names say
+        if not Path(os.path.abspath(cell.out)).is_relative_to(os.path.abspath(study.runs_dir)):
+            raise UserError(f"{cell.label()}: its folder {cell.out} is outside the runs folder {study.runs_dir}")
     return study
+
+
+def load_study(path: str | os.PathLike, runs_dir: str | os.PathLike | None = None,
+               results_dir: str | os.PathLike | None = None) -> Study:
+    """Read and check a study file: every mistake is a one-line error naming the file and the key, before any
+    training starts. Every value is checked against the type of the TrainConfig / EvalSettings field it sets, every
+    name against the name rule (interp.store.check_name), and every cell's settings are validated as a TrainConfig."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        raise UserError(f"study file {path} does not exist; see studies/smoke.toml for an example")
+    try:
+        text = read_text_file(path, "study file (TOML)")
+    except UserError as err:
+        raise UserError(f"study file {err}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        _fail(path, f"not valid TOML ({str(err).splitlines()[0]})")
+    except RecursionError:
+        _fail(path, "not valid TOML (nested too deeply)")
+    try:
+        return _parse(data, runs_dir, results_dir, str(path))
+    except UserError as err:
+        _fail(path, str(err))
+        raise
 
 
 def check_cells(study: Study) -> None:
@@ -280,14 +376,28 @@ def check_cells(study: Study) -> None:
 
 
 def check_results(study: Study) -> Path:
-    """results/<study>/ must be this study's (or new)."""
+    """results/<study>/ must be this study's (or new), and a folder this process can write: checked before anything
+    trains, so that a study never finishes training only to find it cannot write its results. Another study is one
+    with another name or model, other shared settings, or a student of the same name with other settings (adding
+    seeds, suites, students or steps keeps it the same study)."""
     folder = study.results_dir / study.name
+    for where, option in ((folder, "--results-dir"), (study.runs_dir / study.name, "--runs-dir")):
+        if where.is_symlink():  # writing through it would touch a folder the user did not name
+            raise UserError(f"{option} {where} is a symbolic link; give a real folder")
+        check_out(where, overwrite=True, option=option)
     meta = folder / "study.json"
-    if meta.exists():
+    if meta.exists() or meta.is_symlink():
         data = read_json(meta)
         theirs = {k: data.get(k) for k in study.fingerprint()} if isinstance(data, dict) else None
         if theirs != study.fingerprint():
             raise UserError(f"{folder} holds the results of another study ({theirs}); choose another --results-dir or name")
+        ours = {"train": study.train, "n_test": study.n_test}
+        differs = [k for k in ours if k in data and data[k] != ours[k]]
+        previous = {s.get("name"): s.get("settings") for s in data.get("students") or [] if isinstance(s, dict)}
+        differs += [f"student '{s.name}'" for s in study.students if s.name in previous and previous[s.name] != s.settings]
+        if differs:
+            raise UserError(f"{folder} holds the results of another study of the same name (its {differs[0]} has other "
+                            f"settings); choose another --results-dir or name, or delete that folder")
     return folder
 
 
@@ -370,11 +480,19 @@ def _worker(args):
 
 
 def run_study(study: Study, jobs: int = 1, progress: bool = True) -> dict:
-    """Run every unfinished cell (`jobs` processes at a time), then write the study's results."""
-    from tqdm.auto import tqdm
-
+    """Run every unfinished cell (`jobs` processes at a time), then write the study's results. The results folder
+    is locked for the whole run: a second study writing the same results/<name>/ is refused, not interleaved."""
     if jobs < 1:
         raise UserError(f"--jobs must be at least 1 (got {jobs})")
+    check_results(study)
+    with folder_lock(study.results_dir / study.name, hint="another study writes these results; wait for it to finish "
+                                                          "or choose another --results-dir"):
+        return _run_study(study, jobs, progress)
+
+
+def _run_study(study: Study, jobs: int, progress: bool) -> dict:
+    from tqdm.auto import tqdm
+
     check_results(study)
     check_cells(study)
     cells = study.cells()
@@ -426,7 +544,13 @@ def _run_parallel(study: Study, todo: list[int], jobs: int, bar, eval_steps: int
             evaluate_run(run_dir, settings=study.eval, models=[], layers=False)
     ctx = mp.get_context("spawn")
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    with ctx.Manager() as manager:
+    from multiprocessing.managers import SyncManager
+
+    # The manager process, like the cells, ends with the study process (killed or not): an orphaned manager would
+    # hold the resource tracker's pipe open and both would outlive a `kill -9`.
+    manager = SyncManager(ctx=ctx)
+    manager.start(_die_with_parent)
+    with manager:
         queue = manager.Queue()
         with ctx.Pool(jobs, initializer=_die_with_parent) as pool:
             args = [(study.source, str(study.runs_dir), str(study.results_dir), i, threads, queue) for i in todo]
@@ -626,7 +750,10 @@ def write_plotlyjs(folder: Path) -> None:
 
 
 def _fmt(v):
-    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else round(v, 4)
+    """A CSV cell: empty for a statistic no example defines, "NaN" for one that is not a number."""
+    if v is None:
+        return ""
+    return str(v) if isinstance(v, float) and not math.isfinite(v) else round(v, 4)
 
 
 MARKDOWN = ("acc_noctx", "acc_ctx", "harm", "degenerate_noctx", "degenerate_ctx", "truncated_ctx", "follow_cf", "ctx_drop", "drift")
@@ -652,13 +779,11 @@ def _ci(stat: dict | None, signed: bool = False) -> str:
 
 
 def _mean_sd(stat: dict) -> str:
-    """"0.19 ± 0.06" over seeds; one seed has no sd; a rate no example defines (harm when none was right) is "–"."""
-    m, sd = stat["mean"], stat["sd"]
-    if m is None:
-        return "–"
-    if isinstance(m, float) and math.isnan(m):
-        return "NaN"
-    return f"{m:.2f}" + (f" ± {sd:.2f}" if sd is not None and not (isinstance(sd, float) and math.isnan(sd)) else "")
+    """"0.19 ± 0.06" over seeds; one seed has no sd; a rate no example defines (harm when none was right) is "–", one
+    that is not a number "NaN"."""
+    from interp.runs import format_stat
+
+    return format_stat(stat["mean"], stat["sd"])
 
 
 def _health(row: dict) -> str:

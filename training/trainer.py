@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import shutil
@@ -21,7 +20,7 @@ from interp.models import LoadedModel, load_model
 from interp.pairs import render_prompt_pair
 from interp.runs import TRAIN_CONFIG_FILE as CONFIG_FILE
 from interp.runs import RunInfo, add_student
-from interp.store import atomic_write_json, folder_lock, read_json
+from interp.store import atomic_write_json, check_out, dumps_strict, folder_lock, read_json
 from training.checkpoints import TrainingError, adapter_is_current, clean_leftovers, assert_finite_params, kill_point, load_checkpoint, save_checkpoint
 from training.checkpoints import list_checkpoints as checkpoints
 from training.checkpoints import lora_params as _lora_params
@@ -80,6 +79,9 @@ def prepare_out(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path | None:
     """Check the student folder; returns the checkpoint to resume from, if any. Never touches an existing folder
     unless told to."""
     out = Path(cfg.out)
+    if out.is_symlink():  # --overwrite would empty the folder it points to, outside the run folder
+        raise UserError(f"--out {out} is a symbolic link; give the student folder itself")
+    check_out(out, overwrite=True)  # not a file, not under a file, in a folder this process can write
     if resume:
         if not (out / CONFIG_FILE).exists():
             raise UserError(f"nothing to resume in {out}: it has no {CONFIG_FILE}; drop --resume to start a new run")
@@ -321,7 +323,7 @@ def _train(cfg: TrainConfig, *, resume: bool, overwrite: bool, progress: bool, l
             times.append(dt)
             if accelerator.is_main_process:
                 with metrics_path.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
+                    f.write(dumps_strict(row) + "\n")
             if cfg.report_to:
                 accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=step + 1)
             bar.set_postfix(loss=f"{row['loss']:.3f}", opd=f"{row['L_opd']:.3f}", cons="-" if row["L_cons"] is None else f"{row['L_cons']:.3f}",

@@ -3,14 +3,17 @@ as safetensors. Every file is written atomically."""
 
 from __future__ import annotations
 
+import functools
 import math
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from interp.errors import UserError
-from interp.store import atomic_write_json, read_json
+from interp.store import atomic_write_json, folder_lock, is_regular, read_json
 
 from interp.causal.results import Comparison, Explanation, PatchResult, SteerResult
 
@@ -48,6 +51,26 @@ def _deep_array(value) -> np.ndarray:
     return np.asarray(fix(value), dtype=np.float64)
 
 
+def _damaged_is_an_error(load):
+    """A result file whose fields are missing or of the wrong kind is a one-line error, not a traceback."""
+    @functools.wraps(load)
+    def wrapped(path, *args, **kw):
+        try:
+            return load(path, *args, **kw)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+            if isinstance(err, UserError):
+                raise
+            raise UserError(f"{path} is damaged ({type(err).__name__}: {str(err)[:100]}); rerun the command that "
+                            "wrote it") from None
+    return wrapped
+
+
+def _locked_write(path: Path, obj) -> None:
+    """One result file, replaced in one rename while its folder's lock is held (as save_comparison does)."""
+    with folder_lock(path.parent):
+        atomic_write_json(path, obj)
+
+
 def _read(path: Path, kind: str) -> dict:
     data = read_json(path)
     if not isinstance(data, dict) or data.get("kind") != kind or data.get("schema_version") != SCHEMA_VERSION:
@@ -58,42 +81,68 @@ def _read(path: Path, kind: str) -> dict:
 # ---------- comparison ----------
 
 def save_comparison(cmp: Comparison, folder: str | Path) -> Path:
+    """comparison.json and vectors.safetensors, written under the folder's lock, each through a temporary file of
+    its own and one rename: two commands saving into one folder take turns (the second is refused while the first
+    writes) and a reader never sees one command's vectors beside another's numbers."""
     from safetensors.numpy import save_file
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{VECTORS_FILE}.tmp"
-    save_file({k: np.ascontiguousarray(getattr(cmp, k)) for k in ("v", "u", "w")}, str(tmp))
-    tmp.replace(folder / VECTORS_FILE)
-    atomic_write_json(folder / COMPARISON_FILE, _plain({
-        "kind": "comparison", "schema_version": SCHEMA_VERSION, "student": cmp.student, "meta": cmp.meta,
-        "pairs": cmp.pairs, **{k: getattr(cmp, k) for k in ("v_norm", "cos_uv", "absorbed", "overshoot",
-                                                           "absorbed_examples", "overshoot_examples", "example_tokens")},
-        "examples": cmp.examples}))
+    with folder_lock(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{VECTORS_FILE}.", dir=folder)
+        os.close(fd)
+        try:
+            save_file({k: np.ascontiguousarray(getattr(cmp, k)) for k in ("v", "u", "w")}, tmp)
+            atomic_write_json(folder / COMPARISON_FILE, _plain({
+                "kind": "comparison", "schema_version": SCHEMA_VERSION, "student": cmp.student, "meta": cmp.meta,
+                "pairs": cmp.pairs, **{k: getattr(cmp, k) for k in ("v_norm", "cos_uv", "absorbed", "overshoot",
+                                                                   "absorbed_examples", "overshoot_examples", "example_tokens")},
+                "examples": cmp.examples}))
+            os.replace(tmp, folder / VECTORS_FILE)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     return folder / COMPARISON_FILE
 
 
-def load_comparison(folder: str | Path) -> Comparison:
+def _vectors(path: Path) -> dict:
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
+    if not (path.exists() or path.is_symlink()):
+        return {}
+    if not is_regular(path):
+        raise UserError(f"{path} is not a regular file; rerun `python -m interp compare`")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UserError(f"{path} is damaged ({str(err).splitlines()[0][:200] if str(err) else type(err).__name__}); "
+                        "rerun `python -m interp compare`") from None
+
+
+def load_comparison(folder: str | Path) -> Comparison:
     folder = Path(folder)
     data = _read(folder / COMPARISON_FILE, "comparison")
-    vectors = load_file(str(folder / VECTORS_FILE)) if (folder / VECTORS_FILE).exists() else {}
-    L = len(data["v_norm"])
-    empty = np.full((L, 0), np.nan)
-    return Comparison(
-        student=data["student"], pairs={c: {m: _deep_array(v) for m, v in d.items()} for c, d in data["pairs"].items()},
-        v=vectors.get("v", empty), u=vectors.get("u", empty), w=vectors.get("w", empty),
-        **{k: _deep_array(data[k]) for k in ("v_norm", "cos_uv", "absorbed", "overshoot", "absorbed_examples",
-                                             "overshoot_examples")},
-        example_tokens=np.asarray(data["example_tokens"]), examples=data.get("examples", []), meta=data.get("meta", {}))
+    vectors = _vectors(folder / VECTORS_FILE)
+    try:
+        L = len(data["v_norm"])
+        empty = np.full((L, 0), np.nan)
+        return Comparison(
+            student=data["student"], pairs={c: {m: _deep_array(v) for m, v in d.items()} for c, d in data["pairs"].items()},
+            v=vectors.get("v", empty), u=vectors.get("u", empty), w=vectors.get("w", empty),
+            **{k: _deep_array(data[k]) for k in ("v_norm", "cos_uv", "absorbed", "overshoot", "absorbed_examples",
+                                                 "overshoot_examples")},
+            example_tokens=np.asarray(data["example_tokens"]), examples=data.get("examples", []), meta=data.get("meta", {}))
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise UserError(f"{folder / COMPARISON_FILE} is damaged ({type(err).__name__}: {str(err)[:100]}); "
+                        "rerun `python -m interp compare`") from None
 
 
 # ---------- patching ----------
 
 def save_patch(result: PatchResult, path: str | Path) -> Path:
     path = Path(path)
-    atomic_write_json(path, _plain({
+    _locked_write(path, _plain({
         "kind": "patch", "schema_version": SCHEMA_VERSION, "source": result.source, "target": result.target,
         "site": result.site, "layers": result.layers, "heads": result.heads, "recovery": result.recovery,
         "kl_patched": result.kl_patched, "kl_target": result.kl_target, "token_example": result.token_example,
@@ -103,6 +152,7 @@ def save_patch(result: PatchResult, path: str | Path) -> Path:
     return path
 
 
+@_damaged_is_an_error
 def load_patch(path: str | Path) -> PatchResult:
     data = _read(Path(path), "patch")
     nan = lambda v: float("nan") if v is None else float(v)  # noqa: E731
@@ -120,12 +170,13 @@ def load_patch(path: str | Path) -> PatchResult:
 
 def save_steer(result: SteerResult, path: str | Path) -> Path:
     path = Path(path)
-    atomic_write_json(path, _plain({"kind": "steer", "schema_version": SCHEMA_VERSION, "alpha": result.alpha,
+    _locked_write(path, _plain({"kind": "steer", "schema_version": SCHEMA_VERSION, "alpha": result.alpha,
                                     "layers": result.layers, "results": result.results, "baseline": result.baseline,
                                     "meta": result.meta}))
     return path
 
 
+@_damaged_is_an_error
 def load_steer(path: str | Path) -> SteerResult:
     data = _read(Path(path), "steer")
     results = {arm: {int(layer): r for layer, r in per.items()} for arm, per in data["results"].items()}
@@ -136,10 +187,11 @@ def load_steer(path: str | Path) -> SteerResult:
 def save_explanation(ex: Explanation, path: str | Path) -> Path:
     path = Path(path)
     fields = {k: getattr(ex, k) for k in Explanation.__dataclass_fields__}
-    atomic_write_json(path, _plain({"kind": "explanation", "schema_version": SCHEMA_VERSION, **fields}))
+    _locked_write(path, _plain({"kind": "explanation", "schema_version": SCHEMA_VERSION, **fields}))
     return path
 
 
+@_damaged_is_an_error
 def load_explanation(path: str | Path) -> Explanation:
     data = _read(Path(path), "explanation")
     arrays = ("recovery", "logprob_ctx_token", "logprob_noctx_token", "attn_student", "attn_base", "ctx_weights")

@@ -72,6 +72,14 @@ def _out_dir(run: Path, student: str, out: Path | None) -> Path:
     return out if out is not None else causal_dir(run, student)
 
 
+def _check_save(run: Path, student: str, out: Path | None, save: bool) -> None:
+    """Before the model loads: the results folder can be written (not a file, not under a file, not read-only)."""
+    from interp.store import check_out
+
+    if save:
+        check_out(_out_dir(run, student, out), overwrite=True)
+
+
 def compare_command(run: RunArg, student: StudentOpt, backend: BackendOpt = "nnsight",
                     max_examples: MaxOpt = None, batch_size: Annotated[int, typer.Option(help="Pairs per forward pass.")] = 8,
                     device: DeviceOpt = None, out: Annotated[Optional[Path], typer.Option(help="Folder for the results (default RUN/causal/STUDENT).")] = None,
@@ -91,6 +99,7 @@ def compare_command(run: RunArg, student: StudentOpt, backend: BackendOpt = "nns
     from interp.tuned_lens import check_lens_available
 
     info = _setup(run, student)
+    _check_save(run, student, out, save)
     get_backend(backend)  # compare reads hidden states through interp.capture: nnsight, transformer_lens or torch
     check_lens_available(lens, info["model"] or "smollm2-135m-instruct")
     lm, name = _load(run, info, student, device)
@@ -154,6 +163,9 @@ def patch_command(run: RunArg, student: StudentOpt,
     info = _setup(run, student, backend)
     if "repair" in sweeps and student == "base":
         raise UserError("the repair sweep needs a student; pass --student NAME or --sweep context")
+    if batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    _check_save(run, student, out, save)
     lm, name = _load(run, info, student, device)
     check_layers(lm, wanted, site)
     options = dict(site=site, layers=wanted, heads=heads, scope=scope, backend=backend, batch_size=batch_size)
@@ -224,10 +236,20 @@ def steer_command(run: RunArg, student: StudentOpt,
         raise UserError(f"--alpha must be a finite number, got {alpha}")
     if max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
+    if batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
     if student == "base":
         raise UserError("steering needs a student; pass --student NAME")
     wanted = parse_layers(layer) if layer is not None else "middle"
     info = _setup(run, student)
+    _check_save(run, student, out, save)
+    from interp.models import model_window
+
+    window = model_window(info["model"] or "smollm2-135m-instruct")
+    if window is not None and max_new_tokens >= window:
+        raise UserError(f"--max-new-tokens {max_new_tokens} does not fit the model's window of {window} tokens; use fewer")
+    if max_examples is not None and max_examples < 1:
+        raise UserError("--max-examples must be at least 1")
     lm, name = _load(run, info, student, device)
     from interp.causal.sites import check_layers
 
@@ -275,6 +297,7 @@ def explain_command(run: RunArg, student: StudentOpt,
     info = _setup(run, student, backend)
     if student == "base":
         raise UserError("flip forensics needs a student; pass --student NAME")
+    _check_save(run, student, out, save)
     rows = {r.example: r for r in runio.model_rows(run, student)}
     if example not in rows:
         raise UserError(f"{run} has no example {example} for '{student}'; examples: {min(rows)}..{max(rows)}")
