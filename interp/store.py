@@ -32,13 +32,18 @@ def _default_mode(is_dir: bool) -> int:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a file so that readers see either the old content or the whole new one, never a part (UTF-8)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write a file so that readers see either the old content or the whole new one, never a part."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, _default_mode(is_dir=False))
@@ -605,20 +610,3 @@ def load_divergence(folder: str | os.PathLike) -> LayerDivergence:
         )
     except UserError as err:
         raise UserError(f"{folder} is damaged: {err}; rerun `python -m interp analyze`") from None
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """`atomic_write_text` for bytes (a compressed file): readers see the old content or the whole new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _default_mode(is_dir=False))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

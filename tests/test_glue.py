@@ -70,7 +70,7 @@ def test_study_then_the_apps_study_view(tmp_path, monkeypatch):
     study_file = tmp_path / "mini.toml"
     study_file.write_text(
         "name = 'mini'\nmodel = 'tiny-random-llama'\nsuites = ['facts']\nseeds = [0]\nsteps = 1\n"
-        "[train]\nbatch_size = 2\nmax_new_tokens = 3\n[eval]\nn_test = 3\nmax_new_tokens = 4\n"
+        "[train]\nbatch_size = 2\nmax_new_tokens = 4\n[eval]\nn_test = 3\nmax_new_tokens = 4\n"
         "[[students]]\nname = 'unreg'\n[[students]]\nname = 'reg'\nlam = 1.0\n"
     )
     study = load_study(study_file, str(tmp_path / "runs"), str(tmp_path / "results"))

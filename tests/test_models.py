@@ -1,6 +1,7 @@
 """Model loading: the embedded model's cache, the tiny model, LoRA adapters switched in place, clear errors."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -68,6 +69,7 @@ def test_adapter_errors(adapters, tmp_path):
     config = json.loads((adapters / "a1" / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = "smollm2-135m-instruct"
     (other / "adapter_config.json").write_text(json.dumps(config))
+    shutil.copy(adapters / "a1" / "adapter_model.safetensors", other)
     with pytest.raises(UserError, match="trained on base model 'smollm2-135m-instruct'.*--model smollm2"):
         load_model("tiny-random-llama", adapter=other, device="cpu")
 

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -195,7 +196,7 @@ def test_main_students_run_before_the_one_seed_settings():
 
 def _small_study(path: Path, steps: int, reg_lam: float = 1.0) -> Path:
     path.write_text(f"name = 'grow'\nmodel = 'tiny-random-llama'\nsuites = ['persona']\nseeds = [0]\nsteps = {steps}\n"
-                    "[train]\nbatch_size = 2\nmax_new_tokens = 4\ncheckpoint_every = 1\nlr = 1e-2\n"
+                    "[train]\nbatch_size = 2\nmax_new_tokens = 8\ncheckpoint_every = 1\nlr = 1e-2\n"
                     "[eval]\nn_test = 4\nmax_new_tokens = 8\n"
                     f"[[students]]\nname = 'unreg'\nlam = 0.0\n[[students]]\nname = 'reg'\nlam = {reg_lam}\n")
     return path
@@ -238,6 +239,8 @@ def test_a_cell_trained_with_other_settings_is_refused_before_anything_trains(tm
     run_study(load_study(path, tmp_path / "runs", tmp_path / "results"), progress=False)
     out = tmp_path / "runs" / "grow" / "persona" / "seed-0"
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    # the results folder would refuse the changed study first (tests/test_trust.py): here the cells must refuse it
+    shutil.rmtree(tmp_path / "results")
     for steps, lam, message in ((2, 0.5, "grow/persona/seed-0/reg"), (1, 1.0, "has trained 2 steps, more than the study's steps=1")):
         _small_study(path, steps=steps, reg_lam=lam)
         study = load_study(path, tmp_path / "runs", tmp_path / "results")

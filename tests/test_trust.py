@@ -63,7 +63,7 @@ def toml_doc(doc: dict) -> str:
 
 
 BASE = {"name": "t", "model": "tiny-random-llama", "suites": ["persona"], "seeds": [0], "steps": 1,
-        "train": {"batch_size": 2, "max_new_tokens": 3}, "eval": {"n_test": 2, "max_new_tokens": 4},
+        "train": {"batch_size": 2, "max_new_tokens": 4}, "eval": {"n_test": 2, "max_new_tokens": 4},
         "students": [{"name": "a"}]}
 
 
@@ -231,7 +231,7 @@ STUDY_CASES = [
               setup=_study_results_of({"name": "t", "model": "tiny-random-llama", "train": {"batch_size": 4},
                                        "summary": [], "cells": []})),
     StudyCase("results-other-student-settings", None, "student 'a' has other settings",
-              setup=_study_results_of({"name": "t", "model": "tiny-random-llama", "train": {"batch_size": 2, "max_new_tokens": 3},
+              setup=_study_results_of({"name": "t", "model": "tiny-random-llama", "train": {"batch_size": 2, "max_new_tokens": 4},
                                        "n_test": 2, "students": [{"name": "a", "settings": {"lam": 1.0}}], "summary": [], "cells": []})),
     StudyCase("results-study-json-fifo", None, "not a regular file", fast=10,
               setup=lambda tmp: ((tmp / "results" / "t").mkdir(parents=True), os.mkfifo(tmp / "results" / "t" / "study.json"))),
@@ -441,6 +441,7 @@ def test_study_reader_on_generated_documents(doc):
                 assert check_value(value, hints[f.name], f.name) == value or value != value
             assert Path(os.path.abspath(cell.out)).parent.parent.parent.parent == runs
             assert window is None or cfg.max_new_tokens < window
+            assert study.allow_longer_eval or cfg.max_new_tokens >= study.eval.max_new_tokens  # every judged token trained
         assert window is None or study.eval.max_new_tokens < window
         for s in study.students:
             assert s.seeds is None or (len(set(s.seeds)) == len(s.seeds) and set(s.seeds) <= set(study.seeds))
@@ -832,7 +833,8 @@ def _session_processes(sid: int) -> list[int]:
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc (Linux)")
 def test_study_jobs_2_killed_leaves_no_process(tmp_path):
-    doc = {**BASE, "seeds": [0, 1], "steps": 200, "train": {"batch_size": 1, "max_new_tokens": 2, "checkpoint_every": 0},
+    doc = {**BASE, "seeds": [0, 1], "steps": 200, "allow_longer_eval": True,
+           "train": {"batch_size": 1, "max_new_tokens": 2, "checkpoint_every": 0},
            "students": [{"name": "a"}, {"name": "b"}]}
     path = tmp_path / "s.toml"
     path.write_text(toml_doc(doc))
