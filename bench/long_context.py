@@ -3,7 +3,8 @@
 The persona suite's card is padded with a fact sheet to about 64, 256 and 1,024 tokens and put in the user turn
 (`--placement user`), batch 8, 32 new tokens, top-k 100, LoRA r=16 on all linear layers, the base model as teacher.
 Every trainer runs one warm-up step and `--steps` timed ones; medians are compared, all in this one process.
-The last line is `step_vs_trl_1024=<x> ours_1024_over_64=<y> reg_overhead_1024=<z>`.
+λ=1 runs twice: with the exact gradient and with the context's keys and values held fixed (`cons_prefix = "fixed"`).
+The last line is `step_vs_trl_1024=<x> ours_1024_over_64=<y> reg_overhead_1024=<z> reg_overhead_fixed_prefix_1024=<w>`.
 """
 
 from __future__ import annotations
@@ -44,10 +45,10 @@ def padded_suite(tokens: int, folder: Path, model: str) -> Path:
     return path
 
 
-def ours(args, suite: Path, lam: float, root: Path) -> list[float]:
-    cfg = TrainConfig(task=str(suite), model=args.model, out=str(root / f"ours-{suite.stem}-lam{lam:g}" / "student"),
+def ours(args, suite: Path, lam: float, root: Path, cons_prefix: str = "exact") -> list[float]:
+    cfg = TrainConfig(task=str(suite), model=args.model, out=str(root / f"ours-{suite.stem}-lam{lam:g}-{cons_prefix}" / "student"),
                       steps=1 + args.steps, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                      top_k=args.top_k, lam=lam, placement="user", checkpoint_every=0)
+                      top_k=args.top_k, lam=lam, placement="user", checkpoint_every=0, cons_prefix=cons_prefix)
     result = train(cfg, progress=False)
     lines = [json.loads(x) for x in (result.out / "metrics.jsonl").read_text().splitlines()]
     return [x["step_s"] for x in lines[1:]]
@@ -71,11 +72,14 @@ def main() -> None:
             med[("trl", n)] = statistics.median(trl_step_times(args, root / f"trl-{n}", task=str(suite), placement_user=True))
             med[("lam0", n)] = statistics.median(ours(args, suite, 0.0, root))
             med[("lam1", n)] = statistics.median(ours(args, suite, 1.0, root))
-            print(f"context={n} ours_lam0_s={med[('lam0', n)]:.2f} ours_lam1_s={med[('lam1', n)]:.2f} trl_sdft_s={med[('trl', n)]:.2f}", flush=True)
+            med[("fixed", n)] = statistics.median(ours(args, suite, 1.0, root, "fixed"))
+            print(f"context={n} ours_lam0_s={med[('lam0', n)]:.2f} ours_lam1_s={med[('lam1', n)]:.2f} "
+                  f"ours_lam1_fixed_prefix_s={med[('fixed', n)]:.2f} trl_sdft_s={med[('trl', n)]:.2f}", flush=True)
     hi, lo = max(lengths), min(lengths)
     print(f"model={args.model} batch={args.batch_size} new_tokens={args.max_new_tokens} top_k={args.top_k} threads={torch.get_num_threads()}")
     print(f"step_vs_trl_{hi}={med[('lam0', hi)] / med[('trl', hi)]:.2f} ours_{hi}_over_{lo}={med[('lam0', hi)] / med[('lam0', lo)]:.2f} "
-          f"reg_overhead_{hi}={med[('lam1', hi)] / med[('lam0', hi)]:.2f}")
+          f"reg_overhead_{hi}={med[('lam1', hi)] / med[('lam0', hi)]:.2f} "
+          f"reg_overhead_fixed_prefix_{hi}={med[('fixed', hi)] / med[('lam0', hi)]:.2f}")
 
 
 if __name__ == "__main__":

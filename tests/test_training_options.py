@@ -265,3 +265,63 @@ def test_gradient_checkpointing_gives_the_same_first_step(tmp_path):
         first[gc] = train(cfg, progress=False).last
     for k in ("loss", "L_opd", "L_cons", "grad_norm"):
         assert first[True][k] == pytest.approx(first[False][k], rel=1e-4)
+
+
+def test_cons_prefix_fixed_keeps_the_loss_and_holds_the_contexts_keys_and_values(setup):
+    """`cons_prefix = "fixed"`: the same losses; the gradient is the exact one of a forward whose keys and values at
+    the context's positions are detached (built here with hooks on k_proj and v_proj over whole rows, no sharing)."""
+    from training.rollout import MIN_SHARED_PREFIX
+
+    peft, batch = setup["peft"], setup["batch"]
+    P = batch.ctx.prefix
+    assert P >= MIN_SHARED_PREFIX
+    params = [p for p in peft.parameters() if p.requires_grad]
+
+    def grads(cons_prefix, hooks=False):
+        cfg = TrainConfig(**{**setup["cfg"].__dict__, "lam": 1.0, "cons_prefix": cons_prefix})
+        handles = []
+        if hooks:  # detach the projections' outputs at the shared prefix of the with-context rows (the second half)
+            B = batch.mask.shape[0]
+
+            def detach_prefix(module, inputs, out):
+                if out.shape[0] != 2 * B:
+                    return out
+                out = out.clone()
+                out[B:, :P] = out[B:, :P].detach()
+                return out
+
+            for name, module in peft.named_modules():
+                if name.endswith(("k_proj", "v_proj")) and hasattr(module, "base_layer"):
+                    handles.append(module.register_forward_hook(detach_prefix))
+        try:
+            peft.zero_grad(set_to_none=True)
+            out = micro_losses(peft, peft, None, cfg, batch, setup["pad"], 1.0, None)
+            out["loss"].backward()
+        finally:
+            for h in handles:
+                h.remove()
+        g = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+        peft.zero_grad(set_to_none=True)
+        return {k: float(v.detach()) for k, v in out.items() if v is not None}, g
+
+    exact, g_exact = grads("exact")
+    fixed, g_fixed = grads("fixed")
+    # whole rows (checkpointing turns sharing off), the context's keys and values detached by hooks
+    cfg_plain = {**setup["cfg"].__dict__}
+    setup["cfg"].__dict__["gradient_checkpointing"] = True
+    try:
+        hand, g_hand = grads("exact", hooks=True)
+    finally:
+        setup["cfg"].__dict__.update(cfg_plain)
+    for k in ("L_opd", "L_cons", "loss"):
+        assert fixed[k] == pytest.approx(exact[k], rel=1e-4)
+    for a, b in zip(g_fixed, g_hand):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+    assert max(float((a - b).abs().max()) for a, b in zip(g_fixed, g_exact)) > 1e-4  # it does change the gradient
+
+
+def test_cons_prefix_is_checked():
+    from interp.errors import UserError
+
+    with pytest.raises(UserError, match="unknown --cons-prefix 'half'"):
+        TrainConfig(model="tiny-random-llama", out="x/s", cons_prefix="half").check()

@@ -18,6 +18,7 @@ from interp.store import NAME_PATTERN, NAME_RULE
 
 TEACHERS = ("base", "live")
 ANCHORS = ("student", "ema", "teacher")
+CONS_PREFIX = ("exact", "fixed")
 ROLLOUTS = ("student", "teacher")
 LOSSES = ("reverse_kl", "forward_kl", "ce")
 DTYPES = ("auto", "fp32", "bf16", "fp16")  # what interp.models.resolve_dtype accepts by these names
@@ -74,6 +75,9 @@ class TrainConfig:
     lam_warmup: int = opt(0, "steps with λ=0 before the ramp")
     lam_ramp: int | None = opt(None, "steps of the linear ramp to λ (default: half the warm-up)")
     anchor: str = opt("student", "anchor of L_cons: student, ema or teacher")
+    cons_prefix: str = opt("exact", "the L_cons gradient through a long context shared by the batch (≥ 32 tokens): exact, or "
+                           "fixed (the context's keys and values encoded without gradient: the same loss, an approximate "
+                           "gradient, no backward through the context; docs/measures.md#training)")
     ema_decay: float = opt(0.9, "decay of the EMA anchor's weight average")
     chunk: int | None = opt(None, "positions per chunk in the losses (default: as many as fit 16 MiB of fp32 log-probabilities)")
     checkpoint_every: int = opt(10, "checkpoint every N steps (0: only the last step is not checkpointed either)")
@@ -130,6 +134,7 @@ class TrainConfig:
             (self.teacher in TEACHERS, f"unknown teacher '{self.teacher}'; use one of {', '.join(TEACHERS)}"),
             (self.teacher_model is None or self.teacher == "base", "--teacher-model replaces the base teacher; it cannot be combined with --teacher live"),
             (self.anchor in ANCHORS, f"unknown anchor '{self.anchor}'; use one of {', '.join(ANCHORS)}"),
+            (self.cons_prefix in CONS_PREFIX, f"unknown --cons-prefix '{self.cons_prefix}'; use one of {', '.join(CONS_PREFIX)}"),
             (0 <= self.ema_decay < 1, f"--ema-decay must be in [0, 1) (got {self.ema_decay})"),
             (self.chunk is None or self.chunk >= 1, f"--chunk must be at least 1 (got {self.chunk})"),
             (self.checkpoint_every >= 0, f"--checkpoint-every must be ≥ 0 (got {self.checkpoint_every}); 0 turns checkpoints off"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence, cast
 
@@ -122,6 +122,46 @@ def answer(lm: LoadedModel, examples: Sequence[Example], placement: str, model: 
             budgets=judged,
         ))
     return rows
+
+
+def rejudge(rows: Sequence[ExampleRow], examples: Sequence[Example], decode, *,
+            allow_degenerate: bool = False) -> list[ExampleRow] | None:
+    """The same answers judged by `examples`' verifiers: every verdict, at the full budget and at each cut-off the
+    rows carry, recomputed from the stored token ids. This is how a suite that differs from another only in its
+    verifier (`persona_once`) is scored from the other's answers, and how a changed verifier is applied without
+    generating again. None when the rows answer other examples (another context, prompt, reference or
+    counterfactual): those answers must be generated again."""
+    if len(rows) > len(examples):
+        return None
+    out = []
+    for r in rows:
+        e = examples[r.example]
+        asked_cf = r.ids_cf is not None
+        if (r.context, r.prompt, r.reference) != (e.context, e.prompt, e.reference) or (
+                asked_cf and (r.cf_context, r.cf_reference) != (e.cf_context, e.cf_reference)):
+            return None
+        cf = r.ids_cf if asked_cf else None
+        cuts = sorted(int(k) for k in r.budgets) if r.budgets else []
+        full_budget = max(cuts) if cuts else max(len(r.ids_noctx), len(r.ids_ctx), len(cf or []), 1)
+        judged = {str(k): verdicts(e, r.ids_noctx, r.ids_ctx, cf, k, decode, allow_degenerate) for k in (cuts or [full_budget])}
+        full = judged[str(full_budget)]
+        out.append(replace(r, verifier=e.verifier, correct_noctx=full["correct_noctx"], correct_ctx=full["correct_ctx"],
+                           follow_cf=full["follow_cf"], stubborn_cf=full["stubborn_cf"],
+                           budgets=judged if r.budgets else r.budgets))
+    return out
+
+
+def rescored(ev: ModelEval, examples: Sequence[Example], decode, base: ModelEval | None = None) -> ModelEval | None:
+    """`ev` judged by `examples`' verifiers (rejudge), its scores and intervals computed again against `base` (the
+    base model's evaluation, judged the same way; None when `ev` is the base's). `drift` does not depend on the
+    verifier and is kept. None when the rows answer other examples."""
+    rows = rejudge(ev.rows, examples, decode, allow_degenerate=bool(ev.settings.get("allow_degenerate", False)))
+    if rows is None:
+        return None
+    teacher = [r.correct_ctx for r in (rows if base is None else base.rows)]
+    scores, intervals = score(rows, teacher, seed=int(ev.settings.get("bootstrap_seed", 0)))
+    scores["drift"], intervals["drift"] = ev.scores.get("drift"), ev.intervals.get("drift")
+    return ModelEval(ev.model, ev.settings, scores, intervals, rows)
 
 
 def score(rows: Sequence[ExampleRow], teacher_ctx: Sequence[bool] | None = None, *, seed: int = 0,

@@ -16,25 +16,27 @@ import os
 import statistics
 import time
 import tomllib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
 from interp.errors import UserError
-from interp.models import model_window
-from interp.runs import ADAPTER_WEIGHTS, STUDY_ROWS_FILE, TRAIN_CONFIG_FILE, read_model_eval, write_study_rows
+from interp.models import load_tokenizer, model_window
+from interp.runs import (ADAPTER_WEIGHTS, STUDY_ROWS_FILE, TRAIN_CONFIG_FILE, ModelEval, model_eval_path, read_model_eval,
+                         write_study_rows)
 from interp.store import (NAME_PATTERN, NAME_RULE, atomic_write_json, atomic_write_text, check_name, check_out, folder_lock,
                           is_regular, read_json, read_text_file, shown_name)
 from interp.typed import check_fields, check_value, field_types
 from training import stats
 from training.config import MAX_SEED, TrainConfig, defaults
-from training.evaluate import EvalSettings, evaluate_run
+from training.evaluate import EvalSettings, evaluate_run, rescored
 from training.study_results import COMPARED, HEALTH_MARGIN, compare, holm_family, measure_model, measure_setting
-from training.tasks import SUITES, load_task
+from training.tasks import SUITES, Example, load_task, trains_as
 
 STUDY_KEYS = ("name", "model", "suites", "seeds", "steps", "train", "eval", "students", "runs_dir", "results_dir",
               "health_margin", "allow_longer_eval")
 STUDENT_ONLY = ("name", "seeds")
+SUITE_ONLY = ("suite", "name")
 # Settings that belong to the grid (suite, seed, model, steps, where) rather than to a student.
 GRID_SETTINGS = ("task", "seed", "model", "steps", "out", "n_test")
 EVAL_KEYS = tuple(f.name for f in fields(EvalSettings)) + ("n_test",)
@@ -62,10 +64,26 @@ class Student:
 
 
 @dataclass
+class SuiteSpec:
+    """One entry of a study's `suites`."""
+
+    key: str  # its run folder and its name in the tables
+    suite: str  # the suite whose verifiers judge it: a built-in name or a .jsonl file
+    settings: dict  # training settings its cells add to the study's [train]
+    folder: str  # the run folder it trains and answers in: its own key, or that of the suite it is re-scored from
+
+    @property
+    def task(self) -> str:
+        """The suite its cells train and answer as (itself, or the one it differs from only in its verifiers)."""
+        return trains_as(self.suite)
+
+
+@dataclass
 class Study:
     name: str
     model: str
-    suites: list[str]
+    suites: list[str]  # the suite entries' keys, in the file's order
+    specs: dict[str, SuiteSpec]
     seeds: list[int]
     steps: int
     train: dict  # shared TrainConfig settings
@@ -77,6 +95,9 @@ class Study:
     source: str = ""
     health_margin: float = HEALTH_MARGIN  # a cell is unhealthy when its no-card loops exceed the base's by more than this
     allow_longer_eval: bool = False  # answers judged past the rollout budget (tokens no loss ever saw) only if asked
+    _examples: dict = field(default_factory=dict, repr=False, compare=False)
+    _judged: dict = field(default_factory=dict, repr=False, compare=False)
+    _tokenizer: Any = field(default=None, repr=False, compare=False)
 
     def cells(self) -> list["Cell"]:
         """Every (suite, seed, student) in the order they run: first the main students (those on every seed), suite
@@ -89,8 +110,51 @@ class Study:
                 if seed in (s.seeds or ())]
         return out
 
+    def trained_cells(self) -> list[int]:
+        """The indices (into cells()) of the cells that train: one per student folder, the first cell naming it (a
+        re-scored suite's cells share the folders of the suite they are re-scored from)."""
+        first: dict[Path, int] = {}
+        for i, c in enumerate(self.cells()):
+            first.setdefault(c.out, i)
+        return sorted(first.values())
+
     def run_dir(self, suite: str, seed: int) -> Path:
-        return self.runs_dir / self.name / _safe(suite) / f"seed-{seed}"
+        """The run folder a suite entry's cells of one seed train and answer in."""
+        return self.runs_dir / self.name / self.specs[suite].folder / f"seed-{seed}"
+
+    def examples(self, suite: str, seed: int) -> list[Example]:
+        """The test examples a suite entry is judged on (its own verifiers)."""
+        key = (suite, seed)
+        if key not in self._examples:
+            task = load_task(self.specs[suite].suite, seed=seed, n_test=self.n_test)
+            self._examples[key] = task.test[: self.eval.n] if self.eval.n else task.test
+        return self._examples[key]
+
+    def judged(self, suite: str, seed: int, ev: ModelEval, base: ModelEval | None = None) -> ModelEval:
+        """`ev` as this suite entry's verifiers judge its answers (training.evaluate.rescored): the same numbers for
+        the suite it was answered as, a re-scoring for one that differs only in its verifiers or whose verifier
+        changed. Answers to other examples than the suite has now are an error, not a silent mismatch."""
+        stamp = lambda model: _stamp(model_eval_path(self.run_dir(suite, seed), model))  # noqa: E731
+        memo = (suite, seed, ev.model, stamp(ev.model), stamp("base") if base is not None else None)
+        if memo not in self._judged:
+            out = rescored(ev, self.examples(suite, seed), self.decode, base)
+            if out is None:
+                raise UserError(f"{self.run_dir(suite, seed)}: the answers of {ev.model} were given to other examples than "
+                                f"'{self.specs[suite].suite}' has now (its file changed?); delete that run folder to train anew")
+            self._judged[memo] = out
+        return self._judged[memo]
+
+    def decode(self, ids) -> str:
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.model)
+        return self._tokenizer.decode(ids, skip_special_tokens=True)
+
+    def base_evaluation(self, suite: str, seed: int) -> ModelEval | None:
+        """The base model's evaluation in a suite entry's run folder with the study's settings, judged by its verifiers."""
+        ev = read_model_eval(self.run_dir(suite, seed), "base")
+        if ev is None or {k: v for k, v in ev.settings.items() if k != "adapter"} != asdict(self.eval):
+            return None
+        return self.judged(suite, seed, ev)
 
     def fingerprint(self) -> dict:
         """What a results folder must agree with to be this study's."""
@@ -105,6 +169,10 @@ class Cell:
     student: Student
 
     @property
+    def spec(self) -> SuiteSpec:
+        return self.study.specs[self.suite]
+
+    @property
     def run_dir(self) -> Path:
         return self.study.run_dir(self.suite, self.seed)
 
@@ -114,7 +182,7 @@ class Cell:
 
     def config(self) -> TrainConfig:
         s = self.study
-        return TrainConfig(**{**s.train, **self.student.settings, "task": self.suite, "seed": self.seed, "model": s.model,
+        return TrainConfig(**{**s.train, **self.spec.settings, **self.student.settings, "task": self.spec.task, "seed": self.seed, "model": s.model,
                               "steps": s.steps, "out": str(self.out), "n_test": s.n_test})
 
     def trained_steps(self) -> int:
@@ -143,7 +211,7 @@ class Cell:
         where = f"{self.study.source or 'the study'}: {self.label()} ({self.out})"
         cfg = self.config()
         if cfg.placement is None:  # left to the suite, as training resolves it
-            cfg.resolve(load_task(self.suite, seed=self.seed, n_test=self.study.n_test).placement)
+            cfg.resolve(load_task(self.spec.task, seed=self.seed, n_test=self.study.n_test).placement)
         conflict = config_conflict(read_json(record, expect=dict), cfg)
         if conflict:
             k, theirs, ours = conflict
@@ -154,7 +222,15 @@ class Cell:
                             f"raise 'steps', or delete that folder to train it anew")
 
     def evaluation(self):
-        """The student's evaluation with the study's settings and of its current adapter (a ModelEval), or None."""
+        """The student's evaluation with the study's settings and of its current adapter (a ModelEval), judged by
+        the suite entry's verifiers (Study.judged), or None."""
+        ev = self._stored()
+        if ev is None:
+            return None
+        base = self.study.base_evaluation(self.suite, self.seed)
+        return self.study.judged(self.suite, self.seed, ev, base) if base is not None else None
+
+    def _stored(self):
         from training.evaluate import fingerprint
 
         ev = read_model_eval(self.run_dir, self.student.name) if self.trained() else None
@@ -165,10 +241,19 @@ class Cell:
         return ev
 
     def evaluated(self) -> bool:
-        return self.evaluation() is not None
+        return self._stored() is not None
 
     def label(self) -> str:
         return f"{self.suite}/seed-{self.seed}/{self.student.name}"
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    """A file's version for a memo: its modification time and size (an evaluation is rewritten whole, atomically)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
 
 
 def _safe(name: str) -> str:
@@ -206,28 +291,71 @@ def _list(data: dict, key: str, item_type, *, required: bool = True):
     return value
 
 
-def _suite_keys(suites: list[str]) -> list[str]:
-    """Each suite's run-folder key, checked: a .jsonl suite is a regular file whose stem is a name that neither a
-    built-in suite nor another .jsonl suite has (case-insensitively, for case-insensitive file systems). Two suites
-    with one key would share run folders: the second would never train and would report the first's numbers."""
+def _suite_keys(entries: list[tuple[str, str | None]]) -> list[str]:
+    """Each suite entry's key (its run folder and its name in the tables), checked: a .jsonl suite is a regular file;
+    the key is the entry's `name`, else the built-in suite's name or the file's stem, always a name that no other
+    entry and no other built-in suite has (case-insensitively, for case-insensitive file systems). Two entries with
+    one key would share run folders: the second would never train and would report the first's numbers."""
     keys = []
-    for suite in suites:
-        if suite in SUITES:
-            keys.append(suite)
-            continue
-        if not suite.endswith(".jsonl") or not is_regular(suite):
+    for suite, name in entries:
+        if suite not in SUITES and (not suite.endswith(".jsonl") or not is_regular(suite)):
             raise UserError(f"suites: unknown suite '{suite[:200]}'; use one of {', '.join(SUITES)} or a .jsonl file")
-        try:
-            keys.append(_safe(suite))
-        except UserError as err:
-            raise UserError(f"suites: {err}; its run folders are named after the file's stem, so rename the file") from None
-    seen: dict[str, str] = {name.lower(): name for name in SUITES if name not in suites}
-    for suite, key in zip(suites, keys):
+        if name is not None:
+            keys.append(check_name(name, f"suites: the name of '{suite[:200]}'"))
+        elif suite in SUITES:
+            keys.append(suite)
+        else:
+            try:
+                keys.append(_safe(suite))
+            except UserError as err:
+                raise UserError(f"suites: {err}; its run folders are named after the file's stem, so rename the file "
+                                f"or give the entry a name") from None
+    listed = {suite for suite, _ in entries}
+    seen: dict[str, str] = {name.lower(): name for name in SUITES if name not in listed}
+    for (suite, _), key in zip(entries, keys):
         other = seen.get(key.lower())
-        if other is not None and other != suite:
-            raise UserError(f"suites: '{suite}' and '{other}' would share the run folder '{key}'; rename one of the files")
+        if other is not None:
+            raise UserError(f"suites: '{suite}' and '{other}' would share the run folder '{key}'; rename one of the files "
+                            f"or give the entry another name (name = \"...\")")
         seen[key.lower()] = suite
     return keys
+
+
+def _suites(data: dict) -> list[SuiteSpec]:
+    """`suites`: each entry a suite (a built-in name or a .jsonl file) or a table naming one, with a `name` (its
+    key) and training settings that its cells add to [train] (e.g. `{suite = "persona", name = "persona_neutral",
+    no_context = "neutral"}`). A suite that differs from another of the study only in its verifiers and has the same
+    settings (`persona_once` beside `persona`) shares that suite's trained cells and answers, and is re-scored."""
+    raw = data["suites"]
+    if not isinstance(raw, list) or not raw:
+        raise UserError("'suites' must be a non-empty list of suite names or tables")
+    if len(raw) > MAX_ENTRIES:
+        raise UserError(f"'suites' has {len(raw)} entries, more than {MAX_ENTRIES}; split the study")
+    _unique([x for x in raw if isinstance(x, str)], "suites")
+    entries: list[tuple[str, str | None, dict]] = []
+    for i, item in enumerate(raw):
+        where = f"suites[{i}]"
+        if isinstance(item, str):
+            entries.append((item, None, {}))
+            continue
+        if not isinstance(item, dict):
+            raise UserError(f"{where} must be a suite name or a table {{suite = \"persona\", name = \"...\", <training "
+                            f"settings>}} (got {shown_name(item)})")
+        suite = item.get("suite")
+        if not isinstance(suite, str):
+            raise UserError(f"{where} must name its suite: {{suite = \"persona\", ...}}")
+        name = item.get("name")
+        where = f"{where} ({suite[:64]})"
+        settings = check_fields(TrainConfig, {k: v for k, v in item.items() if k not in SUITE_ONLY}, where,
+                                exclude=GRID_SETTINGS)
+        entries.append((suite, name, settings))
+    keys = _suite_keys([(suite, name) for suite, name, _ in entries])
+    specs = [SuiteSpec(key, suite, settings, key) for key, (suite, _, settings) in zip(keys, entries)]
+    for spec in specs:  # a re-scored suite answers in the folder of the suite it differs from only in its verifiers
+        home = next((o for o in specs if o.suite == spec.task and o.settings == spec.settings), None)
+        if spec.task != spec.suite and home is not None:
+            spec.folder = home.key
+    return specs
 
 
 def _student_name(entry: dict, where: str) -> str:
@@ -253,9 +381,7 @@ def _parse(data: dict, runs_dir: str | os.PathLike | None, results_dir: str | os
             raise UserError(f"missing key '{key}'")
     types = field_types(TrainConfig)
     name = check_name(data["name"], "'name'")
-    suites = _list(data, "suites", str)
-    _unique(suites, "suites")
-    _suite_keys(suites)
+    specs = _suites(data)
     seeds = _list(data, "seeds", types["seed"])
     _unique(seeds, "seeds")
     steps = check_value(data["steps"], types["steps"], "steps")
@@ -315,13 +441,18 @@ def _parse(data: dict, runs_dir: str | os.PathLike | None, results_dir: str | os
     longer = data.get("allow_longer_eval", False)
     if not isinstance(longer, bool):
         raise UserError(f"'allow_longer_eval' must be true or false (got {shown_name(longer)})")
-    study = Study(name=name, model=model, suites=suites, seeds=seeds, steps=steps, train=train, eval=eval_settings,
+    for student in students:  # one setting, one place: a suite entry and a student both setting it is ambiguous
+        for spec in specs:
+            both = next((k for k in student.settings if k in spec.settings), None)
+            if both is not None:
+                raise UserError(f"suite '{spec.key}' and student '{student.name}' both set '{both}'; set it in one place")
+    study = Study(name=name, model=model, suites=[spec.key for spec in specs], specs={spec.key: spec for spec in specs}, seeds=seeds, steps=steps, train=train, eval=eval_settings,
                   n_test=n_test, students=students, runs_dir=Path(where_runs), results_dir=Path(where_results), source=source,
                   health_margin=float(margin), allow_longer_eval=longer)
     bad_seed = next((x for x in seeds if not 0 <= x <= MAX_SEED), None)
     if bad_seed is not None:
         raise UserError(f"seeds: {bad_seed} is out of range; seeds are 0..{MAX_SEED}")
-    n_cells = len(suites) * len(seeds) * len(students)
+    n_cells = len(specs) * len(seeds) * len(students)
     if n_cells > MAX_CELLS:
         raise UserError(f"{n_cells} cells (suites × seeds × students) are more than {MAX_CELLS}; split the study")
     # Every cell valid before the first one trains; cells differ across seeds only by the seed, checked above.
@@ -393,6 +524,9 @@ def check_results(study: Study) -> Path:
             raise UserError(f"{folder} holds the results of another study ({theirs}); choose another --results-dir or name")
         ours = {"train": study.train, "n_test": study.n_test}
         differs = [k for k in ours if k in data and data[k] != ours[k]]
+        before = data.get("suite_settings") if isinstance(data.get("suite_settings"), dict) else {}
+        now = _suite_settings(study)
+        differs += [f"suite '{k}'" for k in now if k in before and before[k] != now[k]]
         previous = {s.get("name"): s.get("settings") for s in data.get("students") or [] if isinstance(s, dict)}
         differs += [f"student '{s.name}'" for s in study.students if s.name in previous and previous[s.name] != s.settings]
         if differs:
@@ -419,13 +553,15 @@ def estimate(study: Study, cells: Sequence[Cell]) -> float:
 def plan(study: Study) -> str:
     check_cells(study)
     cells = study.cells()
-    todo = [c for c in cells if not (c.trained() and c.evaluated())]
+    todo = [cells[i] for i in study.trained_cells() if not (cells[i].trained() and cells[i].evaluated())]
     lines = [f"study {study.name}: {len(study.suites)} suites × {len(study.seeds)} seeds, {len(study.students)} students, "
-             f"{len(cells)} cells ({len(cells) - len(todo)} done), {study.steps} steps each, model {study.model}"]
+             f"{len(cells)} cells ({sum(c.trained() and c.evaluated() for c in cells)} done), {study.steps} steps each, model {study.model}"]
     for c in cells:
         steps = c.trained_steps()
         state = ("done" if c.evaluated() else "trained") if c.trained() else (f"{steps}/{study.steps}" if steps else "todo")
-        settings = ", ".join(f"{k}={v}" for k, v in c.student.settings.items()) or "defaults"
+        settings = ", ".join(f"{k}={v}" for k, v in {**c.spec.settings, **c.student.settings}.items()) or "defaults"
+        if c.spec.folder != c.suite:
+            settings += f" (re-scored from {c.spec.folder}'s answers)"
         lines.append(f"  {state:>7}  {c.label():<40} {settings}")
     left = estimate(study, todo)
     source = COST_SOURCE if study.model in COST else "a guess for a model not measured here"
@@ -496,11 +632,14 @@ def _run_study(study: Study, jobs: int, progress: bool) -> dict:
     check_results(study)
     check_cells(study)
     cells = study.cells()
-    todo = [i for i, c in enumerate(cells) if not (c.trained() and c.evaluated())]
+    # A re-scored suite's cells share their student folders with the suite they are re-scored from: each folder
+    # trains and answers once (the first cell that names it), and the others read its answers.
+    units = study.trained_cells()
+    todo = [i for i in units if not (cells[i].trained() and cells[i].evaluated())]
     # One bar for the whole grid, in training steps (an evaluation counts as a few steps' worth of time).
     eval_steps = max(1, study.steps // 5)
-    total = sum(study.steps + eval_steps for _ in cells)
-    done = sum(study.steps + eval_steps if i not in todo else cells[i].trained_steps() for i in range(len(cells)))
+    total = sum(study.steps + eval_steps for _ in units)
+    done = sum(study.steps + eval_steps if i not in todo else cells[i].trained_steps() for i in units)
     bar = tqdm(total=total, initial=done, desc=f"study {study.name}", unit="step", disable=not progress, smoothing=0.05)
     times: dict[str, float] = {}
     t_start = time.perf_counter()
@@ -586,7 +725,7 @@ def collect(study: Study) -> dict:
     references: list[dict[str, Any]] = []
     for suite in study.suites:
         for seed in study.seeds:
-            base = read_model_eval(study.run_dir(suite, seed), "base")
+            base = study.base_evaluation(suite, seed)
             if base is None:
                 continue
             for name in ("base", "teacher"):
@@ -604,11 +743,18 @@ def collect(study: Study) -> dict:
                 summary.append({"suite": suite, "student": name, "lam": None, "settings": {}, "seeds": [r["seed"] for r in refs],
                                 **_over_seeds([_as_teacher(r["scores"]) if name == "teacher" else r["scores"] for r in refs])})
     settings, comparisons = seed_level(study)
-    return {**study.fingerprint(), "suites": study.suites, "seeds": study.seeds, "steps": study.steps, "train": study.train,
+    return {**study.fingerprint(), "suites": study.suites, "suite_settings": _suite_settings(study), "seeds": study.seeds, "steps": study.steps, "train": study.train,
             "eval": asdict(study.eval), "budgets": study.eval.cuts, "n_test": study.n_test, "health_margin": study.health_margin,
             "students": [{"name": s.name, "settings": s.settings, "seeds": s.seeds} for s in study.students],
             "cells": cells, "references": references, "summary": summary, "paired": _paired(study),
             "settings": settings, "comparisons": comparisons}
+
+
+def _suite_settings(study: Study) -> dict:
+    """Per suite entry: the suite that judges it, the one it trains and answers as, its own training settings, and
+    the run folder its cells share (another entry's when it is that entry's re-scoring)."""
+    return {k: {"suite": sp.suite, "trains_as": sp.task, "settings": sp.settings, "folder": sp.folder}
+            for k, sp in study.specs.items()}
 
 
 def _rows(study: Study) -> tuple[dict, dict, dict]:
@@ -623,8 +769,8 @@ def _rows(study: Study) -> tuple[dict, dict, dict]:
     base: dict = {}
     for suite in study.suites:
         for seed in study.seeds:
-            ev = read_model_eval(study.run_dir(suite, seed), "base")
-            if ev is not None and {k: v for k, v in ev.settings.items() if k != "adapter"} == asdict(study.eval):
+            ev = study.base_evaluation(suite, seed)
+            if ev is not None:
                 base.setdefault(suite, {})[seed] = ev.rows
     return students, base, drift
 

@@ -218,6 +218,9 @@ class Suite:
     description: str
     examples: Callable[[], list[Example]]
     placement: str = "system"
+    # The suite this one differs from only in its verifiers (same contexts, prompts, references, split): a study
+    # trains and answers it as that suite and judges the same answers with this one's verifiers (re-scoring).
+    trains_as: str | None = None
 
 
 SUITES: dict[str, Suite] = {
@@ -225,7 +228,7 @@ SUITES: dict[str, Suite] = {
     "format": Suite("a one-word label instruction (Positive or Negative) before short reviews; verifier: the first word is a label", format_examples, "user"),
     "facts": Suite("a card of invented facts about a country; questions about them; verifier: the answer appears", facts_examples),
     "persona_luna": Suite("the persona card with another name (Luna, made by Fennel Works), one the base model never says unprompted", persona_luna_examples),
-    "persona_once": Suite("the persona suite, verifier: the name (or maker) appears exactly once", persona_once_examples),
+    "persona_once": Suite("the persona suite, verifier: the name (or maker) appears exactly once", persona_once_examples, trains_as="persona"),
     # Rules the embedded 135M model does not follow even with the card (0/24 measured): for larger models.
     "opener": Suite("a rule: begin every answer with 'Certainly!'; verifier: it starts with it and says it once", opener_examples, "user"),
     # No card to distill: for `experience`, which writes one from the model's own graded attempts.
@@ -286,6 +289,12 @@ def _fixed_split(name: str, examples: list[Example], splits: list[str], n_test: 
     if not train or not test:
         raise UserError(f"{name}: a fixed split needs at least one train and one test record")
     return train, (test[:n_test] if n_test else test)
+
+
+def trains_as(name: str) -> str:
+    """The suite whose training and answers `name` shares (itself, unless it differs from another only in its verifiers)."""
+    suite = SUITES.get(name)
+    return suite.trains_as if suite is not None and suite.trains_as else name
 
 
 def load_task(name: str, seed: int = 0, n_test: int | None = 40, test_share: float = 0.3) -> Task:

@@ -453,7 +453,13 @@ def micro_losses(model, peft_model, teacher_lm, cfg: TrainConfig, batch: Batch, 
     # A fixed anchor goes first: the EMA one swaps weights in place, which must not happen inside the graph.
     anchor = fixed_anchor_logits(cfg.anchor, peft_model, batch, ema) if lam > 0 and cfg.anchor != "student" else None
     # The with-context rows join the graph only when L_cons needs their gradient.
-    if lam > 0 and not share:  # one stacked pass: the no-context rows are padded to the with-context length
+    if lam > 0 and cfg.cons_prefix == "fixed" and batch.ctx.prefix >= MIN_SHARED_PREFIX:
+        # The context's keys and values held fixed: the same forward, no gradient (and no backward) through them.
+        with torch.no_grad():
+            kv = prefix_cache(model, batch.ctx)
+        s_noctx = response_logits(model, batch.noctx, share_prefix=share)
+        s_ctx = response_logits(model, batch.ctx, kv=kv)
+    elif lam > 0 and not share:  # one stacked pass: the no-context rows are padded to the with-context length
         s_noctx, s_ctx = response_logits(model, both_sides(batch.noctx, batch.ctx, pad_id)).split(B)
     elif lam > 0:  # two passes, the shared context encoded once
         s_noctx = response_logits(model, batch.noctx, share_prefix=True)
