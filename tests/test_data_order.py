@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from training.trainer import batch_indices
+from training.data_order import batch_indices
 
 
 def original_batch_indices(step, n, batch_size, seed, rank=0, world=1):

@@ -208,7 +208,8 @@ def test_raising_a_studys_steps_continues_its_cells_like_a_longer_study(tmp_path
     from safetensors.torch import load_file
 
     from training.evaluate import fingerprint
-    from training.study import _paired, run_cell, run_study
+    from training.study import run_cell, run_study
+    from training.study.results import _paired
 
     grown = _small_study(tmp_path / "grow.toml", steps=2)
     run_study(load_study(grown, tmp_path / "a" / "runs", tmp_path / "a" / "results"), progress=False)

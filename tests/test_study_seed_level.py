@@ -10,7 +10,7 @@ import pytest
 
 from interp.errors import UserError
 from interp.runs import ExampleRow
-from training.study_results import compare, measure_model, measure_setting
+from training.study.seed_level import compare, measure_model, measure_setting
 
 
 def _row(i: int, *, a: bool, c: bool, la: bool = False, lc: bool = False, len_a: int = 5, len_c: int = 5,

@@ -13,7 +13,7 @@ from training.config import TrainConfig
 from training.losses import consistency_kl, evidence_mask, masked_mean
 from training.rollout import collate, response_logits, rollout
 from training.tasks import load_task
-from training.trainer import lora_model, micro_losses, sample_rollouts, step_losses
+from training.step import lora_model, micro_losses, sample_rollouts, step_losses
 
 
 def _kl(p_logits, q_logits):  # Σ_v p (log p − log q), per token

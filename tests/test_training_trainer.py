@@ -10,7 +10,8 @@ from interp.errors import UserError
 from interp.runs import EVAL_METRICS, read_examples
 from training.evaluate import EvalSettings, evaluate_run
 from training.rollout import both_sides, collate, response_logits, rollout
-from training.trainer import TrainConfig, TrainingError, batch_indices, checkpoints, train
+from training.data_order import batch_indices
+from training.trainer import TrainConfig, TrainingError, checkpoints, train
 
 TINY = dict(model="tiny-random-llama", task="persona", steps=2, batch_size=2, max_new_tokens=4, n_test=3, checkpoint_every=0, lr=1e-2)
 
@@ -129,9 +130,9 @@ def test_resume_ends_where_an_uninterrupted_run_does(tmp_path, monkeypatch):
 
     # the same run, killed during step 3 (after the checkpoint of step 2), then resumed
     killed = cfg(tmp_path, "killed", lam=1.0, anchor="ema", checkpoint_every=1, steps=3)
-    import training.trainer as trainer
+    import training.step as step
 
-    real, calls = trainer.reverse_kl, []
+    real, calls = step.reverse_kl, []
 
     def dies_at_step_3(*args, **kwargs):
         calls.append(1)
@@ -139,10 +140,10 @@ def test_resume_ends_where_an_uninterrupted_run_does(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "reverse_kl", dies_at_step_3)
+    monkeypatch.setattr(step, "reverse_kl", dies_at_step_3)
     with pytest.raises(KeyboardInterrupt):
         train(killed, progress=False)
-    monkeypatch.setattr(trainer, "reverse_kl", real)
+    monkeypatch.setattr(step, "reverse_kl", real)
     assert [p.name for p in checkpoints(tmp_path / "run" / "killed")] == ["step-000002"]
     assert not (tmp_path / "run" / "killed" / "adapter_model.safetensors").exists()
     train(killed, resume=True, progress=False)
@@ -211,16 +212,16 @@ def test_student_names_that_cannot_be_adapters(tmp_path, name):
 
 
 def test_nan_loss_stops_with_the_checkpoint_intact(tmp_path, monkeypatch):
-    import training.trainer as trainer
+    import training.step as step
 
-    real, calls = trainer.reverse_kl, []
+    real, calls = step.reverse_kl, []
 
     def nan_at_step_2(*args, **kwargs):
         calls.append(1)
         value = real(*args, **kwargs)
         return value * float("nan") if len(calls) == 2 else value
 
-    monkeypatch.setattr(trainer, "reverse_kl", nan_at_step_2)
+    monkeypatch.setattr(step, "reverse_kl", nan_at_step_2)
     c = cfg(tmp_path, "n", steps=3, checkpoint_every=1)
     with pytest.raises(TrainingError, match=r"loss became nan at step 2; the last good checkpoint is .*step-000001"):
         train(c, progress=False)
@@ -249,12 +250,12 @@ def test_eval_of_a_folder_that_is_not_a_run(tmp_path):
 
 
 def test_batch_that_does_not_fit_in_memory(tmp_path, monkeypatch):
-    import training.trainer as trainer
+    import training.step as step
 
     def no_memory(*args, **kwargs):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 GB")
 
-    monkeypatch.setattr(trainer, "response_logits", no_memory)
+    monkeypatch.setattr(step, "response_logits", no_memory)
     with pytest.raises(UserError, match="does not fit in memory.*lower --batch-size"):
         train(cfg(tmp_path, steps=1), progress=False)
 

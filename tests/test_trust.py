@@ -768,7 +768,7 @@ def test_json_is_written_strict_and_read_back_with_its_nans(tmp_path):
 
 def test_nan_is_shown_as_nan_and_undefined_as_a_dash():
     from interp.runs import format_stat, study_rows
-    from training.study import _fmt, _mean_sd
+    from training.study.results import _fmt, _mean_sd
 
     assert format_stat(None) == "–" and format_stat(math.nan) == "NaN" and format_stat(0.5, math.nan) == "0.50 ± NaN"
     assert _mean_sd({"mean": math.nan, "sd": None}) == "NaN" and _mean_sd({"mean": None, "sd": None}) == "–"

@@ -85,7 +85,7 @@ def pair(**kw):
     """Train the unregularized (λ=0) and the regularized student (--lam, --lam-warmup…) with the same seed and data
     order, then evaluate both."""
     from training.evaluate import EvalSettings
-    from training.trainer import prepare_out
+    from training.student_folder import prepare_out
     from training.trainer import train as run_train
 
     out = kw["out"]

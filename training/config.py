@@ -15,6 +15,7 @@ from interp.models import EMBEDDED, model_window
 from interp.pairs import NO_CONTEXT, PLACEMENTS
 from interp.runs import RESERVED_NAMES
 from interp.store import NAME_PATTERN, NAME_RULE
+from interp.typed import check_fields
 
 TEACHERS = ("base", "live")
 ANCHORS = ("student", "ema", "teacher")
@@ -92,8 +93,6 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, data: dict, source: str = "the settings") -> "TrainConfig":
-        from interp.typed import check_fields
-
         if not isinstance(data, dict):
             raise UserError(f"{source} is not a JSON object of settings")
         return cls(**check_fields(cls, data, source))

@@ -12,16 +12,29 @@ from typing import Sequence, cast
 import numpy as np
 import torch
 
+from interp.analysis import analyze_run
+from interp.degenerate import loop_rules
 from interp.errors import UserError
 from interp.generate import generate
 from interp.models import LoadedModel, check_safetensors, load_model
 from interp.pairs import render_prompt_pair
-from interp.runs import (ADAPTER_WEIGHTS, EVAL_DIR, EVAL_FILE, EVAL_TABLE, ExampleRow, ModelEval, RunInfo, adapter_dir,
-                         read_model_eval, read_run, write_examples, write_model_eval)
+from interp.runs import (
+    ADAPTER_WEIGHTS,
+    EVAL_DIR,
+    EVAL_FILE,
+    EVAL_TABLE,
+    ExampleRow,
+    ModelEval,
+    RunInfo,
+    adapter_dir,
+    read_model_eval,
+    read_run,
+    write_examples,
+    write_model_eval,
+)
 from interp.store import atomic_write_json
 from training import stats
 from training.tasks import SUITES, Example, load_task
-from interp.degenerate import loop_rules
 
 DEFAULT_NEW_TOKENS = 96  # long enough that clean answers end on their own; loops hit it (truncated_*)
 DEFAULT_BUDGETS = (32, 64)  # the answers are judged at these cut-offs too
@@ -353,8 +366,6 @@ def evaluate_run(
     write_examples(run_dir, rows)
     atomic_write_json(run_dir / EVAL_FILE, report)
     if layers:
-        from interp.analysis import analyze_run
-
         analyze_run(run_dir, lm=model(), progress=progress)
     return EvalResult(run_dir, report, format_table(report))
 

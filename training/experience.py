@@ -32,6 +32,9 @@ from typing import Optional, Sequence
 import typer
 
 from interp.errors import UserError
+from interp.generate import generate
+from interp.models import load_model
+from interp.pairs import has_chat_template, render_prompt_pair
 from interp.store import atomic_dir, atomic_write_text, check_out, read_json, read_jsonl
 from training.tasks import SUITES, Example, Task, load_task
 
@@ -141,9 +144,6 @@ def attempt(lm, task: Task, settings: ExperienceSettings, progress: bool = False
     """`samples` answers per chosen training prompt, without the suite's context, graded by the example's verifier."""
     from tqdm.auto import tqdm
 
-    from interp.generate import generate
-    from interp.pairs import render_prompt_pair
-
     tok = lm.tokenizer
     jobs = [(i, s) for i in chosen_prompts(task, settings) for s in range(settings.samples)]
     ids = {i: list(render_prompt_pair(tok, task.train[i].context, task.train[i].prompt, task.placement).noctx_ids)
@@ -207,9 +207,6 @@ def lessons_prompt(traces: Sequence[Trace], max_examples: int, seed: int) -> str
 
 def write_lessons(writer, prompt: str, max_new_tokens: int) -> str:
     """The writer's greedy answer to the lessons prompt, as a user turn (plain text for a model without a template)."""
-    from interp.generate import generate
-    from interp.pairs import has_chat_template
-
     tok = writer.tokenizer
     if has_chat_template(tok):
         ids = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True, add_generation_prompt=True)
@@ -260,8 +257,6 @@ def read_traces(path: str | Path, task: Task, settings: ExperienceSettings) -> l
 
 def build(settings: ExperienceSettings, *, traces_from: str | Path | None = None, lm=None, progress: bool = False) -> Experience:
     """Attempt, grade and write the experience (in memory; `write` puts it on disk)."""
-    from interp.models import load_model
-
     settings.check()
     task = load_source(settings)
     if traces_from is not None:

@@ -1,0 +1,148 @@
+"""Running a study: every unfinished cell trained (or resumed) and evaluated, one process per job, with one progress
+bar and, at the end, the time each cell took. A killed study resumes where it stopped."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+from interp.errors import UserError
+from interp.models import quiet_known_warnings
+from interp.runs import read_model_eval
+from interp.store import folder_lock
+from training.checkpoints import list_checkpoints as checkpoints
+from training.evaluate import evaluate_run
+from training.study.plan import Cell, Study, check_cells, check_results, format_hours
+from training.study.results import write_results
+from training.study.study_file import load_study
+from training.trainer import train
+
+# --- running ---------------------------------------------------------------------------------------------------------
+
+
+def run_cell(cell: Cell, on_step=None) -> None:
+    """Train (or resume, or skip) one cell, then evaluate its student (and the base model, once per run folder)."""
+    if not cell.trained():
+        resume = bool(checkpoints(cell.out)) and (cell.out / "train_config.json").exists()
+        train(cell.config(), resume=resume, overwrite=not resume, progress=False, on_step=on_step)
+    if not cell.evaluated():
+        evaluate_run(cell.run_dir, settings=cell.study.eval, models=[cell.student.name], layers=False)
+
+
+def _die_with_parent() -> None:
+    """A cell process ends when the study process does (killed or not): an orphan would go on training unseen."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the pool's own clean-up still applies on a normal exit
+        pass
+
+
+def _worker(args):
+    source, runs_dir, results_dir, index, threads, queue = args
+    import torch
+
+    quiet_known_warnings()
+    torch.set_num_threads(threads)
+    study = load_study(source, runs_dir, results_dir)
+    cell = study.cells()[index]
+    t0 = time.time()
+    run_cell(cell, on_step=lambda s, n: queue.put(("step", 1)))
+    return index, time.time() - t0
+
+
+def run_study(study: Study, jobs: int = 1, progress: bool = True) -> dict:
+    """Run every unfinished cell (`jobs` processes at a time), then write the study's results. The results folder
+    is locked for the whole run: a second study writing the same results/<name>/ is refused, not interleaved."""
+    if jobs < 1:
+        raise UserError(f"--jobs must be at least 1 (got {jobs})")
+    check_results(study)
+    with folder_lock(study.results_dir / study.name, hint="another study writes these results; wait for it to finish "
+                                                          "or choose another --results-dir"):
+        return _run_study(study, jobs, progress)
+
+
+def _run_study(study: Study, jobs: int, progress: bool) -> dict:
+    from tqdm.auto import tqdm
+
+    check_results(study)
+    check_cells(study)
+    cells = study.cells()
+    # A re-scored suite's cells share their student folders with the suite they are re-scored from: each folder
+    # trains and answers once (the first cell that names it), and the others read its answers.
+    units = study.trained_cells()
+    todo = [i for i in units if not (cells[i].trained() and cells[i].evaluated())]
+    # One bar for the whole grid, in training steps (an evaluation counts as a few steps' worth of time).
+    eval_steps = max(1, study.steps // 5)
+    total = sum(study.steps + eval_steps for _ in units)
+    done = sum(study.steps + eval_steps if i not in todo else cells[i].trained_steps() for i in units)
+    bar = tqdm(total=total, initial=done, desc=f"study {study.name}", unit="step", disable=not progress, smoothing=0.05)
+    times: dict[str, float] = {}
+    t_start = time.perf_counter()
+    try:
+        if jobs == 1:
+            for i in todo:
+                cell = cells[i]
+                bar.set_postfix_str(cell.label())
+                t0 = time.perf_counter()
+                run_cell(cell, on_step=lambda s, n: bar.update(1))
+                times[cell.label()] = time.perf_counter() - t0
+                bar.update(eval_steps)
+                write_results(study)
+        else:
+            times.update(_run_parallel(study, todo, jobs, bar, eval_steps))
+    finally:
+        bar.close()
+    data = write_results(study)
+    if times and progress:
+        print(cell_times(times, time.perf_counter() - t_start, jobs))
+    return data
+
+
+def cell_times(times: dict[str, float], wall: float, jobs: int) -> str:
+    """What the cells of this run took: per cell (training from where it stood, and its evaluation) and in all."""
+    values = sorted(times.values())
+    lines = [f"{len(values)} cells in {format_hours(wall)} of wall time with {jobs} job(s): {statistics.median(values) / 60:.1f} min "
+             f"per cell (median; {values[0] / 60:.1f}–{values[-1] / 60:.1f}), {format_hours(sum(values))} of cell time"]
+    lines += [f"  {label:<48} {seconds / 60:6.1f} min" for label, seconds in times.items()]
+    return "\n".join(lines)
+
+
+def _run_parallel(study: Study, todo: list[int], jobs: int, bar, eval_steps: int) -> dict[str, float]:
+    """Cells in `jobs` spawned processes, each with its share of the cores; the base model's evaluation of a run
+    folder is done before its students' cells start, so two processes never evaluate it at once."""
+    import multiprocessing as mp
+
+    cells = study.cells()
+    for run_dir in dict.fromkeys(cells[i].run_dir for i in todo):
+        if read_model_eval(run_dir, "base") is None and (run_dir / "run.json").exists():
+            evaluate_run(run_dir, settings=study.eval, models=[], layers=False)
+    ctx = mp.get_context("spawn")
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    from multiprocessing.managers import SyncManager
+
+    # The manager process, like the cells, ends with the study process (killed or not): an orphaned manager would
+    # hold the resource tracker's pipe open and both would outlive a `kill -9`.
+    manager = SyncManager(ctx=ctx)
+    manager.start(_die_with_parent)
+    with manager:
+        queue = manager.Queue()
+        with ctx.Pool(jobs, initializer=_die_with_parent) as pool:
+            args = [(study.source, str(study.runs_dir), str(study.results_dir), i, threads, queue) for i in todo]
+            pending = pool.imap_unordered(_worker, args)
+            times: dict[str, float] = {}
+            while len(times) < len(todo):
+                while not queue.empty():
+                    queue.get()
+                    bar.update(1)
+                try:
+                    index, seconds = pending.next(timeout=1.0)
+                except mp.TimeoutError:
+                    continue
+                times[cells[index].label()] = seconds
+                bar.update(eval_steps)
+                write_results(study)
+    return times
