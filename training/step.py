@@ -125,9 +125,9 @@ def micro_losses(model, peft_model, teacher_lm, cfg: TrainConfig, batch: Batch, 
     if lam > 0 and cfg.cons_prefix == "fixed" and batch.ctx.prefix >= MIN_SHARED_PREFIX:
         # The context's keys and values held fixed: the same forward, no gradient (and no backward) through them.
         with torch.no_grad():
-            kv = prefix_cache(model, batch.ctx)
+            held = prefix_cache(model, batch.ctx)
         s_noctx = response_logits(model, batch.noctx, share_prefix=share)
-        s_ctx = response_logits(model, batch.ctx, kv=kv)
+        s_ctx = response_logits(model, batch.ctx, kv=held)
     elif lam > 0 and not share:  # one stacked pass: the no-context rows are padded to the with-context length
         s_noctx, s_ctx = response_logits(model, both_sides(batch.noctx, batch.ctx, pad_id)).split(B)
     elif lam > 0:  # two passes, the shared context encoded once
@@ -166,7 +166,7 @@ def micro_losses(model, peft_model, teacher_lm, cfg: TrainConfig, batch: Batch, 
     else:
         L_opd = cross_entropy(s_noctx, batch.targets, mask)
     # detached inside: no gradient reaches the anchor
-    L_cons = consistency_kl(s_noctx if anchor is None else anchor, s_ctx, batch.mask, chunk=cfg.chunk) if lam > 0 else None
+    L_cons = consistency_kl(s_noctx if anchor is None else anchor, s_ctx, batch.mask, chunk=cfg.chunk) if s_ctx is not None else None
     loss = L_opd + lam * L_cons if L_cons is not None else L_opd
     out = {"loss": loss, "L_opd": L_opd.detach(), "L_cons": None if L_cons is None else L_cons.detach()}
     if cfg.evidence_mask is not None:
