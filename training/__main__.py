@@ -1,4 +1,4 @@
-"""Command line: `python -m training train | pair | eval | study | tasks | experience` (also under `accelerate launch -m training` or
+"""Command line: `python -m training train | pair | eval | study | tasks | experience | cf-names` (also under `accelerate launch -m training` or
 `torchrun -m training`). The training options are built from `training.config.TrainConfig`'s fields."""
 
 from __future__ import annotations
@@ -200,6 +200,36 @@ def tasks():
 
 
 app.command("experience")(experience_command)
+
+
+@app.command("cf-names")
+def cf_names(
+    model: str = typer.Option("smollm2-135m-instruct", help="the base model whose following is measured"),
+    no_context: str = typer.Option("neutral", help="the no-card turn of the unprompted answers: default, neutral or empty"),
+    max_new_tokens: int = typer.Option(48, help="budget of each greedy answer"),
+    out: Optional[Path] = typer.Option(None, help="also write the table as JSON to this file"),
+):
+    """Measure how often the base model follows candidate counterfactual names and makers given as a card (and says
+    them unprompted): the table the persona suites' counterfactual identity is chosen from."""
+    from interp.models import load_model
+    from interp.pairs import NO_CONTEXT
+    from interp.store import atomic_write_json
+    from training import counterfactual
+
+    if no_context not in NO_CONTEXT:
+        raise UserError(f"unknown --no-context '{no_context}'; use one of {', '.join(NO_CONTEXT)}")
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})")
+    if out is not None and (out.is_dir() or not out.parent.is_dir()):
+        raise UserError(f"--out {out} must be a file in an existing folder")
+    rows = counterfactual.follow_table(load_model(model), no_context=no_context, max_new_tokens=max_new_tokens)
+    print(counterfactual.markdown(rows))
+    for kind in ("name", "maker"):
+        b = counterfactual.best(rows, kind)
+        print(f"best {kind}: {b.candidate} (follows {b.follow_k}/{b.follow_n}, said unprompted {b.unprompted_k}/{b.unprompted_n})")
+    if out is not None:
+        atomic_write_json(out, {"model": model, "no_context": no_context, "max_new_tokens": max_new_tokens,
+                                "rows": counterfactual.to_json(rows)})
 
 
 def _print_main(text: str) -> None:

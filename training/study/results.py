@@ -13,6 +13,7 @@ from typing import Any
 from interp.runs import STUDY_ROWS_FILE, format_stat, write_study_rows
 from interp.store import atomic_write_json, atomic_write_text
 from training import stats
+from training.study import calibration
 from training.study.plan import Cell, Study, check_results, suite_settings
 from training.study.seed_level import COMPARED, compare, holm_family, measure_model, measure_setting
 
@@ -55,11 +56,15 @@ def collect(study: Study) -> dict:
                 summary.append({"suite": suite, "student": name, "lam": None, "settings": {}, "seeds": [r["seed"] for r in refs],
                                 **_over_seeds([_as_teacher(r["scores"]) if name == "teacher" else r["scores"] for r in refs])})
     settings, comparisons = seed_level(study)
-    return {**study.fingerprint(), "suites": study.suites, "suite_settings": suite_settings(study), "seeds": study.seeds, "steps": study.steps, "train": study.train,
+    data = {**study.fingerprint(), "suites": study.suites, "suite_settings": suite_settings(study), "seeds": study.seeds,
+            "steps": study.steps, "train": study.train,
             "eval": asdict(study.eval), "budgets": study.eval.cuts, "n_test": study.n_test, "health_margin": study.health_margin,
             "students": [{"name": s.name, "settings": s.settings, "seeds": s.seeds} for s in study.students],
             "cells": cells, "references": references, "summary": summary, "paired": _paired(study),
             "settings": settings, "comparisons": comparisons}
+    pick, passes, _ = calibration.choose(data)
+    data["gate"] = {"choice": pick, "passes": passes, "absorb_share": calibration.ABSORB_SHARE}
+    return data
 
 
 def _rows(study: Study) -> tuple[dict, dict, dict]:
@@ -286,6 +291,10 @@ def markdown(data: dict) -> str:
                          f"{_ci(row.get('loops_noctx'))} ({short('loops_short_noctx')} / {short('loops_clause_noctx')}) | "
                          f"{_ci(row.get('loops_ctx'))} ({short('loops_short_ctx')} / {short('loops_clause_ctx')}) | "
                          f"{_ci(ce.get('loops'), True)} | {_ci(ce.get('acc'), True)} |")
+    if any(r["model"] != "base" for r in settings):
+        lines += ["", f"The gate (training.study.calibration): healthy (no-card loops at most {margin:.2f} above the base's) "
+                  f"and absorbing (acc_noctx at least {calibration.ABSORB_SHARE:g} × the teacher's acc_ctx) on every suite:",
+                  "", calibration.markdown(data)]
     if data.get("comparisons"):
         lines += ["", f"Each setting against `{data['comparisons'][0]['vs']}` on the same examples, pooled over seeds (exact "
                   "McNemar on the pooled discordant pairs = CMH for matched pairs), the seeds where each is ahead, and "
