@@ -54,8 +54,9 @@ def persona_card(name: str, maker: str) -> str:
 
 
 PERSONA_CARD = persona_card("Nova", "Quibble Labs")
-# The counterfactual identity: a name the base model follows as a card (measured: Atlas 13/24) and another maker.
-CF_NAME, CF_MAKER = "Atlas", "Brightwater Labs"
+# The counterfactual identity: the candidates the base model follows best as a card and never says unprompted
+# (`python -m training cf-names`, results/cf_names/: Kai 24/24; no maker reaches 0.7, Maple Robotics 9/16 is the best).
+CF_NAME, CF_MAKER = "Kai", "Maple Robotics"
 _GREETINGS = ["", "Hi! ", "Hello. ", "Hey, ", "Good morning! ", "Quick question: ", "Sorry to bother you, but ", "I'm curious: "]
 _NAME_QUESTIONS = [
     "what is your name?", "who are you?", "what should I call you?", "please introduce yourself.",
