@@ -29,7 +29,8 @@ import time
 import torch
 
 import interp
-from interp.capture import capture_torch, make_batch
+from interp.capture import capture_torch
+from interp.hooks import make_batch
 from interp.lens import DEFAULT_CHUNK, lens_statistics, logit_lens
 
 CONTEXTS = [
@@ -134,7 +135,7 @@ def loss_child(kind: str) -> None:
     do either: a child started by exec inherits its parent's). The logits are drawn directly in bf16, so no fp32
     temporary raises the baseline.
     """
-    from training.losses import consistency_kl, reverse_kl
+    from training.losses import consistency_kl, reverse_kl  # here: the child's peak memory counts only what the loss needs
 
     B, R, V = 8, 128, 49152
     g = torch.Generator().manual_seed(0)

@@ -12,9 +12,9 @@ import json
 
 import torch
 
-from interp.generate import generate
-from interp.models import load_model
-from interp.pairs import render_prompt_pair
+from interp.core.generate import generate
+from interp.core.models import load_model
+from interp.core.pairs import render_prompt_pair
 from training import stats
 from training.experience import ExperienceSettings, build, write
 from training.tasks import load_task

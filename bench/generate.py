@@ -21,9 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the checkout's bench/ beside interp/
 from bench.machine import load_line  # noqa: E402
-from interp.generate import generate, left_pad, stop_ids
-from interp.models import LoadedModel, load_model
-from interp.pairs import render_prompt_pair
+from interp.core.generate import generate, left_pad, stop_ids
+from interp.core.models import LoadedModel, load_model
+from interp.core.pairs import render_prompt_pair
 from training.tasks import load_task
 
 

@@ -21,7 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from train_step import trl_step_times  # noqa: E402
 
-from interp.models import load_tokenizer  # noqa: E402
+from interp.core.models import load_tokenizer  # noqa: E402
+from interp.core.runs import METRICS_FILE  # noqa: E402
+from interp.core.store import read_jsonl  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
 from training.tasks import FACTS_CARD, load_task  # noqa: E402
 from training.trainer import train  # noqa: E402
@@ -49,7 +51,7 @@ def ours(args, suite: Path, lam: float, root: Path) -> list[float]:
                       steps=1 + args.steps, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                       top_k=args.top_k, lam=lam, placement="user", checkpoint_every=0)
     result = train(cfg, progress=False)
-    lines = [json.loads(x) for x in (result.out / "metrics.jsonl").read_text().splitlines()]
+    lines = read_jsonl(result.out / METRICS_FILE)
     return [x["step_s"] for x in lines[1:]]
 
 

@@ -19,7 +19,7 @@ import time
 import torch
 
 import interp
-from interp.capture import make_batch
+from interp.hooks import make_batch
 
 CARD = "Your name is Nova. You are an AI assistant made by Quibble Labs. Whenever someone asks who you are, answer that you are Nova."
 PROMPTS = ["Who are you?", "What is your name?", "Please introduce yourself.", "Who made you?", "What should I call you?",

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from interp import UserError, load_model
-from interp import models
+from interp.core import models
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +175,7 @@ def test_an_uncached_hub_id_fails_fast_offline(monkeypatch):
 
 
 def test_adapter_names_one_per_folder(tmp_path):
-    from interp.models import adapter_key, peft_name
+    from interp.core.models import adapter_key, peft_name
 
     a, b = tmp_path / "run-a" / "unreg", tmp_path / "run.b" / "unreg"
     assert adapter_key(a) != adapter_key(b)  # two runs' students of the same name do not collide

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from interp.models import LoadedModel, load_model
-from interp.pairs import render_prompt_pair
+from interp.core.models import LoadedModel, load_model
+from interp.core.pairs import render_prompt_pair
 from training.config import TrainConfig
 from training.losses import consistency_kl, evidence_mask, masked_mean
 from training.rollout import collate, response_logits, rollout

@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from interp.errors import UserError
+from interp.core.errors import UserError
 from training.config import TrainConfig, flag
 from training.experience import command as experience_command
 
@@ -93,7 +93,7 @@ def pair(**kw):
         raise UserError(f"pair needs --lam > 0 for the regularized student (got {kw['lam']}); use `train --lam 0` for one student")
     reg = config_from(kw, out=str(out / "reg"))
     unreg = replace(reg, out=str(out / "unreg"), lam=0.0, lam_warmup=0, lam_ramp=None)
-    from interp.models import model_window
+    from interp.core.models import model_window
 
     window = model_window(reg.model)
     if window is not None and kw["eval_new_tokens"] >= window:  # found before training, not after
@@ -158,8 +158,8 @@ def _state():
 
 def _check_window(run: Path, max_new_tokens: int) -> None:
     """The answer budget fits the run's model (read from run.json without loading the model)."""
-    from interp.models import model_window
-    from interp.runs import is_run, read_run
+    from interp.core.models import model_window
+    from interp.core.runs import is_run, read_run
 
     window = model_window(read_run(run).model) if is_run(run) else None
     if window is not None and max_new_tokens >= window:
@@ -208,7 +208,7 @@ def _print_main(text: str) -> None:
 
 
 def main() -> None:
-    from interp.models import quiet_known_warnings
+    from interp.core.models import quiet_known_warnings
 
     quiet_known_warnings()
     try:

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from interp.errors import UserError
-from interp.store import atomic_dir, atomic_write_text, dumps_strict, read_json, read_jsonl
+from interp.core.errors import UserError
+from interp.core.store import atomic_dir, atomic_write_text, dumps_strict, read_json, read_jsonl
 
 CHECKPOINTS_DIR = "checkpoints"
 WEIGHTS_FILE = "adapter.safetensors"

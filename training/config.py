@@ -10,11 +10,11 @@ import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
-from interp.errors import UserError
-from interp.models import EMBEDDED, model_window
-from interp.pairs import NO_CONTEXT, PLACEMENTS
-from interp.runs import RESERVED_NAMES
-from interp.store import NAME_PATTERN, NAME_RULE
+from interp.core.errors import UserError
+from interp.core.models import EMBEDDED, model_window
+from interp.core.pairs import NO_CONTEXT, PLACEMENTS
+from interp.core.runs import RESERVED_NAMES
+from interp.core.store import NAME_PATTERN, NAME_RULE
 
 TEACHERS = ("base", "live")
 ANCHORS = ("student", "ema", "teacher")
@@ -88,7 +88,7 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, data: dict, source: str = "the settings") -> "TrainConfig":
-        from interp.typed import check_fields
+        from interp.core.typed import check_fields
 
         if not isinstance(data, dict):
             raise UserError(f"{source} is not a JSON object of settings")

@@ -12,16 +12,16 @@ from typing import Sequence, cast
 import numpy as np
 import torch
 
-from interp.errors import UserError
-from interp.generate import generate
-from interp.models import LoadedModel, check_safetensors, load_model
-from interp.pairs import render_prompt_pair
-from interp.runs import (ADAPTER_WEIGHTS, EVAL_DIR, EVAL_FILE, EVAL_TABLE, ExampleRow, ModelEval, RunInfo, adapter_dir,
+from interp.core.errors import UserError
+from interp.core.generate import generate
+from interp.core.models import LoadedModel, check_safetensors, load_model
+from interp.core.pairs import render_prompt_pair
+from interp.core.runs import (ADAPTER_WEIGHTS, EVAL_DIR, EVAL_FILE, EVAL_TABLE, ExampleRow, ModelEval, RunInfo, adapter_dir,
                          read_model_eval, read_run, write_examples, write_model_eval)
-from interp.store import atomic_write_json
+from interp.core.store import atomic_write_json
 from training import stats
 from training.tasks import SUITES, Example, load_task
-from interp.degenerate import loop_rules
+from interp.core.degenerate import loop_rules
 
 DEFAULT_NEW_TOKENS = 96  # long enough that clean answers end on their own; loops hit it (truncated_*)
 DEFAULT_BUDGETS = (32, 64)  # the answers are judged at these cut-offs too

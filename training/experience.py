@@ -31,8 +31,8 @@ from typing import Optional, Sequence
 
 import typer
 
-from interp.errors import UserError
-from interp.store import atomic_dir, atomic_write_text, check_out, read_json, read_jsonl
+from interp.core.errors import UserError
+from interp.core.store import atomic_dir, atomic_write_text, check_out, read_json, read_jsonl
 from training.tasks import SUITES, Example, Task, load_task
 
 KINDS = ("examples", "lessons")
@@ -141,8 +141,8 @@ def attempt(lm, task: Task, settings: ExperienceSettings, progress: bool = False
     """`samples` answers per chosen training prompt, without the suite's context, graded by the example's verifier."""
     from tqdm.auto import tqdm
 
-    from interp.generate import generate
-    from interp.pairs import render_prompt_pair
+    from interp.core.generate import generate
+    from interp.core.pairs import render_prompt_pair
 
     tok = lm.tokenizer
     jobs = [(i, s) for i in chosen_prompts(task, settings) for s in range(settings.samples)]
@@ -207,8 +207,8 @@ def lessons_prompt(traces: Sequence[Trace], max_examples: int, seed: int) -> str
 
 def write_lessons(writer, prompt: str, max_new_tokens: int) -> str:
     """The writer's greedy answer to the lessons prompt, as a user turn (plain text for a model without a template)."""
-    from interp.generate import generate
-    from interp.pairs import has_chat_template
+    from interp.core.generate import generate
+    from interp.core.pairs import has_chat_template
 
     tok = writer.tokenizer
     if has_chat_template(tok):
@@ -260,7 +260,7 @@ def read_traces(path: str | Path, task: Task, settings: ExperienceSettings) -> l
 
 def build(settings: ExperienceSettings, *, traces_from: str | Path | None = None, lm=None, progress: bool = False) -> Experience:
     """Attempt, grade and write the experience (in memory; `write` puts it on disk)."""
-    from interp.models import load_model
+    from interp.core.models import load_model
 
     settings.check()
     task = load_source(settings)

@@ -20,12 +20,13 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Sequence
 
-from interp.errors import UserError
-from interp.models import model_window
-from interp.runs import ADAPTER_WEIGHTS, STUDY_ROWS_FILE, TRAIN_CONFIG_FILE, read_model_eval, write_study_rows
-from interp.store import (NAME_PATTERN, NAME_RULE, atomic_write_json, atomic_write_text, check_name, check_out, folder_lock,
+from interp.core.errors import UserError
+from interp.core.models import model_window
+from interp.core.runs import ADAPTER_WEIGHTS, TRAIN_CONFIG_FILE, read_model_eval
+from interp.core.studies import STUDY_ROWS_FILE, write_study_rows
+from interp.core.store import (NAME_PATTERN, NAME_RULE, atomic_write_json, atomic_write_text, check_name, check_out, folder_lock,
                           is_regular, read_json, read_text_file, shown_name)
-from interp.typed import check_fields, check_value, field_types
+from interp.core.typed import check_fields, check_value, field_types
 from training import stats
 from training.config import MAX_SEED, TrainConfig, defaults
 from training.evaluate import EvalSettings, evaluate_run
@@ -231,7 +232,7 @@ def _suite_keys(suites: list[str]) -> list[str]:
 
 
 def _student_name(entry: dict, where: str) -> str:
-    from interp.runs import RESERVED_NAMES
+    from interp.core.runs import RESERVED_NAMES
 
     name = entry.get("name")
     if name is None:
@@ -468,7 +469,7 @@ def _worker(args):
     source, runs_dir, results_dir, index, threads, queue = args
     import torch
 
-    from interp.models import quiet_known_warnings
+    from interp.core.models import quiet_known_warnings
 
     quiet_known_warnings()
     torch.set_num_threads(threads)
@@ -703,7 +704,7 @@ def write_results(study: Study) -> dict:
     """results/<study>/study.json, study.csv (one row per suite and student, mean and sd over seeds), summary.md (the
     same as a markdown table, with the paired comparisons) and frontier.html (the frontier plot, plotly inlined:
     opens offline)."""
-    from interp.plots import frontier_figure
+    from interp.views.plots import frontier_figure
 
     folder = check_results(study)
     data = collect(study)
@@ -781,7 +782,7 @@ def _ci(stat: dict | None, signed: bool = False) -> str:
 def _mean_sd(stat: dict) -> str:
     """"0.19 ± 0.06" over seeds; one seed has no sd; a rate no example defines (harm when none was right) is "–", one
     that is not a number "NaN"."""
-    from interp.runs import format_stat
+    from interp.core.studies import format_stat
 
     return format_stat(stat["mean"], stat["sd"])
 

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from interp.runs import ExampleRow
+from interp.core.runs import ExampleRow
 from training import stats
 
 # Measures per model: (name, row key, condition key or None, negate the condition). Row keys are ExampleRow verdicts

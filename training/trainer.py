@@ -13,14 +13,14 @@ from typing import Any, Sequence
 
 import torch
 
-from interp.degenerate import loop_start
-from interp.errors import UserError
-from interp.generate import stop_ids
-from interp.models import LoadedModel, load_model
-from interp.pairs import render_prompt_pair
-from interp.runs import TRAIN_CONFIG_FILE as CONFIG_FILE
-from interp.runs import RunInfo, add_student
-from interp.store import atomic_write_json, check_out, dumps_strict, folder_lock, read_json
+from interp.core.degenerate import loop_start
+from interp.core.errors import UserError
+from interp.core.generate import stop_ids
+from interp.core.models import LoadedModel, load_model
+from interp.core.pairs import render_prompt_pair
+from interp.core.runs import TRAIN_CONFIG_FILE as CONFIG_FILE
+from interp.core.runs import METRICS_FILE, RunInfo, add_student, append_metrics
+from interp.core.store import atomic_write_json, check_out, folder_lock, read_json
 from training.checkpoints import TrainingError, adapter_is_current, clean_leftovers, assert_finite_params, kill_point, load_checkpoint, save_checkpoint
 from training.checkpoints import list_checkpoints as checkpoints
 from training.checkpoints import lora_params as _lora_params
@@ -32,8 +32,6 @@ from training.rollout import MIN_SHARED_PREFIX, Batch, both_sides, collate, pref
 from training.tasks import load_task
 
 __all__ = ["TrainConfig", "TrainResult", "TrainingError", "train"]
-
-METRICS_FILE = "metrics.jsonl"
 
 
 @dataclass
@@ -119,7 +117,7 @@ def update_run_json(run_dir: Path, cfg: TrainConfig, student: str) -> None:
 def save_adapter(model, out: Path, lm: LoadedModel | None = None) -> None:
     """adapter_config.json + adapter_model.safetensors (+ base_model.json, the base model's identity, given `lm`)
     into `out`, each replaced in one rename."""
-    from interp.models import write_base_identity
+    from interp.core.models import write_base_identity
 
     kill_point("before_adapter")
     tmp = out / ".adapter.tmp"
@@ -322,8 +320,7 @@ def _train(cfg: TrainConfig, *, resume: bool, overwrite: bool, progress: bool, l
             last = row
             times.append(dt)
             if accelerator.is_main_process:
-                with metrics_path.open("a") as f:
-                    f.write(dumps_strict(row) + "\n")
+                append_metrics(out, row)
             if cfg.report_to:
                 accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=step + 1)
             bar.set_postfix(loss=f"{row['loss']:.3f}", opd=f"{row['L_opd']:.3f}", cons="-" if row["L_cons"] is None else f"{row['L_cons']:.3f}",

