@@ -19,14 +19,16 @@ from interp.causal import artifacts  # noqa: E402
 from interp.causal.forensics import explain  # noqa: E402
 from interp.core import runs  # noqa: E402
 from interp.core.errors import UserError  # noqa: E402
-from interp.core.models import BUILTIN_SPECS, adapter_key  # noqa: E402
+from interp.core.adapters import adapter_key  # noqa: E402
+from interp.core.models import BUILTIN_SPECS  # noqa: E402
+from interp.core.settings import AnalysisSettings  # noqa: E402
 from interp.core.students import open_student  # noqa: E402
 from interp.core.studies import is_study, read_study  # noqa: E402
 from interp.views import causal as views_causal  # noqa: E402
 from interp.views import plots, tables  # noqa: E402
 
 VIEWS = ("Layer divergence", "Logit lens", "Attention", "Internalization", "Training")
-LIVE_DEFAULT_MODEL = "smollm2-135m-instruct"
+LIVE_DEFAULT_MODEL = AnalysisSettings.model
 # Seconds the hidden views wait on a session's first page (see draw_first_view_first).
 FIRST_PAINT_S = float(os.environ.get("LAYERS_FIRST_PAINT_S", "1.5"))
 NO_ADAPTER = "none (base model)"
@@ -107,7 +109,7 @@ def cached_layers(path: str, stamp: tuple) -> dict:
 
 
 def _causal_stamp(path: str) -> tuple:
-    root = Path(path) / "causal"
+    root = Path(path) / runs.CAUSAL_DIR
     if not root.is_dir():
         return ()
     return tuple(sorted((str(p.relative_to(root)), p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()))
@@ -447,7 +449,7 @@ def show_live(summary) -> None:
                             key="live_response")
     c1, c2, c3, c4 = st.columns([3, 3, 2, 2])
     spec = c1.text_input("Model", default_model, key="live_model",
-                         help="smollm2-135m-instruct (embedded), tiny-random-llama, a Hugging Face id or a folder")
+                         help=AnalysisSettings.help("model"))
     choices = adapter_choices(summary)
     picked = c2.selectbox("Adapter", list(choices), key="live_adapter")
     adapter = choices[picked]

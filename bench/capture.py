@@ -30,6 +30,7 @@ import torch
 
 import interp
 from interp.capture import capture_torch
+from interp.core.models import EMBEDDED
 from interp.hooks import make_batch
 from interp.lens import DEFAULT_CHUNK, lens_statistics, logit_lens
 
@@ -205,7 +206,7 @@ def peak_memory(kind: str, args, pairs_file: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--model", default=EMBEDDED)
     parser.add_argument("--pairs", type=int, default=32)
     parser.add_argument("--response-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8)

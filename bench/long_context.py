@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from train_step import trl_step_times  # noqa: E402
 
-from interp.core.models import load_tokenizer  # noqa: E402
+from interp.core.models import EMBEDDED, load_tokenizer  # noqa: E402
 from interp.core.runs import METRICS_FILE  # noqa: E402
 from interp.core.store import read_jsonl  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
@@ -57,7 +57,7 @@ def ours(args, suite: Path, lam: float, root: Path) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--model", default=EMBEDDED)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--top-k", type=int, default=100)

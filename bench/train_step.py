@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from interp.core.models import load_model
+from interp.core.models import EMBEDDED, load_model
 from interp.core.runs import METRICS_FILE
 from interp.core.store import read_jsonl
 from training.tasks import load_task
@@ -80,7 +80,7 @@ def trl_step_times(args, root: Path, task: str, placement_user: bool = False) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--model", default=EMBEDDED)
     parser.add_argument("--task", default="persona")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=32)

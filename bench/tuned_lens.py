@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from interp.core.models import base_identity, load_model
+from interp.core.adapters import base_identity
+from interp.core.models import EMBEDDED, load_model
 from interp.core.store import atomic_write_json, atomic_write_text, read_jsonl
 from interp.tuned_lens import (SAMPLES_FILE, TuneSettings, _pairs, heldout_kl, load_lens, model_dir, resolve_lens,
                                tune_lens)
@@ -31,7 +32,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("phase", choices=["student", "report"], help="student: train the student's own lens (it can run "
                         "while the base's trains, once the base's answers are sampled); report: measure and write")
-    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--model", default=EMBEDDED)
     parser.add_argument("--adapter", type=Path, help="a student adapter folder (transfer); left out: the base's table only")
     parser.add_argument("--student-lens", type=Path, default=Path("/tmp/student-tuned-lens"), help="where the student's own lens is trained")
     parser.add_argument("--steps", type=int, default=TuneSettings().steps, help="the student lens's steps (as the base's)")

@@ -14,7 +14,8 @@ from interp.attention import AttentionMeans
 from interp.capture import get_backend
 from interp.core import distributed
 from interp.core.errors import UserError
-from interp.core.models import load_model, unembed
+from interp.core.archs import unembed
+from interp.core.models import load_model
 from interp.core.pairs import Pair, SCOPES, pair_from_ids, render_prompt_pair
 from interp.core.remote import remote_target
 from interp.core.runs import read_examples, read_run

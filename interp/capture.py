@@ -9,9 +9,9 @@ from typing import Callable
 import torch
 
 from interp.attention import reduce_attention
-from interp.core.archs import arch_of, attention_module, block_input, block_output, eager_attention, inner_model
+from interp.core.archs import (arch_of, attention_module, block_input, block_output, decoder_layers, eager_attention,
+                               inner_model)
 from interp.core.errors import UserError
-from interp.core.models import decoder_layers
 from interp.core.remote import remote_envoy
 from interp.hooks import Batch, batch_to, envoy, gather_tokens, model_inputs, nnsight_model
 

@@ -12,7 +12,7 @@ with A_l and b_l zero at the start (the translator starts as the identity, so tr
 and trained to minimise KL(final ‖ tuned_l) on the model's own tokens. The last layer has no translator: there the
 tuned lens is the logit lens, exactly. Its authors report that a lens trained on a base model transfers to its
 fine-tunes, so the toolkit keeps one lens per base model, keyed by the identity adapters carry
-(`interp.core.models.base_identity`), and reads every student of that base with it.
+(`interp.core.adapters.base_identity`), and reads every student of that base with it.
 
 The package itself is not a dependency: it needs wandb, datasets, torchdata and accelerate, saves translators with
 `torch.save` and loads them with `torch.load` (the toolkit never unpickles a user file), and reads
@@ -45,7 +45,9 @@ import torch
 from interp.capture import capture_torch
 from interp.core.errors import UserError
 from interp.core.generate import generate
-from interp.core.models import base_identity, cache_dir, check_safetensors, unembed
+from interp.core.adapters import base_identity, check_safetensors
+from interp.core.archs import unembed
+from interp.core.models import cache_dir
 from interp.core.pairs import pair_from_ids, render_prompt_pair
 from interp.core.settings import LENS_KINDS
 from interp.core.store import atomic_dir, atomic_write_json, atomic_write_text, folder_lock, read_json, read_jsonl

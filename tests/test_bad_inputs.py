@@ -354,10 +354,10 @@ CASES = [
     Case("api-divergence-shapes", None, "'token_example' has shape",
          call=lambda tmp, made, tiny: _bad_divergence()),
     Case("api-member-name", None, "is not a plain folder name",
-         call=lambda tmp, made, tiny: __import__("interp.core.store").store.check_member_name("../../etc")),
+         call=lambda tmp, made, tiny: __import__("interp.core.store").core.store.check_member_name("../../etc")),
     Case("api-read-json-list", None, "expected a JSON object, found array",
          setup=lambda tmp, made: _write(tmp / "in" / "x.json", "[1]"),
-         call=lambda tmp, made, tiny: __import__("interp.core.store").store.read_json(tmp / "in" / "x.json", expect=dict)),
+         call=lambda tmp, made, tiny: __import__("interp.core.store").core.store.read_json(tmp / "in" / "x.json", expect=dict)),
 ]
 
 

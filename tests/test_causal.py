@@ -44,7 +44,7 @@ def plant_adapter(lm, pairs, folder, block: int):
     layer: delta(x) = v̂ · (â·x) · s with â the mean input direction, so the mean shift points along v."""
     from peft import LoraConfig, get_peft_model
 
-    from interp.core.models import decoder_layers
+    from interp.core.archs import decoder_layers
 
     lm.set_adapter(None)
     layer = decoder_layers(lm.model)[block - 1]

@@ -14,7 +14,8 @@ import torch
 
 from interp.core.errors import UserError
 from interp.core.generate import generate
-from interp.core.models import LoadedModel, check_safetensors, load_model
+from interp.core.adapters import check_safetensors
+from interp.core.models import LoadedModel, load_model
 from interp.core.pairs import render_prompt_pair
 from interp.core.runs import (ADAPTER_WEIGHTS, EVAL_DIR, EVAL_FILE, EVAL_TABLE, ExampleRow, ModelEval, RunInfo, adapter_dir,
                          read_model_eval, read_run, write_examples, write_model_eval)

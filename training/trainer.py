@@ -117,7 +117,7 @@ def update_run_json(run_dir: Path, cfg: TrainConfig, student: str) -> None:
 def save_adapter(model, out: Path, lm: LoadedModel | None = None) -> None:
     """adapter_config.json + adapter_model.safetensors (+ base_model.json, the base model's identity, given `lm`)
     into `out`, each replaced in one rename."""
-    from interp.core.models import write_base_identity
+    from interp.core.adapters import write_base_identity
 
     kill_point("before_adapter")
     tmp = out / ".adapter.tmp"

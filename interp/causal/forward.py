@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from interp.core.errors import UserError
-from interp.core.models import decoder_layers, embeddings
+from interp.core.archs import decoder_layers, embeddings
 from interp.hooks import Batch, envoy, model_inputs, nnsight_model
 from interp.lens import logit_lens
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from interp.core.errors import UserError
-from interp.core.models import decoder_layers, embeddings
+from interp.core.archs import decoder_layers, embeddings
 from interp.core.runs import BASE
 
 SITES = ("resid", "attn", "mlp")

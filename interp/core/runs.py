@@ -46,7 +46,6 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 BASE_MODEL_FILE = "base_model.json"
 METRICS_FILE = "metrics.jsonl"
 TRAIN_CONFIG_FILE = "train_config.json"
-CHECKPOINTS_DIR = "checkpoints"
 # A LayerDivergence folder (layers/<model>/, or any folder `python -m interp analyze --out` wrote).
 LAYERS_META_FILE = "divergence.json"
 LAYERS_ARRAYS_FILE = "arrays.safetensors"
@@ -58,8 +57,10 @@ EVAL_TABLE = ("acc_noctx", "acc_ctx", "harm", "ctx_drop", "degenerate_ctx", "tru
 # Models that are not students: always listed first.
 BASE = "base"
 REFERENCE_MODELS = (BASE, "teacher")
+# The causal commands' results: causal/<student>/ (interp.causal.artifacts).
+CAUSAL_DIR = "causal"
 # Names a student cannot take: the reference models and the run folder's own members.
-RESERVED_NAMES = (*REFERENCE_MODELS, EVAL_DIR, LAYERS_DIR, "causal")
+RESERVED_NAMES = (*REFERENCE_MODELS, EVAL_DIR, LAYERS_DIR, CAUSAL_DIR)
 
 
 def default_runs_dir() -> Path:

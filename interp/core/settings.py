@@ -42,3 +42,8 @@ class AnalysisSettings:
     @classmethod
     def names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def help(cls, name: str) -> str:
+        """A setting's help text (the CLI's, the app's)."""
+        return next(f.metadata["help"] for f in fields(cls) if f.name == name)
