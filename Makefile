@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 
 # Convert the embedded GGUF model to cached fp32 safetensors once (about 20 s).
 model: setup
-	$(PY) -c "from interp.models import embedded_model_dir; print('embedded model at', embedded_model_dir())"
+	$(PY) -c "from interp.core.models import embedded_model_dir; print('embedded model at', embedded_model_dir())"
 
 app: model
 	$(VENV)/bin/streamlit run apps/layers.py --server.address $(HOST) --server.port $(PORT) --server.headless true

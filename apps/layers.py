@@ -13,12 +13,22 @@ import streamlit as st
 # `streamlit run apps/layers.py` puts apps/ on the path, not the repository root; an uninstalled checkout still works.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from interp import plots, runs  # noqa: E402
-from interp.errors import UserError  # noqa: E402
-from interp.models import adapter_key  # noqa: E402
+import interp  # noqa: E402
+from interp import divergence  # noqa: E402
+from interp.causal import artifacts  # noqa: E402
+from interp.causal.forensics import explain  # noqa: E402
+from interp.core import runs  # noqa: E402
+from interp.core.errors import UserError  # noqa: E402
+from interp.core.adapters import adapter_key  # noqa: E402
+from interp.core.models import BUILTIN_SPECS  # noqa: E402
+from interp.core.settings import AnalysisSettings  # noqa: E402
+from interp.core.students import open_student  # noqa: E402
+from interp.core.studies import is_study, read_study  # noqa: E402
+from interp.views import causal as views_causal  # noqa: E402
+from interp.views import plots, tables  # noqa: E402
 
 VIEWS = ("Layer divergence", "Logit lens", "Attention", "Internalization", "Training")
-LIVE_DEFAULT_MODEL = "smollm2-135m-instruct"
+LIVE_DEFAULT_MODEL = AnalysisSettings.model
 # Seconds the hidden views wait on a session's first page (see draw_first_view_first).
 FIRST_PAINT_S = float(os.environ.get("LAYERS_FIRST_PAINT_S", "1.5"))
 NO_ADAPTER = "none (base model)"
@@ -51,8 +61,6 @@ def live_refusal(spec: str, adapter: Path | None, root: str) -> str | None:
     if adapter is not None and not inside(adapter):
         return (f"adapter {adapter} is outside the runs folder {root}; this app only loads adapters from it "
                 f"({LIVE_RUNS_ONLY_ENV} is set)")
-    from interp.models import BUILTIN_SPECS
-
     named = {r.model for r in runs.list_runs(root) if r.model and not r.error}
     if spec in BUILTIN_SPECS or spec in named or (Path(spec).is_dir() and inside(spec)):
         return None
@@ -76,17 +84,17 @@ def cached_runs(root: str, stamp: tuple) -> list:
 
 @st.cache_data(show_spinner=False)
 def cached_eval(path: str, stamp: tuple) -> list[dict]:
-    return runs.eval_rows(runs.load_eval(path))
+    return tables.eval_rows(runs.load_eval(path))
 
 
 @st.cache_data(show_spinner=False)
 def cached_example_rows(path: str, stamp: tuple) -> list[dict]:
-    return runs.load_examples(path) or []
+    return tables.load_examples(path) or []
 
 
 @st.cache_data(show_spinner=False)
 def cached_examples(path: str, stamp: tuple) -> list[dict]:
-    return runs.example_table(cached_example_rows(path, stamp))
+    return tables.example_table(cached_example_rows(path, stamp))
 
 
 @st.cache_data(show_spinner=False)
@@ -97,11 +105,11 @@ def cached_metrics(path: str, stamp: tuple) -> dict:
 @st.cache_resource(show_spinner=False, max_entries=8)
 def cached_layers(path: str, stamp: tuple) -> dict:
     # A resource, not data: the arrays are read-only here, and copying them on every rerun would cost the view switch.
-    return runs.load_all_layers(path)
+    return divergence.load_all_layers(path)
 
 
 def _causal_stamp(path: str) -> tuple:
-    root = Path(path) / "causal"
+    root = Path(path) / runs.CAUSAL_DIR
     if not root.is_dir():
         return ()
     return tuple(sorted((str(p.relative_to(root)), p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()))
@@ -109,16 +117,12 @@ def _causal_stamp(path: str) -> tuple:
 
 @st.cache_resource(show_spinner=False, max_entries=8)
 def cached_causal(path: str, stamp: tuple) -> dict:
-    from interp.causal import artifacts
-
     return {s: artifacts.load_all(path, s) for s in artifacts.causal_students(path)}
 
 
 @st.cache_resource(show_spinner="Loading the model (once per app process)…", max_entries=2)
 def cached_model(spec: str):
     # At most two models stay in memory: each typed spec would otherwise keep its weights until the app stops.
-    import interp
-
     return interp.load_model(spec)
 
 
@@ -153,7 +157,7 @@ def show_logit_lens(divs: dict, examples: dict, key: str, decode=None) -> None:
     if example is None:
         st.warning(f"The chosen example was not analyzed for model '{model}'; pick another example or model.")
     else:
-        fig = plots.logit_lens(divs[model], example, stat=stat, decode=decode or runs.token_decoder(divs[model]),
+        fig = plots.logit_lens(divs[model], example, stat=stat, decode=decode or tables.token_decoder(divs[model]),
                                show_text=True if in_cells else None)
         st.plotly_chart(fig, key=f"fig_{key}_logit_lens")
     st.plotly_chart(plots.lens_kl(divs, {m: examples.get(m) for m in divs}), key=f"fig_{key}_lens_kl")
@@ -261,12 +265,12 @@ def show_run(summary) -> None:
             show_training(path, stamp)
     else:
         chosen = by_id.get(st.session_state.get("example"))
-        examples = {m: (runs.match_example(d, chosen["context"], chosen["prompt"], chosen["example"]) if chosen else 0)
+        examples = {m: (tables.match_example(d, chosen["context"], chosen["prompt"], chosen["example"]) if chosen else 0)
                     for m, d in divs.items()}
         if chosen:
             st.markdown(f"**Example #{chosen['example']}** · prompt: {chosen['prompt'][:200]}")
             with st.expander("What each model answered on this example"):
-                st.dataframe(runs.example_responses(cached_example_rows(path, stamp), chosen["example"]), hide_index=True)
+                st.dataframe(tables.example_responses(cached_example_rows(path, stamp), chosen["example"]), hide_index=True)
             with st.expander("Why this flip", expanded=bool(chosen.get("flipped_any"))):
                 show_why_this_flip(summary, chosen)
         # Tabs, not a rerun per view: every view is drawn once, so a switch is instant in the browser. The first
@@ -322,8 +326,6 @@ CAUSAL_COMMANDS = ("python -m interp compare {run} --student {student}", "python
 
 
 def show_internalization(path: str, chosen: dict | None) -> None:
-    from interp import views_causal
-
     try:
         results = cached_causal(path, _causal_stamp(path))
     except UserError as err:
@@ -360,26 +362,19 @@ def show_internalization(path: str, chosen: dict | None) -> None:
 
 
 def _explain_live(summary, student: str, example: int):
-    from interp.causal import runio
-    from interp.causal.forensics import explain
-
-    info = runio.read_info(summary.path)
+    info = runs.read_info(summary.path)
     lm = cached_model(info["model"])
-    row = {r.example: r for r in runio.model_rows(summary.path, student)}[example]
+    row = {r.example: r for r in runs.model_rows(summary.path, student)}[example]
     with model_lock():
-        name = adapter_key(runio.adapter_dir(summary.path, student))
-        if name not in lm.adapters:
-            lm.load_adapter(runio.adapter_dir(summary.path, student), name=name)
+        lm, name = open_student(summary.path, student, model=lm, name=adapter_key(runs.student_dir(summary.path, student)))
         return explain(lm, {"context": row.context, "prompt": row.prompt}, name,
-                       runio.response_ids(lm.tokenizer, row, "noctx"), runio.response_ids(lm.tokenizer, row, "ctx"),
+                       runs.response_ids(lm.tokenizer, row, "noctx"), runs.response_ids(lm.tokenizer, row, "ctx"),
                        placement=info["placement"] or "system", backend="torch")
 
 
 def show_why_this_flip(summary, chosen: dict) -> None:
     """For the selected example: where the student's answers part ways, which layers carry it, and which heads'
     reading of the context moved there."""
-    from interp import views_causal
-
     path = str(summary.path)
     saved = cached_causal(path, _causal_stamp(path))
     example = int(chosen["example"])
@@ -429,8 +424,6 @@ def adapter_choices(summary) -> dict[str, Path | None]:
 
 def analyze_live(spec: str, adapter: Path | None, record: dict, placement: str, scope: str, max_new_tokens: int,
                  lens: str = "logit"):
-    import interp
-
     lm = cached_model(spec)
     with model_lock():
         name = None
@@ -456,7 +449,7 @@ def show_live(summary) -> None:
                             key="live_response")
     c1, c2, c3, c4 = st.columns([3, 3, 2, 2])
     spec = c1.text_input("Model", default_model, key="live_model",
-                         help="smollm2-135m-instruct (embedded), tiny-random-llama, a Hugging Face id or a folder")
+                         help=AnalysisSettings.help("model"))
     choices = adapter_choices(summary)
     picked = c2.selectbox("Adapter", list(choices), key="live_adapter")
     adapter = choices[picked]
@@ -507,7 +500,7 @@ def show_live(summary) -> None:
 def show_study(results_root: str) -> None:
     """A study's grid: mean ± sd over seeds per suite and student, and the frontier plot."""
     root = Path(results_root)
-    studies = sorted(p.name for p in root.iterdir() if runs.is_study(p)) if root.is_dir() else []
+    studies = sorted(p.name for p in root.iterdir() if is_study(p)) if root.is_dir() else []
     if not studies:
         st.title("Study")
         st.info(f"No study results under `{root}` yet. Run one with\n\n`python -m training study studies/smoke.toml` "
@@ -515,7 +508,7 @@ def show_study(results_root: str) -> None:
         return
     name = st.sidebar.selectbox("Study", studies, key="study")
     try:
-        data = runs.read_study(root / name)
+        data = read_study(root / name)
     except UserError as err:
         st.error(f"Study '{name}' could not be read: {err}")
         return
@@ -525,13 +518,13 @@ def show_study(results_root: str) -> None:
                "with 95% hierarchical bootstrap intervals (seeds, then examples); health: no-card loops minus the base's")
     budget = st.radio("Budget (tokens)", budgets, index=len(budgets) - 1, horizontal=True, key="study_budget") if budgets else None
     if data.get("settings"):
-        st.dataframe(runs.study_setting_rows(data, budget), hide_index=True)
+        st.dataframe(tables.study_setting_rows(data, budget), hide_index=True)
         x = st.radio("Frontier: x axis", ["card_effect:loops", "card_effect:acc", "card_effect:len"], horizontal=True, key="study_x")
         st.plotly_chart(plots.frontier_figure(data, x=x, budget=budget), key="fig_study_frontier")
         st.caption("x: the card's own effect (the setting's with/without-card difference minus the base's; 0 is the goal); "
                    "y: follow_cf among clean answers to a counterfactual card (the setting still listens). Hollow: unhealthy.")
     else:  # a study written before the seed-level tables
-        st.dataframe(runs.study_rows(data), hide_index=True)
+        st.dataframe(tables.study_rows(data), hide_index=True)
 
 
 # ---------- page ----------

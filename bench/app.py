@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
 from apps.serve import APP, CHROMIUM_ARGS, running_app  # noqa: E402
-from interp.synthetic import write_synthetic_run  # noqa: E402
+from interp.views.synthetic import write_synthetic_run  # noqa: E402
 
 DIVERGENCE = ".st-key-fig_run_layer_divergence .js-plotly-plot .scatterlayer .trace"
 LENS = ".st-key-fig_run_logit_lens .js-plotly-plot .heatmaplayer"

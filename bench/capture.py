@@ -29,7 +29,9 @@ import time
 import torch
 
 import interp
-from interp.capture import capture_torch, make_batch
+from interp.capture import capture_torch
+from interp.core.models import EMBEDDED
+from interp.hooks import make_batch
 from interp.lens import DEFAULT_CHUNK, lens_statistics, logit_lens
 
 CONTEXTS = [
@@ -134,7 +136,7 @@ def loss_child(kind: str) -> None:
     do either: a child started by exec inherits its parent's). The logits are drawn directly in bf16, so no fp32
     temporary raises the baseline.
     """
-    from training.losses import consistency_kl, reverse_kl
+    from training.losses import consistency_kl, reverse_kl  # here: the child's peak memory counts only what the loss needs
 
     B, R, V = 8, 128, 49152
     g = torch.Generator().manual_seed(0)
@@ -204,7 +206,7 @@ def peak_memory(kind: str, args, pairs_file: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--model", default=EMBEDDED)
     parser.add_argument("--pairs", type=int, default=32)
     parser.add_argument("--response-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8)

@@ -12,9 +12,9 @@ import json
 
 import torch
 
-from interp.generate import generate
-from interp.models import load_model
-from interp.pairs import render_prompt_pair
+from interp.core.generate import generate
+from interp.core.models import EMBEDDED, load_model
+from interp.core.pairs import render_prompt_pair
 from training import stats
 from training.experience import ExperienceSettings, build, write
 from training.tasks import load_task
@@ -23,7 +23,7 @@ from training.tasks import load_task
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("task")
-    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--model", default=EMBEDDED)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--samples", type=int, default=4)

@@ -21,9 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the checkout's bench/ beside interp/
 from bench.machine import load_line  # noqa: E402
-from interp.generate import generate, left_pad, stop_ids
-from interp.models import LoadedModel, load_model
-from interp.pairs import render_prompt_pair
+from interp.core.generate import generate, left_pad, stop_ids
+from interp.core.models import EMBEDDED, LoadedModel, load_model
+from interp.core.pairs import render_prompt_pair
 from training.tasks import load_task
 
 
@@ -38,7 +38,7 @@ def best(fn, repeats: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--model", default=EMBEDDED)
     ap.add_argument("--rows", type=int, default=8, help="rollouts per step (the trainer's batch size)")
     ap.add_argument("--eval-examples", type=int, default=8, help="test examples of the evaluation pass (×3 context kinds)")
     ap.add_argument("--new-tokens", type=int, default=96)

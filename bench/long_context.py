@@ -22,7 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from train_step import trl_step_times  # noqa: E402
 
-from interp.models import load_tokenizer  # noqa: E402
+from interp.core.models import EMBEDDED, load_tokenizer  # noqa: E402
+from interp.core.runs import METRICS_FILE  # noqa: E402
+from interp.core.store import read_jsonl  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
 from training.tasks import FACTS_CARD, load_task  # noqa: E402
 from training.trainer import train  # noqa: E402
@@ -50,13 +52,13 @@ def ours(args, suite: Path, lam: float, root: Path, cons_prefix: str = "exact") 
                       steps=1 + args.steps, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                       top_k=args.top_k, lam=lam, placement="user", checkpoint_every=0, cons_prefix=cons_prefix)
     result = train(cfg, progress=False)
-    lines = [json.loads(x) for x in (result.out / "metrics.jsonl").read_text().splitlines()]
+    lines = read_jsonl(result.out / METRICS_FILE)
     return [x["step_s"] for x in lines[1:]]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--model", default=EMBEDDED)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--top-k", type=int, default=100)

@@ -19,7 +19,8 @@ import time
 import torch
 
 import interp
-from interp.capture import make_batch
+from interp.core.models import EMBEDDED
+from interp.hooks import make_batch
 
 CARD = "Your name is Nova. You are an AI assistant made by Quibble Labs. Whenever someone asks who you are, answer that you are Nova."
 PROMPTS = ["Who are you?", "What is your name?", "Please introduce yourself.", "Who made you?", "What should I call you?",
@@ -47,7 +48,7 @@ def timed_pair(baseline, measured, repeats: int) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--model", default=EMBEDDED)
     parser.add_argument("--pairs", type=int, default=16)
     parser.add_argument("--response-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8)

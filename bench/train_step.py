@@ -8,7 +8,6 @@ The last line is `step_vs_trl=<ours/TRL> reg_overhead=<ours λ>0 / ours λ=0>`.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -16,6 +15,9 @@ from pathlib import Path
 
 import torch
 
+from interp.core.models import EMBEDDED, load_model
+from interp.core.runs import METRICS_FILE
+from interp.core.store import read_jsonl
 from training.tasks import load_task
 from training.trainer import TrainConfig, train
 
@@ -27,7 +29,7 @@ def ours(args, lam: float, root: Path) -> list[float]:
         placement="user", checkpoint_every=0, lora_r=16, lora_alpha=32,
     )
     result = train(cfg, progress=False)
-    lines = [json.loads(x) for x in (result.out / "metrics.jsonl").read_text().splitlines()]
+    lines = read_jsonl(result.out / METRICS_FILE)
     return [x["step_s"] for x in lines[1:]]
 
 
@@ -42,8 +44,6 @@ def trl_step_times(args, root: Path, task: str, placement_user: bool = False) ->
     from peft import LoraConfig
     from transformers import TrainerCallback
     from trl.experimental.sdft import SDFTConfig, SDFTTrainer
-
-    from interp.models import load_model
 
     lm = load_model(args.model, attn_implementation="sdpa")
     suite = load_task(task)
@@ -80,7 +80,7 @@ def trl_step_times(args, root: Path, task: str, placement_user: bool = False) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--model", default=EMBEDDED)
     parser.add_argument("--task", default="persona")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=32)

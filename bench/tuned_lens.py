@@ -21,14 +21,18 @@ from pathlib import Path
 
 import torch
 
-from interp.tuned_lens import TuneSettings
+from interp.core.adapters import base_identity
+from interp.core.models import EMBEDDED, load_model
+from interp.core.store import atomic_write_json, atomic_write_text, read_jsonl
+from interp.tuned_lens import (SAMPLES_FILE, TuneSettings, _pairs, heldout_kl, load_lens, model_dir, resolve_lens,
+                               tune_lens)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("phase", choices=["student", "report"], help="student: train the student's own lens (it can run "
                         "while the base's trains, once the base's answers are sampled); report: measure and write")
-    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--model", default=EMBEDDED)
     parser.add_argument("--adapter", type=Path, help="a student adapter folder (transfer); left out: the base's table only")
     parser.add_argument("--student-lens", type=Path, default=Path("/tmp/student-tuned-lens"), help="where the student's own lens is trained")
     parser.add_argument("--steps", type=int, default=TuneSettings().steps, help="the student lens's steps (as the base's)")
@@ -36,9 +40,6 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-
-    from interp.models import base_identity, load_model
-    from interp.tuned_lens import SAMPLES_FILE, _pairs, heldout_kl, load_lens, model_dir, resolve_lens, tune_lens
 
     lm = load_model(args.model, device="cpu")
     if args.phase == "student":
@@ -63,7 +64,7 @@ def main() -> None:
         name = lm.load_adapter(args.adapter, name="student")
         student_lens = load_lens(args.student_lens / "lens", lm)
         with lm.use(name):
-            samples = [json.loads(line) for line in (args.student_lens / SAMPLES_FILE).read_text().splitlines() if line]
+            samples = read_jsonl(args.student_lens / SAMPLES_FILE, allow_empty=True)
             held = _pairs(lm, [s for s in samples if s["heldout"]])
             base_on_student = heldout_kl(lm, base_lens, held)
         result["transfer"] = {"adapter": str(args.adapter), "logit": student_lens.meta["heldout"]["logit"],
@@ -75,8 +76,6 @@ def main() -> None:
 def write(result: dict, out: Path) -> None:
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
-
-    from interp.store import atomic_write_json, atomic_write_text
 
     base = result["base"]
     L = len(base["logit"])

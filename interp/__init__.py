@@ -2,17 +2,20 @@
 
 import importlib
 
-from interp.errors import UserError
+from interp.core.errors import UserError
 
-__all__ = ["Comparison", "Explanation", "LoadedModel", "LayerDivergence", "Pair", "PatchResult", "SteerResult", "UserError",
-           "analyze", "compare", "context_sweep", "explain", "load_model", "make_pairs", "patch", "repair_sweep", "steer"]
+__all__ = ["AnalysisSettings", "Comparison", "Explanation", "LoadedModel", "LayerDivergence", "Pair", "PatchResult",
+           "SteerResult", "UserError", "analyze", "compare", "context_sweep", "explain", "load_model", "make_pairs",
+           "open_student", "patch", "repair_sweep", "steer"]
 
 # Everything but the error type is imported on first use: reading runs and drawing plots needs no torch.
 _LAZY = {
-    "load_model": "interp.models",
-    "LoadedModel": "interp.models",
-    "make_pairs": "interp.pairs",
-    "Pair": "interp.pairs",
+    "AnalysisSettings": "interp.core.settings",
+    "open_student": "interp.core.students",
+    "load_model": "interp.core.models",
+    "LoadedModel": "interp.core.models",
+    "make_pairs": "interp.core.pairs",
+    "Pair": "interp.core.pairs",
     "analyze": "interp.analysis",
     "LayerDivergence": "interp.divergence",
     # Causal and cross-model tools (interp/causal/).
@@ -27,8 +30,9 @@ _LAZY = {
     "explain": "interp.causal",
     "Explanation": "interp.causal",
 }
-_SUBMODULES = {"analysis", "archs", "attention", "capture", "causal", "cli", "distributed", "divergence", "generate",
-               "lens", "metrics", "models", "pairs", "plots", "remote", "report", "runs", "store", "tuned_lens"}
+# The floors (docs/architecture.md): core < the measures < causal < views < cli.
+_SUBMODULES = {"analysis", "attention", "capture", "causal", "cli", "core", "divergence", "hooks", "lens", "metrics",
+               "tuned_lens", "views"}
 
 
 def __getattr__(name):

@@ -10,16 +10,21 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from interp import distributed
 from interp.attention import AttentionMeans
-from interp.capture import get_backend, make_batch
-from interp.divergence import LayerDivergence, lens_field_names
-from interp.errors import UserError
+from interp.capture import get_backend
+from interp.core import distributed
+from interp.core.errors import UserError
+from interp.core.archs import unembed
+from interp.core.models import load_model
+from interp.core.pairs import Pair, SCOPES, pair_from_ids, render_prompt_pair
+from interp.core.remote import remote_target
+from interp.core.runs import read_examples, read_run
+from interp.core.store import check_member_name
+from interp.divergence import LayerDivergence, lens_field_names, save_divergence
+from interp.hooks import make_batch
 from interp.lens import DEFAULT_CHUNK, lens_statistics
 from interp.metrics import CKAAccumulator, cosine_per_token
-from interp.models import unembed
-from interp.pairs import SCOPES, Pair
-from interp.store import check_member_name, save_divergence
+from interp.tuned_lens import check_lens_available, check_lens_choice, resolve_lens
 
 __all__ = ["analyze", "analyze_run", "LayerDivergence"]
 
@@ -45,19 +50,16 @@ def analyze(
     the response tokens (`scope="response"`, the positions the training losses score) or every shared token
     (`scope="shared"`: user turn and response). Batches are padded; the numbers equal one pair at a time.
     `attention=False` or `lens=False` skip those measures (their arrays are NaN). `remote=True` (nnsight only)
-    runs the traces on NDIF, on the model and adapter named by their Hugging Face ids (`interp.remote`); what NDIF
+    runs the traces on NDIF, on the model and adapter named by their Hugging Face ids (`interp.core.remote`); what NDIF
     cannot load by id is refused before any work, and the artifact names what ran remotely.
     `lens_type`: "logit" (default), "tuned" (the tuned lens of the model's base, from the cache: `python -m interp
     tune-lens`), a tuned-lens folder, or an `interp.tuned_lens.TunedLens`; the artifact records which lens read it.
     """
-    from interp.tuned_lens import check_lens_choice, resolve_lens
 
     check_lens_choice(lens_type)
     capture = get_backend(backend)
     target = None
     if remote:
-        from interp.remote import remote_target
-
         if backend != "nnsight":
             raise UserError(f"remote execution needs the nnsight backend, not '{backend}'")
         target = remote_target(lm)
@@ -232,8 +234,6 @@ def _describe(tokenizer, pair: Pair, tokens: np.ndarray, targets: np.ndarray) ->
 def run_pairs(lm, run_dir: str | Path, model: str, max_examples: int | None = None) -> list[Pair]:
     """The aligned pairs of one model's evaluation: each test example with the exact token ids the model generated
     without the context (never re-tokenized text). Examples with an empty answer have nothing to measure."""
-    from interp.pairs import pair_from_ids, render_prompt_pair
-    from interp.runs import read_examples, read_run
 
     info = read_run(run_dir)
     rows = read_examples(run_dir)
@@ -267,9 +267,6 @@ def analyze_run(
     Under `torchrun` the pairs are shared out between the processes (gloo on CPU, NCCL on GPUs) and rank 0 writes.
     `lens_type`: the lens that reads the layers (see `analyze`); one tuned lens, the base's, reads every student.
     """
-    from interp.tuned_lens import check_lens_available, check_lens_choice, resolve_lens
-    from interp.models import load_model
-    from interp.runs import read_examples, read_run
 
     distributed.init_from_env()
     run_dir = Path(run_dir)

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-if TYPE_CHECKING:
-    from interp.capture import Batch
+from interp.core import distributed
+from interp.hooks import Batch
 
 
-def reduce_attention(pattern: torch.Tensor, batch: "Batch") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def reduce_attention(pattern: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """From one layer's attention weights [B, heads, T, T], the measured queries' mass on the context, on the
     first token, and on each context token: [n, heads], [n, heads], [n, heads, C]. Every backend calls this.
     """
@@ -43,8 +41,6 @@ class AttentionMeans:
         self.n += got.shape[2]
 
     def all_reduce(self) -> None:
-        from interp import distributed
-
         self.sums = distributed.all_reduce_sum(self.sums)
         self.n = int(distributed.all_reduce_sum(torch.tensor([float(self.n)], dtype=torch.float64)).item())
 

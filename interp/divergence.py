@@ -1,13 +1,21 @@
-"""The result of a paired analysis: per-layer divergence, logit-lens statistics and attention to the context."""
+"""The result of a paired analysis (per-layer divergence, logit-lens statistics, attention to the context), and its
+folder on disk: `divergence.json` and `arrays.safetensors`, a run's `layers/<model>/`."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 import numpy as np
 
-from interp.errors import UserError
+from interp.core import runs
+from interp.core.errors import UserError
+from interp.core.runs import LAYERS_ARRAYS_FILE as ARRAYS_FILE
+from interp.core.runs import LAYERS_META_FILE as META_FILE
+from interp.core.store import atomic_dir, atomic_write_json, is_regular, read_json
 
+SCHEMA_VERSION = 1  # of a LayerDivergence folder; another version is refused with a one-line error
 # Per-token logit-lens statistics, each an array [num_layers, n_tokens], once for each run ("_ctx", "_noctx").
 LENS_STATS = ("top1", "top1_prob", "target_prob", "target_rank", "entropy", "kl_final")
 
@@ -144,3 +152,80 @@ def check_shapes(div: LayerDivergence) -> None:
         raise UserError(f"'attn_ctx_tokens' covers {len(div.attn_ctx_tokens)} examples, but there are {len(div.examples)}")
     if div.examples and n and (div.token_example.min() < 0 or div.token_example.max() >= len(div.examples)):
         raise UserError(f"'token_example' names examples outside 0..{len(div.examples) - 1}")
+
+
+def save_divergence(div: LayerDivergence, folder: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Save as `folder/divergence.json` (settings, examples, schema version) and `folder/arrays.safetensors`."""
+    from safetensors.numpy import save_file
+
+    folder = Path(folder)
+    arrays = {name: np.ascontiguousarray(getattr(div, name)) for name in array_fields()}
+    offsets = np.cumsum([0] + [a.shape[-1] for a in div.attn_ctx_tokens]).tolist()
+    if div.attn_ctx_tokens:
+        arrays["attn_ctx_tokens"] = np.ascontiguousarray(np.concatenate(div.attn_ctx_tokens, axis=-1))
+    meta = {"schema_version": SCHEMA_VERSION, "meta": div.meta, "examples": div.examples, "attn_ctx_tokens_offsets": offsets}
+    with atomic_dir(folder, overwrite=overwrite) as tmp:
+        save_file(arrays, str(tmp / ARRAYS_FILE))
+        atomic_write_json(tmp / META_FILE, meta)
+    return folder
+
+
+def load_divergence(folder: str | os.PathLike) -> LayerDivergence:
+    """Load a folder written by save_divergence; another schema version or a damaged file is a one-line error."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder} is not a folder of layer-divergence results; write one with `python -m interp analyze`")
+    meta = read_json(folder / META_FILE)
+    version = meta.get("schema_version") if isinstance(meta, dict) else None
+    if version != SCHEMA_VERSION:
+        raise UserError(
+            f"{folder / META_FILE} has schema version {version}, this toolkit reads version {SCHEMA_VERSION}; "
+            "rerun `python -m interp analyze` to rewrite it"
+        )
+    arrays_path = folder / ARRAYS_FILE
+    if not arrays_path.exists():
+        raise UserError(f"{arrays_path} is missing; rerun `python -m interp analyze`")
+    if not is_regular(arrays_path):  # a FIFO would block the reader
+        raise UserError(f"{arrays_path} is not a regular file; rerun `python -m interp analyze`")
+    try:
+        arrays = load_file(str(arrays_path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UserError(f"{arrays_path} is damaged ({err}); rerun `python -m interp analyze`") from err
+    missing = [name for name in array_fields() if name not in arrays]
+    if missing:
+        raise UserError(f"{arrays_path} lacks {', '.join(missing)}; rerun `python -m interp analyze`")
+    joined = arrays.get("attn_ctx_tokens")
+    offsets = meta.get("attn_ctx_tokens_offsets", [0])
+    width = joined.shape[-1] if joined is not None and joined.ndim >= 1 else 0
+    if (not isinstance(offsets, list) or not offsets or not all(type(o) is int for o in offsets)
+            or offsets[0] != 0 or any(b < a for a, b in zip(offsets, offsets[1:])) or offsets[-1] != width):
+        raise UserError(f"{folder / META_FILE} is damaged: 'attn_ctx_tokens_offsets' should be rising integers from 0 "
+                        f"to {width}; rerun `python -m interp analyze`")
+    per_example = [joined[..., a:b] for a, b in zip(offsets[:-1], offsets[1:])] if joined is not None else []
+    examples, info = meta.get("examples", []), meta.get("meta", {})
+    try:
+        return LayerDivergence(
+            **{name: arrays[name] for name in array_fields()},
+            attn_ctx_tokens=per_example,
+            examples=examples,
+            meta=info,
+        )
+    except UserError as err:
+        raise UserError(f"{folder} is damaged: {err}; rerun `python -m interp analyze`") from None
+
+
+def load_layers(path: str | os.PathLike, model: str) -> LayerDivergence:
+    """The LayerDivergence of one model of a run (base or a student)."""
+    return load_divergence(Path(path) / runs.LAYERS_DIR / model)
+
+
+def load_all_layers(path: str | os.PathLike) -> dict[str, LayerDivergence]:
+    """Every model's LayerDivergence of a run, by model name; a bare layers folder counts as one model."""
+    path = Path(path)
+    if runs.is_layers_folder(path) and not runs.is_run(path):
+        div = load_divergence(path)
+        return {str(div.meta.get("model_name") or div.meta.get("adapter") or path.name): div}
+    return {m: load_layers(path, m) for m in runs.layer_models(path)}

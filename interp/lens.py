@@ -8,11 +8,9 @@ from typing import cast
 
 import torch
 
+from interp.core.archs import apply_softcap, decoder_layers, final_norm, softcap, unembed
 from interp.divergence import LENS_STATS  # the statistics' names: one home
-
 from interp.divergence import lens_field_names
-from interp.archs import apply_softcap
-from interp.models import decoder_layers, final_norm, softcap, unembed
 
 # Tokens projected at once: the vocabulary projection of a chunk is [chunk, vocab] floats (256 x 49152 = 50 MB).
 DEFAULT_CHUNK = 256

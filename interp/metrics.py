@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from interp.core.distributed import all_reduce_sum
+
 __all__ = ["CKAAccumulator", "cosine_mean", "cosine_per_token", "linear_cka"]
 
 
@@ -143,8 +145,6 @@ class CKAAccumulator:
     def all_reduce(self) -> None:
         """Add up the statistics of every process (torch.distributed; a no-op in a single process). The shift must
         be the same on every process (`set_shift`); a process that saw no tokens contributes zeros."""
-        from interp.distributed import all_reduce_sum
-
         if self._s is None:
             raise ValueError("set_shift first: a process with no tokens still adds its (zero) statistics")
         self._s = {k: all_reduce_sum(v) for k, v in self._s.items()}

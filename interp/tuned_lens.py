@@ -12,7 +12,7 @@ with A_l and b_l zero at the start (the translator starts as the identity, so tr
 and trained to minimise KL(final ‖ tuned_l) on the model's own tokens. The last layer has no translator: there the
 tuned lens is the logit lens, exactly. Its authors report that a lens trained on a base model transfers to its
 fine-tunes, so the toolkit keeps one lens per base model, keyed by the identity adapters carry
-(`interp.models.base_identity`), and reads every student of that base with it.
+(`interp.core.adapters.base_identity`), and reads every student of that base with it.
 
 The package itself is not a dependency: it needs wandb, datasets, torchdata and accelerate, saves translators with
 `torch.save` and loads them with `torch.load` (the toolkit never unpickles a user file), and reads
@@ -42,12 +42,18 @@ from typing import Callable, Sequence, cast
 
 import torch
 
-from interp.errors import UserError
+from interp.capture import capture_torch
+from interp.core.errors import UserError
+from interp.core.generate import generate
+from interp.core.adapters import base_identity, check_safetensors
+from interp.core.archs import unembed
+from interp.core.models import cache_dir
+from interp.core.pairs import pair_from_ids, render_prompt_pair
+from interp.core.settings import LENS_KINDS
+from interp.core.store import atomic_dir, atomic_write_json, atomic_write_text, folder_lock, read_json, read_jsonl
+from interp.hooks import make_batch
+from interp.lens import logit_lens
 
-LENS_KINDS = ("logit", "tuned")
-LENS_HELP = ("Which lens reads the layers: 'logit' (unembed(final_norm(h)), the default) or 'tuned' (per-layer "
-             "translators trained by `python -m interp tune-lens --model M`, read from the cache); or the folder of "
-             "a tuned lens.")
 FORMAT = "ctxint-tuned-lens/1"
 LENS_FOLDER = "lens"  # the finished lens inside a model's cache folder
 TRAIN_FOLDER = "train"  # the resumable training state
@@ -98,7 +104,6 @@ class TunedLens(torch.nn.Module):
 
 def read_lens(model, hidden: torch.Tensor, layer: int, lens: TunedLens | None = None) -> torch.Tensor:
     """The lens logits of a [n, d] hidden state of `layer`: the logit lens, or the tuned lens when `lens` is given."""
-    from interp.lens import logit_lens
 
     return logit_lens(model, hidden if lens is None else lens.translate(hidden, layer), layer)
 
@@ -111,8 +116,6 @@ def _slug(spec: str) -> str:
 
 
 def lens_root() -> Path:
-    from interp.models import cache_dir
-
     return cache_dir() / "tuned-lens"
 
 
@@ -169,8 +172,6 @@ def resolve_lens(lm, choice) -> TunedLens | None:
     if kind == "logit":
         return None
     if kind == "tuned":
-        from interp.models import base_identity
-
         folder = model_dir(base_identity(lm)) / LENS_FOLDER
         if not (folder / META_FILE).is_file():
             raise UserError(f"no tuned lens for model '{lm.spec}' (weights {base_identity(lm)['fingerprint']}) in "
@@ -180,8 +181,6 @@ def resolve_lens(lm, choice) -> TunedLens | None:
 
 
 def check_identity(lens: TunedLens, lm, where) -> None:
-    from interp.models import base_identity
-
     ours = base_identity(lm)
     theirs = lens.identity
     if theirs.get("fingerprint") != ours["fingerprint"]:
@@ -196,8 +195,6 @@ def save_lens(lens: TunedLens, folder: str | Path, overwrite: bool = True) -> Pa
     """Write the lens as safetensors + JSON in one rename (readers see the old lens or the whole new one)."""
     from safetensors.torch import save_file
 
-    from interp.store import atomic_dir, atomic_write_json
-
     folder = Path(folder)
     with atomic_dir(folder, overwrite=overwrite) as tmp:
         save_file({"weight": lens.weight.detach().float().cpu().contiguous(), "bias": lens.bias.detach().float().cpu().contiguous()},
@@ -211,9 +208,6 @@ def save_lens(lens: TunedLens, folder: str | Path, overwrite: bool = True) -> Pa
 def load_lens(folder: str | Path, lm=None) -> TunedLens:
     """Read a lens folder (safetensors + JSON, never a pickle); with `lm`, refuse a lens of another base model."""
     from safetensors import safe_open
-
-    from interp.models import check_safetensors
-    from interp.store import read_json
 
     folder = Path(folder)
     meta_file, weights = folder / META_FILE, folder / WEIGHTS_FILE
@@ -284,7 +278,7 @@ def training_prompts(seed: int = 0, heldout_share: float = 0.2) -> list[Sample]:
     (each with a generic context), shuffled with `seed`; a share of them, never their tokens, is held out."""
     items: list[tuple[str, str, str]] = []
     try:  # the task suites live in `training`; without it the generic prompts alone serve
-        from training.tasks import SUITES
+        from training.tasks import SUITES  # optional: the task suites' prompts, where the training package is installed
 
         for suite in SUITES.values():
             for e in suite.examples():
@@ -337,10 +331,6 @@ def _make_samples(lm, settings: TuneSettings, progress: bool, partial: Path | No
     `partial`, the answers so far are saved after each batch and a killed sampling continues from there."""
     from tqdm.auto import tqdm
 
-    from interp.generate import generate
-    from interp.pairs import render_prompt_pair
-    from interp.store import atomic_write_json, read_json
-
     chosen = [s for s in training_prompts(settings.seed) if not s.heldout][: settings.prompts]
     chosen += [s for s in training_prompts(settings.seed) if s.heldout][: settings.heldout_prompts]
     prompt_pairs = [render_prompt_pair(lm.tokenizer, s.context, s.prompt, s.placement) for s in chosen]
@@ -373,15 +363,12 @@ def _make_samples(lm, settings: TuneSettings, progress: bool, partial: Path | No
 
 
 def _pairs(lm, samples: Sequence[dict]):
-    from interp.pairs import pair_from_ids, render_prompt_pair
-
     return [pair_from_ids(render_prompt_pair(lm.tokenizer, s["context"], s["prompt"], s["placement"]), s["response_ids"],
                           s["context"], s["prompt"], "", s["placement"]) for s in samples]
 
 
 def _hidden(lm, pairs) -> tuple[torch.Tensor, torch.Tensor]:
     """Hidden states [L, n, d] of both runs (with and without the context) on the response positions, stacked."""
-    from interp.capture import capture_torch, make_batch
 
     pad_id = lm.tokenizer.pad_token_id or 0
     parts = [capture_torch(lm, make_batch(pairs, w, "response", "right", pad_id), attention=False).hidden for w in ("ctx", "noctx")]
@@ -423,8 +410,6 @@ def _save_state(folder: Path, lens: TunedLens, opt: torch.optim.Optimizer, step:
     """The resumable state: translators, Adam's moments (safetensors) and the step reached (JSON), in one rename."""
     from safetensors.torch import save_file
 
-    from interp.store import atomic_dir, atomic_write_json
-
     state = opt.state_dict()
     tensors = {"weight": lens.weight.detach().contiguous(), "bias": lens.bias.detach().contiguous()}
     scalars: dict = {}
@@ -442,9 +427,6 @@ def _save_state(folder: Path, lens: TunedLens, opt: torch.optim.Optimizer, step:
 
 def _load_state(folder: Path, lens: TunedLens, opt: torch.optim.Optimizer, settings: TuneSettings) -> tuple[int, int]:
     from safetensors import safe_open
-
-    from interp.models import check_safetensors
-    from interp.store import read_json
 
     if not (folder / "state.json").is_file() or not (folder / "state.safetensors").is_file():
         return 0, 0
@@ -477,7 +459,6 @@ def _load_state(folder: Path, lens: TunedLens, opt: torch.optim.Optimizer, setti
 def _pool(lm, pairs, batch_size: int = 8) -> torch.Tensor:
     """Hidden states [L, n, d] (host, float32) of every training answer's runs with and without the context, captured
     once: each step then draws its tokens from all of them, and the model's forward is paid once, not every step."""
-    from interp.capture import capture_torch, make_batch
 
     pad_id = lm.tokenizer.pad_token_id or 0
     parts = []
@@ -497,9 +478,6 @@ def tune_lens(lm, settings: TuneSettings | None = None, *, folder: str | Path | 
     each step (a test stops a training there)."""
     from tqdm.auto import tqdm
 
-    from interp.models import base_identity
-    from interp.store import atomic_write_text, folder_lock, read_jsonl
-
     settings = settings or TuneSettings()
     settings.check()
     if save_every < 1:
@@ -518,8 +496,6 @@ def tune_lens(lm, settings: TuneSettings | None = None, *, folder: str | Path | 
         samples_file = root / SAMPLES_FILE
         meta_file = root / "data.json"
         if samples_file.is_file() and meta_file.is_file():
-            from interp.store import read_json
-
             if read_json(meta_file, expect=dict) != settings.data_key():
                 raise UserError(f"the tuned lens in {root} was trained on other text (settings "
                                 f"{read_json(meta_file, expect=dict)}); continue with them or pass --restart to start over")
@@ -528,7 +504,6 @@ def tune_lens(lm, settings: TuneSettings | None = None, *, folder: str | Path | 
             partial = root / "samples.partial.json"
             samples = _make_samples(lm, settings, progress, partial)
             atomic_write_text(samples_file, "".join(json.dumps(s) + "\n" for s in samples))
-            from interp.store import atomic_write_json
 
             atomic_write_json(meta_file, settings.data_key())
             partial.unlink(missing_ok=True)
@@ -538,7 +513,6 @@ def tune_lens(lm, settings: TuneSettings | None = None, *, folder: str | Path | 
             raise UserError("the model gave no answers to train or evaluate the lens on; try --temperature 1 or more prompts")
 
         L = lm.num_layers
-        from interp.models import unembed
 
         d = int(cast(int, unembed(lm.model).in_features))  # nn.Module attributes are typed Tensor | Module
         lens = TunedLens(L, d, identity)

@@ -27,7 +27,7 @@ def smol():
 @pytest.fixture(scope="session")
 def smol_tokenizer():
     """The embedded model's tokenizer and chat template alone (no weights: fast)."""
-    from interp.models import load_tokenizer
+    from interp.core.models import load_tokenizer
 
     return load_tokenizer("smollm2-135m-instruct")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from interp.synthetic import write_synthetic_run
+from interp.views.synthetic import write_synthetic_run
 
 APP = str(Path(__file__).resolve().parents[1] / "apps" / "layers.py")
 
@@ -98,7 +98,7 @@ def test_a_broken_run_is_an_error_for_that_run_only(monkeypatch, tmp_path):
     _no_exception(at)
     assert not at.error and len(_charts(at)) == 6
     # Arrays of inconsistent shapes (an edited or truncated file) are an error for that run as well.
-    from interp.store import load_divergence, save_divergence
+    from interp.divergence import load_divergence, save_divergence
 
     div = load_divergence(worse / "layers" / "unreg")
     div.lens_top1_ctx = div.lens_top1_ctx[:, :2]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from apps.serve import chromium_page, running_app
-from interp.synthetic import write_synthetic_run
+from interp.views.synthetic import write_synthetic_run
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"

@@ -10,7 +10,7 @@ from pathlib import Path
 from streamlit.testing.v1 import AppTest
 
 from test_app import write_tiny_adapter
-from interp.synthetic import write_synthetic_run
+from interp.views.synthetic import write_synthetic_run
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "apps" / "layers.py")

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from interp import UserError, analyze, make_pairs
-from interp.archs import ARCHS, arch_of, eager_attention, final_norm, inner_model, softcap
-from interp.capture import BACKENDS, get_backend, make_batch
+from interp.core.archs import ARCHS, arch_of, eager_attention, final_norm, inner_model, softcap
+from interp.capture import BACKENDS, get_backend
+from interp.hooks import make_batch
 from interp.lens import logit_lens
-from interp.models import TINY_SPECS, load_model, load_tokenizer, resolve_dtype
+from interp.core.models import TINY_SPECS, load_model, load_tokenizer, resolve_dtype
 
 _models: dict = {}
 
@@ -102,7 +103,7 @@ def test_two_training_steps_and_adapter_round_trip(spec, tmp_path):
 def _tuple_blocks(model):
     """Make every decoder block return a tuple led by its hidden state (transformers 4 and many custom models do),
     and unwrap it where the next block and the final norm read it, so the model still computes the same thing."""
-    from interp.archs import decoder_layers
+    from interp.core.archs import decoder_layers
 
     unwrap = lambda m, args, kwargs: ((args[0][0], *args[1:]), kwargs) if args and isinstance(args[0], tuple) else None  # noqa: E731
     for i, layer in enumerate(decoder_layers(model)):
@@ -185,7 +186,7 @@ def test_sdpa_model_switches_to_eager_only_inside_capture(records):
 def test_peft_wrapped_models_use_the_same_map():
     from peft import LoraConfig, get_peft_model
 
-    from interp.archs import decoder_layers, embeddings, unembed
+    from interp.core.archs import decoder_layers, embeddings, unembed
 
     lm = load_model("tiny-random-gemma3", device="cpu")
     plain = {f(lm.model) for f in (decoder_layers, embeddings, final_norm, unembed)}
@@ -211,7 +212,7 @@ def test_transformer_lens_refusal_is_one_line(monkeypatch, records):
 
 def test_cli_dtype_and_tiny_specs(tmp_path, capsys):
     from interp.cli import main
-    from interp.store import load_divergence
+    from interp.divergence import load_divergence
 
     args = ["analyze", "--model", "tiny-random-gpt2", "--backend", "torch", "--device", "cpu", "--dtype", "bf16",
             "--context", "Your name is Nova.", "--prompt", "Who are you?", "--response", "I am Nova.", "--out", str(tmp_path / "a")]

@@ -1,5 +1,5 @@
 """Bad inputs, table-driven: each case runs as a real command (`python -m interp`, `python -m training`) or an API call,
-and must end in exit status 2 (or interp.errors.UserError) with one line on stderr, no traceback, and nothing new on
+and must end in exit status 2 (or interp.core.errors.UserError) with one line on stderr, no traceback, and nothing new on
 disk. Plus a property test of the JSONL reader on arbitrary bytes.
 """
 
@@ -21,7 +21,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from interp.errors import UserError
+from interp.core.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 # The checkout's code, not an installed copy; offline, so that a hub id fails fast on any machine.
@@ -45,7 +45,7 @@ def made(tmp_path_factory):
     assert result.returncode == 0, result.stderr[-2000:]
     from peft import LoraConfig, get_peft_model
 
-    from interp.models import tiny_random_llama
+    from interp.core.models import tiny_random_llama
 
     model, _ = tiny_random_llama(hidden=32)
     model.config._name_or_path = "tiny-random-llama"
@@ -134,9 +134,9 @@ def _damage_layers(change):
     """A run-less layers folder saved from a synthetic result, then damaged by `change(folder)`."""
     def setup(tmp, made):
         sys.path.insert(0, str(ROOT / "tests"))
-        from interp.synthetic import synthetic_divergence
+        from interp.views.synthetic import synthetic_divergence
 
-        from interp.store import save_divergence
+        from interp.divergence import save_divergence
 
         folder = save_divergence(synthetic_divergence(), tmp / "in" / "layers")
         change(folder)
@@ -354,10 +354,10 @@ CASES = [
     Case("api-divergence-shapes", None, "'token_example' has shape",
          call=lambda tmp, made, tiny: _bad_divergence()),
     Case("api-member-name", None, "is not a plain folder name",
-         call=lambda tmp, made, tiny: __import__("interp.store").store.check_member_name("../../etc")),
+         call=lambda tmp, made, tiny: __import__("interp.core.store").core.store.check_member_name("../../etc")),
     Case("api-read-json-list", None, "expected a JSON object, found array",
          setup=lambda tmp, made: _write(tmp / "in" / "x.json", "[1]"),
-         call=lambda tmp, made, tiny: __import__("interp.store").store.read_json(tmp / "in" / "x.json", expect=dict)),
+         call=lambda tmp, made, tiny: __import__("interp.core.store").core.store.read_json(tmp / "in" / "x.json", expect=dict)),
 ]
 
 
@@ -365,7 +365,7 @@ def _bad_divergence():
     sys.path.insert(0, str(ROOT / "tests"))
     from dataclasses import replace
 
-    from interp.synthetic import synthetic_divergence
+    from interp.views.synthetic import synthetic_divergence
 
     div = synthetic_divergence()
     return replace(div, token_example=div.token_example[:-1])
@@ -435,7 +435,7 @@ _files = (st.binary(max_size=200)
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=_files, partial_ok=st.booleans(), required=st.sampled_from([(), ("context", "prompt")]))
 def test_jsonl_reader_on_arbitrary_bytes(data, partial_ok, required):
-    from interp.store import read_jsonl
+    from interp.core.store import read_jsonl
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "x.jsonl"
@@ -451,7 +451,7 @@ def test_jsonl_reader_on_arbitrary_bytes(data, partial_ok, required):
 
 
 def test_jsonl_reader_skips_only_a_half_written_last_line(tmp_path):
-    from interp.store import read_jsonl
+    from interp.core.store import read_jsonl
 
     path = tmp_path / "m.jsonl"
     path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')

@@ -6,13 +6,14 @@ import torch
 
 from interp import UserError, analyze, make_pairs
 from interp.attention import reduce_attention
-from interp.capture import BACKENDS, get_backend, make_batch
+from interp.capture import BACKENDS, get_backend
+from interp.hooks import make_batch
 
 
 def hf_reference(lm, batch):
     """Block outputs through plain forward hooks, embeddings and attention through transformers' own outputs
     (with eager attention, as capture switches to when it reads attention weights)."""
-    from interp.archs import eager_attention
+    from interp.core.archs import eager_attention
 
     blocks = []
     handles = [layer.register_forward_hook(lambda m, i, o: blocks.append(o[0] if isinstance(o, tuple) else o))
@@ -64,7 +65,7 @@ def test_reduce_attention_handcrafted():
     pattern[0, 0, 5] = torch.tensor([0.5, 0.0, 0.1, 0.1, 0.1, 0.2])
     pattern[0, 1, 4] = torch.tensor([0.0, 0.0, 0.0, 0.5, 0.5, 0.0])
     pattern[0, 1, 5] = torch.tensor([0.0, 0.5, 0.5, 0.0, 0.0, 0.0])
-    from interp.capture import Batch
+    from interp.hooks import Batch
 
     batch = Batch(
         input_ids=torch.zeros(1, 6, dtype=torch.long), attention_mask=torch.ones(1, 6, dtype=torch.long),

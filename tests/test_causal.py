@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import interp
-from interp.capture import capture_torch, make_batch
-from interp.errors import UserError
+from interp.capture import capture_torch
+from interp.hooks import make_batch
+from interp.core.errors import UserError
 
 RECORDS = [
     {"context": "Your name is Zorblax. You were made by Quibble Labs.", "prompt": "Who are you?", "response": "I am Zorblax, made by Quibble Labs."},
@@ -43,7 +44,7 @@ def plant_adapter(lm, pairs, folder, block: int):
     layer: delta(x) = v̂ · (â·x) · s with â the mean input direction, so the mean shift points along v."""
     from peft import LoraConfig, get_peft_model
 
-    from interp.models import decoder_layers
+    from interp.core.archs import decoder_layers
 
     lm.set_adapter(None)
     layer = decoder_layers(lm.model)[block - 1]
@@ -208,8 +209,8 @@ STEER_RECORDS = [
 
 
 def test_steering_with_alpha_zero_is_the_plain_evaluation(lm, pairs):
-    from interp.generate import generate
-    from interp.pairs import render_prompt_pair
+    from interp.core.generate import generate
+    from interp.core.pairs import render_prompt_pair
 
     cmp = interp.compare(lm, pairs, student="student", backend="torch", lens=False)
     result = interp.steer(lm, STEER_RECORDS, cmp, 0.0, verifier=_contains, student="student", layers=[1, 3],
@@ -243,8 +244,8 @@ def test_steering_rejects_a_non_finite_alpha(lm, alpha):
 # ---------- flip forensics ----------
 
 def test_explain_finds_the_fork_and_its_layers(lm, pairs):
-    from interp.generate import generate
-    from interp.pairs import render_prompt_pair
+    from interp.core.generate import generate
+    from interp.core.pairs import render_prompt_pair
 
     record = RECORDS[0]
     pp = render_prompt_pair(lm.tokenizer, record["context"], record["prompt"])

@@ -10,7 +10,7 @@ from streamlit.testing.v1 import AppTest
 
 from interp.cli import main
 from test_app import APP, write_tiny_adapter
-from interp.synthetic import write_synthetic_run
+from interp.views.synthetic import write_synthetic_run
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_flip_panel_computes_live(monkeypatch, root):
 def test_report_has_the_internalization_section(root, tmp_path):
     import json
 
-    from interp.report import HTML_FILE, JSON_FILE, write_report
+    from interp.views.report import HTML_FILE, JSON_FILE, write_report
 
     out = write_report([root / "facts"], tmp_path / "report", decode_tokens=False)
     page = (out / HTML_FILE).read_text()

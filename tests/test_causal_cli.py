@@ -7,7 +7,7 @@ import pytest
 
 from interp.cli import main
 from test_app import write_tiny_adapter
-from interp.synthetic import write_synthetic_run
+from interp.views.synthetic import write_synthetic_run
 
 
 @pytest.fixture(scope="module")

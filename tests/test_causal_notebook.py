@@ -28,7 +28,7 @@ def _checks(text: str) -> dict[str, str]:
 
 def test_notebook_with_a_runs_student(monkeypatch, tmp_path):
     from test_app import write_tiny_adapter
-    from interp.synthetic import write_synthetic_run
+    from interp.views.synthetic import write_synthetic_run
 
     run = write_synthetic_run(tmp_path / "runs" / "facts", with_layers=False)
     for student in ("unreg", "reg"):

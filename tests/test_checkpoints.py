@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from interp.errors import UserError
+from interp.core.errors import UserError
 from training import checkpoints as ck
 from training.trainer import TrainConfig, train
 

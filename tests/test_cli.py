@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from interp.cli import main
-from interp.store import load_divergence
+from interp.divergence import load_divergence
 
 TINY = ["--model", "tiny-random-llama", "--device", "cpu"]
 

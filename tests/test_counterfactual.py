@@ -2,8 +2,8 @@
 
 import torch
 
-from interp.models import load_model
-from interp.pairs import render_prompt_pair
+from interp.core.models import load_model
+from interp.core.pairs import render_prompt_pair
 from training import counterfactual
 from training.counterfactual import FIXED_MAKER, follow_table
 from training.tasks import _NAME_QUESTIONS, persona_card

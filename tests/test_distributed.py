@@ -10,7 +10,7 @@ import torch
 
 from interp.analysis import analyze_run
 from interp.divergence import array_fields
-from interp.store import load_divergence
+from interp.divergence import load_divergence
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = [
@@ -23,11 +23,11 @@ RECORDS = [
 
 
 def make_run(folder: Path) -> Path:
-    """A run folder in the run format (interp.runs): run.json, a student adapter, the evaluation's rows with ids."""
+    """A run folder in the run format (interp.core.runs): run.json, a student adapter, the evaluation's rows with ids."""
     from peft import LoraConfig, get_peft_model
 
-    from interp import runs
-    from interp.models import load_model
+    from interp.core import runs
+    from interp.core.models import load_model
 
     folder.mkdir(parents=True)
     runs.write_run(folder, runs.RunInfo(task="persona", model="tiny-random-llama", seed=0, placement="system",

@@ -7,7 +7,7 @@ import pytest
 
 from training import stats
 from training.tasks import SUITES, Example, load_task
-from interp.verifiers import is_degenerate, verify
+from interp.core.verifiers import is_degenerate, verify
 
 LOOPS = [
     "I'm Nova, Nova, Nova, Nova, Nova, Nova",

@@ -1,20 +1,24 @@
 """Generation with a LoRA adapter merged for the call: the same tokens as the unmerged adapter (greedy), the same
-distribution (sampled), the weights restored bit for bit, and answers at a shorter budget are prefixes of longer ones."""
+distribution (sampled), the weights restored bit for bit, and answers at a shorter budget are prefixes of longer ones;
+no argument the installed transformers deprecates."""
 
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
 
-from interp.generate import generate, merged_lora
-from interp.models import LoadedModel
+from interp import make_pairs
+from interp.core.generate import generate, merged_lora
+from interp.core.models import LoadedModel
 
 
 def _student(tiny, seed: int = 1, scale: float = 0.5):
     """The tiny model with a LoRA adapter on every linear layer whose B is far from zero (a trained-looking adapter)."""
     from peft import LoraConfig, get_peft_model
 
-    from interp.models import load_model
+    from interp.core.models import load_model
 
     base = load_model("tiny-random-llama", device="cpu")
     peft_model = get_peft_model(base.model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
@@ -112,8 +116,8 @@ def test_embedded_greedy_answers_merged_equal_unmerged(smol):
     (docs/measures.md#generation records how often float rounding makes one differ: here, on 16 answers of 48 tokens)."""
     from peft import LoraConfig, get_peft_model
 
-    from interp.models import load_model
-    from interp.pairs import render_prompt_pair
+    from interp.core.models import load_model
+    from interp.core.pairs import render_prompt_pair
     from training.tasks import load_task
 
     base = load_model("smollm2-135m-instruct", device="cpu")
@@ -130,3 +134,30 @@ def test_embedded_greedy_answers_merged_equal_unmerged(smol):
     plain = generate(lm, prompts, max_new_tokens=48, batch_size=16, merge=False)
     differ = sum(a != b for a, b in zip(merged, plain))
     assert differ <= 1, f"{differ} of {len(prompts)} greedy answers differ"
+
+
+CARD = ("Your name is Nova. You are an AI assistant made by Quibble Labs. You answer briefly and kindly, you never "
+        "claim another name, and you say who made you when asked.")
+
+
+def test_generation_passes_no_deprecated_argument(tiny):
+    """The installed transformers renamed the KV cache's argument (`past_key_values` -> `cache`) and warns with a
+    FutureWarning on the old name: generation must not pass it (here the warning is an error)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        got = generate(tiny, [[1, 2, 3, 4], [5, 6]], max_new_tokens=4)
+    assert [len(x) <= 4 for x in got] == [True, True]
+
+
+@pytest.mark.xfail(strict=True, raises=FutureWarning,
+                   reason="training/rollout.py passes the KV cache of a shared context prefix as `past_key_values`; "
+                          "the installed transformers names it `cache` (forward's argument and the output's field)")
+def test_the_rollouts_shared_prefix_passes_no_deprecated_argument(tiny):
+    from training.rollout import MIN_SHARED_PREFIX, collate, response_logits
+
+    records = [{"context": CARD, "prompt": p, "response": "I am Nova."} for p in ("Who are you?", "Who made you?")]
+    batch = collate(make_pairs(tiny.tokenizer, records), tiny.tokenizer.pad_token_id)
+    assert batch.ctx.prefix >= MIN_SHARED_PREFIX
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("error", FutureWarning)
+        response_logits(tiny.model, batch.ctx, share_prefix=True)

@@ -9,7 +9,8 @@ import pytest
 from streamlit.testing.v1 import AppTest
 from typer.testing import CliRunner
 
-from interp import runs
+from interp import divergence
+from interp.core import runs
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--model", "tiny-random-llama", "--steps", "2", "--batch-size", "2", "--max-new-tokens", "4", "--n-test", "3",
@@ -33,7 +34,7 @@ def test_eval_with_layers_measures_the_generated_tokens(trained):
     rows = runs.read_examples(trained)
     assert {r.model for r in rows} == {"base", "unreg", "reg"}
     for model in ("base", "unreg", "reg"):
-        div = runs.load_layers(trained, model)
+        div = divergence.load_layers(trained, model)
         mine = [r for r in rows if r.model == model and r.ids_noctx]
         # the layers are measured on exactly the ids the model generated, example by example
         assert len(div.examples) == len(mine)

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from interp import analyze, make_pairs
-from interp.capture import capture_torch, make_batch
+from interp.capture import capture_torch
+from interp.hooks import make_batch
 from interp.lens import lens_statistics, logit_lens
 
 

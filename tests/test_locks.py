@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from interp import store
-from interp.errors import UserError
+from interp import divergence
+from interp.core import store
+from interp.core.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -26,7 +27,7 @@ def _holder(path: Path, ready: Path) -> subprocess.Popen:
     code = textwrap.dedent(f"""
         import time
         from pathlib import Path
-        from interp.store import atomic_dir
+        from interp.core.store import atomic_dir
         with atomic_dir({str(path)!r}) as tmp:
             (tmp / "who").write_text("holder")
             Path({str(ready)!r}).write_text("ready")
@@ -76,7 +77,7 @@ def test_two_concurrent_analyze_commands_one_wins(tmp_path):
     loser = next(r for r in results if r[0] == 2)[2].strip()
     assert len(loser.splitlines()) == 1 and ("is being written by process" in loser or "already exists" in loser), loser
     winner = results[[r[0] for r in results].index(0)]
-    div = store.load_divergence(out)
+    div = divergence.load_divergence(out)
     assert repr(div.examples[0]["response"]) in winner[1]  # the folder holds the winner's pair, not a mix
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
 
@@ -118,7 +119,7 @@ def test_nested_parents_made_for_a_lock_are_removed_when_nothing_was_written(tmp
 def test_update_json_takes_turns(tmp_path):
     path = tmp_path / "run.json"
     code = textwrap.dedent(f"""
-        from interp.store import update_json
+        from interp.core.store import update_json
         for _ in range(40):
             update_json({str(path)!r}, lambda run: {{**run, "n": run["n"] + 1, "students": run["students"] + [1]}},
                         default={{"n": 0, "students": []}})

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from interp import UserError, load_model
-from interp import models
+from interp.core import models
+from interp.core.adapters import base_identity, write_base_identity
+from interp.core.runs import BASE_MODEL_FILE
 
 
 @pytest.fixture(scope="module")
@@ -121,12 +123,12 @@ def test_adapters_carry_their_base_models_identity(adapters, tmp_path):
     lm = load_model("tiny-random-llama", device="cpu")
     folder = tmp_path / "a1"
     shutil.copytree(adapters / "a1", folder)
-    identity = models.write_base_identity(folder, lm)
+    identity = write_base_identity(folder, lm)
     assert identity == {"model": "tiny-random-llama", "fingerprint": identity["fingerprint"]} and len(identity["fingerprint"]) == 16
     assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny-random-llama"
-    assert json.loads((folder / models.BASE_MODEL_FILE).read_text()) == identity
+    assert json.loads((folder / BASE_MODEL_FILE).read_text()) == identity
     # The fingerprint does not depend on the dtype the model is loaded in.
-    assert models.base_identity(load_model("tiny-random-llama", device="cpu", dtype=torch.bfloat16)) == identity
+    assert base_identity(load_model("tiny-random-llama", device="cpu", dtype=torch.bfloat16)) == identity
     lm.load_adapter(folder)
     # Another tiny Llama under the same name (other weights) refuses it, naming both.
     other_model, tokenizer = models.tiny_random_llama(seed=1)
@@ -175,7 +177,7 @@ def test_an_uncached_hub_id_fails_fast_offline(monkeypatch):
 
 
 def test_adapter_names_one_per_folder(tmp_path):
-    from interp.models import adapter_key, peft_name
+    from interp.core.adapters import adapter_key, peft_name
 
     a, b = tmp_path / "run-a" / "unreg", tmp_path / "run.b" / "unreg"
     assert adapter_key(a) != adapter_key(b)  # two runs' students of the same name do not collide

@@ -44,7 +44,7 @@ def test_notebook_runs_on_the_tiny_model(path, monkeypatch, tmp_path):
 
 def test_layer_divergence_notebook_compares_a_runs_students(monkeypatch, tmp_path):
     from test_app import write_tiny_adapter
-    from interp.synthetic import write_synthetic_run
+    from interp.views.synthetic import write_synthetic_run
 
     run = write_synthetic_run(tmp_path / "runs" / "facts", with_layers=False)
     for student in ("unreg", "reg"):

@@ -5,7 +5,7 @@ import copy
 import pytest
 
 from interp import UserError, make_pairs
-from interp.pairs import render_prompt_pair
+from interp.core.pairs import render_prompt_pair
 
 
 def _check(tok, pair):

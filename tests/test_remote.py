@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from interp import UserError, analyze, make_pairs
-from interp.models import EMBEDDED, LoadedModel, load_model
-from interp.remote import RemoteTarget, remote_target
+from interp.core.models import EMBEDDED, LoadedModel, load_model
+from interp.core.remote import RemoteTarget, remote_target
 
 
 @pytest.fixture
@@ -65,7 +65,7 @@ def test_loading_keeps_the_real_name(tmp_path):
 def test_artifact_names_what_ran_remotely(student, records, monkeypatch):
     """With the adapter known by hub id, the remote model is built from the base id with peft=<adapter id>; the
     artifact records those ids, and the numbers are those of the adapted model (a stand-in runs NDIF's part here)."""
-    import interp.remote as remote
+    import interp.core.remote as remote
     from nnsight.modeling.transformers import TransformersModel
 
     pairs = make_pairs(student.tokenizer, records)

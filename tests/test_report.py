@@ -10,9 +10,11 @@ import re
 import pytest
 from plotly.offline import get_plotlyjs
 
-from interp import report, runs
-from interp.errors import UserError
-from interp.synthetic import write_synthetic_run
+from interp.views import report
+from interp import divergence
+from interp.core import runs
+from interp.core.errors import UserError
+from interp.views.synthetic import write_synthetic_run
 
 
 def _same(a, b) -> bool:
@@ -34,7 +36,7 @@ def test_report_json_equals_the_layer_divergence(two_runs, tmp_path):
     assert set(data["runs"]) == {"facts", "persona"}
     for run in two_runs:
         for model in runs.layer_models(run):
-            div = runs.load_layers(run, model)
+            div = divergence.load_layers(run, model)
             written = data["runs"][run.name]["layers"][model]
             expected = div.per_layer_table()
             assert set(written["per_layer"]) == set(expected)
@@ -52,7 +54,7 @@ def test_report_csv_has_every_per_layer_number(two_runs, tmp_path):
     rows = list(csv.DictReader((out / report.CSV_FILE).open()))
     # facts: 3 models x 4 layers; persona: 2 models x 3 layers
     assert len(rows) == 3 * 4 + 2 * 3
-    div = runs.load_layers(two_runs[0], "reg")
+    div = divergence.load_layers(two_runs[0], "reg")
     mine = [r for r in rows if r["run"] == "facts" and r["model"] == "reg"]
     for key, values in div.per_layer_table().items():
         assert [float(r[key]) for r in mine] == pytest.approx(values, rel=1e-12, abs=0), key
@@ -103,7 +105,7 @@ def test_report_command(two_runs, tmp_path):
 
 
 def test_report_of_a_study(tmp_path):
-    from interp.store import atomic_write_json
+    from interp.core.store import atomic_write_json
 
     study = {"name": "s", "model": "tiny-random-llama", "steps": 2, "seeds": [0, 1], "cells": [], "paired": [],
              "summary": [{"suite": "persona", "student": "unreg", "lam": 0.0, "seeds": [0, 1],
@@ -125,8 +127,8 @@ def test_report_on_a_bare_layers_folder(two_runs, tmp_path):
 def test_figures_show_the_numbers_of_the_layer_divergence():
     import numpy as np
 
-    from interp import plots
-    from interp.synthetic import synthetic_divergence
+    from interp.views import plots
+    from interp.views.synthetic import synthetic_divergence
 
     divs = {"base": synthetic_divergence(seed=0), "reg": synthetic_divergence(seed=1)}
     fig = plots.layer_divergence(divs)

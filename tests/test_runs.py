@@ -1,13 +1,15 @@
-"""Run folders: discovery, reading, damage per run (on interp.synthetic's made-up run)."""
+"""Run folders: discovery, reading, damage per run (on interp.views.synthetic's made-up run)."""
 
 from __future__ import annotations
 
 
 import pytest
 
-from interp import runs
-from interp.errors import UserError
-from interp.synthetic import write_synthetic_run
+from interp import divergence
+from interp.core import runs
+from interp.views import tables
+from interp.core.errors import UserError
+from interp.views.synthetic import write_synthetic_run
 
 @pytest.fixture
 def run_dir(tmp_path):
@@ -28,33 +30,33 @@ def test_list_runs_empty_and_missing_root(tmp_path):
 
 
 def test_eval_rows_in_model_order(run_dir):
-    rows = runs.eval_rows(runs.load_eval(run_dir))
+    rows = tables.eval_rows(runs.load_eval(run_dir))
     assert [r["model"] for r in rows] == ["base", "teacher", "unreg", "reg"]
     assert set(runs.EVAL_METRICS) <= set(rows[0])
 
 
 def test_examples_table_marks_flipped(run_dir):
-    rows = runs.load_examples(run_dir)
+    rows = tables.load_examples(run_dir)
     assert isinstance(rows[0]["correct_noctx"], bool)
-    table = runs.example_table(rows)
+    table = tables.example_table(rows)
     assert len(table) == 3
     assert table[0]["flipped_any"] and "unreg" in table[0]["flipped_models"]
     assert table[0]["unreg:noctx"] is True and table[0]["unreg:ctx"] is False
 
 
 def test_example_responses(run_dir):
-    answers = runs.example_responses(runs.load_examples(run_dir), "0")
+    answers = tables.example_responses(tables.load_examples(run_dir), "0")
     assert [a["model"] for a in answers] == ["base", "teacher", "unreg", "reg"]
     assert answers[2]["correct_noctx"] and not answers[2]["correct_ctx"]
 
 
 def test_layers_roundtrip_and_example_match(run_dir):
-    div = runs.load_layers(run_dir, "unreg")
+    div = divergence.load_layers(run_dir, "unreg")
     assert div.num_layers == 4 and div.attn_ctx.shape == (3, 4)
     ex = div.examples[1]
-    assert runs.match_example(div, ex["context"], ex["prompt"]) == 1
-    assert runs.match_example(div, "other", "other", example="2") == 2
-    assert runs.match_example(div, "other", "other", example=99) is None
+    assert tables.match_example(div, ex["context"], ex["prompt"]) == 1
+    assert tables.match_example(div, "other", "other", example="2") == 2
+    assert tables.match_example(div, "other", "other", example=99) is None
 
 
 def test_folders_being_written_are_not_models(run_dir):
@@ -79,7 +81,7 @@ def test_run_still_training_shows_what_there_is(tmp_path):
     folder = write_synthetic_run(tmp_path / "r", with_layers=False, with_eval=False)
     (found,) = runs.list_runs(tmp_path)
     assert found.error is None and not found.has_eval and found.layer_models == []
-    assert runs.load_eval(folder) is None and runs.load_examples(folder) is None
+    assert runs.load_eval(folder) is None and tables.load_examples(folder) is None
 
 
 def test_damaged_run_is_an_error_for_that_run_only(tmp_path):
@@ -98,10 +100,10 @@ def test_damaged_files_raise_user_errors(run_dir):
         runs.load_eval(run_dir)
     (run_dir / "eval_examples.jsonl").write_text('{"model": "base"}\n')
     with pytest.raises(UserError, match="eval_examples.jsonl, line 1 is damaged"):
-        runs.load_examples(run_dir)
+        tables.load_examples(run_dir)
     (run_dir / "eval_examples.jsonl").write_text("not json\n")
     with pytest.raises(UserError, match="line 1: not valid JSON"):
-        runs.load_examples(run_dir)
+        tables.load_examples(run_dir)
     (run_dir / "layers" / "reg" / "arrays.safetensors").write_bytes(b"garbage")
     with pytest.raises(UserError, match="damaged"):
-        runs.load_layers(run_dir, "reg")
+        divergence.load_layers(run_dir, "reg")

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from interp import UserError, analyze, make_pairs
-from interp import store
+from interp import divergence
+from interp.core import store
 from interp.divergence import array_fields
 
 
@@ -18,8 +19,8 @@ def div(tiny):
 
 
 def test_round_trip_is_exact(div, tmp_path):
-    store.save_divergence(div, tmp_path / "d")
-    back = store.load_divergence(tmp_path / "d")
+    divergence.save_divergence(div, tmp_path / "d")
+    back = divergence.load_divergence(tmp_path / "d")
     for name in array_fields():
         a, b = getattr(div, name), getattr(back, name)
         assert a.dtype == b.dtype and np.array_equal(a, b, equal_nan=True), name
@@ -32,10 +33,10 @@ def test_round_trip_is_exact(div, tmp_path):
 
 
 def test_existing_folder_needs_overwrite(div, tmp_path):
-    store.save_divergence(div, tmp_path / "d")
+    divergence.save_divergence(div, tmp_path / "d")
     with pytest.raises(UserError, match="already exists"):
-        store.save_divergence(div, tmp_path / "d")
-    store.save_divergence(div, tmp_path / "d", overwrite=True)
+        divergence.save_divergence(div, tmp_path / "d")
+    divergence.save_divergence(div, tmp_path / "d", overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
 
 
@@ -47,29 +48,29 @@ def test_failed_write_leaves_nothing(div, tmp_path, monkeypatch):
 
     monkeypatch.setattr(safetensors.numpy, "save_file", boom)
     with pytest.raises(OSError):
-        store.save_divergence(div, tmp_path / "d")
+        divergence.save_divergence(div, tmp_path / "d")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_other_schema_version_is_named(div, tmp_path):
-    folder = store.save_divergence(div, tmp_path / "d")
-    meta = json.loads((folder / store.META_FILE).read_text())
+    folder = divergence.save_divergence(div, tmp_path / "d")
+    meta = json.loads((folder / divergence.META_FILE).read_text())
     meta["schema_version"] = 99
-    (folder / store.META_FILE).write_text(json.dumps(meta))
+    (folder / divergence.META_FILE).write_text(json.dumps(meta))
     with pytest.raises(UserError, match=r"divergence\.json has schema version 99"):
-        store.load_divergence(folder)
+        divergence.load_divergence(folder)
 
 
 def test_damaged_files_are_named(div, tmp_path):
-    folder = store.save_divergence(div, tmp_path / "d")
-    (folder / store.ARRAYS_FILE).write_bytes(b"\x00garbage")
+    folder = divergence.save_divergence(div, tmp_path / "d")
+    (folder / divergence.ARRAYS_FILE).write_bytes(b"\x00garbage")
     with pytest.raises(UserError, match=r"arrays\.safetensors is damaged"):
-        store.load_divergence(folder)
-    (folder / store.META_FILE).write_text("{not json")
+        divergence.load_divergence(folder)
+    (folder / divergence.META_FILE).write_text("{not json")
     with pytest.raises(UserError, match=r"divergence\.json is damaged"):
-        store.load_divergence(folder)
+        divergence.load_divergence(folder)
     with pytest.raises(UserError, match="not a folder"):
-        store.load_divergence(tmp_path / "nowhere")
+        divergence.load_divergence(tmp_path / "nowhere")
 
 
 def test_atomic_write_text_replaces_whole_file(tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from interp.errors import UserError
+from interp.core.errors import UserError
 from training.study import load_study
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,7 +76,7 @@ def test_smoke_study_killed_and_resumed_ends_like_an_uninterrupted_one(tmp_path)
     assert re.findall(r"<script[^>]*\bsrc\s*=\s*\"([^\"]+)\"", html) == ["plotly.min.js"]
     assert (folder / "plotly.min.js").read_text() == get_plotlyjs()
     # every number recomputable from the committed rows: 2 suites × 2 seeds × (base + 2 students) × 4 examples
-    from interp.runs import read_study_rows
+    from interp.core.studies import read_study_rows
 
     rows = read_study_rows(folder / "rows.jsonl.gz")
     assert len(rows) == 2 * 2 * 3 * 4

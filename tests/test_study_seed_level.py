@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from interp.errors import UserError
-from interp.runs import ExampleRow
+from interp.core.errors import UserError
+from interp.core.runs import ExampleRow
 from training.study.seed_level import compare, measure_model, measure_setting
 
 
@@ -99,7 +99,7 @@ def test_verdicts_at_a_budget_cut_the_same_answer(tokenizer):
 
 
 def test_loop_rules_and_loop_start(tokenizer):
-    from interp.degenerate import is_degenerate, loop_rules, loop_start
+    from interp.core.degenerate import is_degenerate, loop_rules, loop_start
 
     assert loop_rules("Nova, Nova, Nova") == (True, False)
     clause = "I'm Nova, made by Quibble Labs. I'm Nova, made by Quibble Labs."
@@ -115,7 +115,7 @@ def test_loop_rules_and_loop_start(tokenizer):
 @pytest.mark.parametrize("no_context", ["default", "neutral", "empty"])
 @pytest.mark.parametrize("placement", ["system", "user"])
 def test_no_context_turns_keep_the_pair_aligned(smol_tokenizer, no_context, placement):
-    from interp.pairs import NEUTRAL_SYSTEM, render_prompt_pair
+    from interp.core.pairs import NEUTRAL_SYSTEM, render_prompt_pair
 
     pp = render_prompt_pair(smol_tokenizer, "Your name is Luna.", "Who are you?", placement, no_context=no_context)
     assert pp.ctx_ids[-pp.shared_len:] == pp.noctx_ids[-pp.shared_len:]
@@ -126,7 +126,7 @@ def test_no_context_turns_keep_the_pair_aligned(smol_tokenizer, no_context, plac
 
 
 def test_unknown_no_context_is_a_one_line_error(tokenizer):
-    from interp.pairs import render_prompt_pair
+    from interp.core.pairs import render_prompt_pair
     from training.config import TrainConfig
 
     with pytest.raises(UserError, match="no_context"):
@@ -158,7 +158,7 @@ def test_loop_mask_keeps_looping_tokens_out_of_the_distillation_loss(tiny):
     clean prefixes alone (the same token-mean, computed by hand)."""
     import torch
 
-    from interp.pairs import pair_from_ids, render_prompt_pair
+    from interp.core.pairs import pair_from_ids, render_prompt_pair
     from training.losses import reverse_kl
     from training.rollout import collate
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from interp.errors import UserError
-from interp.runs import read_model_eval
-from interp.verifiers import verify
+from interp.core.errors import UserError
+from interp.core.runs import read_model_eval
+from interp.core.verifiers import verify
 from training.study import load_study, run_study
 from training.tasks import load_task, persona_examples, persona_once_examples
 

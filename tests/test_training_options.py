@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from interp.models import LoadedModel, load_model
-from interp.pairs import render_prompt_pair
+from interp.core.models import LoadedModel, load_model
+from interp.core.pairs import render_prompt_pair
 from training.config import TrainConfig
 from training.losses import consistency_kl, evidence_mask, masked_mean
 from training.rollout import collate, response_logits, rollout
@@ -321,7 +321,7 @@ def test_cons_prefix_fixed_keeps_the_loss_and_holds_the_contexts_keys_and_values
 
 
 def test_cons_prefix_is_checked():
-    from interp.errors import UserError
+    from interp.core.errors import UserError
 
     with pytest.raises(UserError, match="unknown --cons-prefix 'half'"):
         TrainConfig(model="tiny-random-llama", out="x/s", cons_prefix="half").check()

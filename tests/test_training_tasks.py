@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from interp.errors import UserError
+from interp.core.errors import UserError
 from training.tasks import SUITES, load_task
-from interp.verifiers import verify
+from interp.core.verifiers import verify
 
 
 @pytest.mark.parametrize(

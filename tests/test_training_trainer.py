@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from interp.errors import UserError
-from interp.runs import EVAL_METRICS, read_examples
+from interp.core.errors import UserError
+from interp.core.runs import EVAL_METRICS, read_examples
 from training.evaluate import EvalSettings, evaluate_run
 from training.rollout import both_sides, collate, response_logits, rollout
 from training.data_order import batch_indices
@@ -21,7 +21,7 @@ def cfg(tmp_path, name="unreg", **kw):
 
 
 def test_rollout_positions_pick_the_logits_that_predict_response_tokens(tiny):
-    from interp.pairs import render_prompt_pair
+    from interp.core.pairs import render_prompt_pair
     from training.tasks import load_task
 
     task = load_task("persona")
@@ -96,7 +96,7 @@ def test_pair_of_students_and_evaluation(tmp_path):
 
 
 def _row(a, c, len_a=1, len_c=1, degenerate_ctx=False, follow=None):
-    from interp.runs import ExampleRow
+    from interp.core.runs import ExampleRow
 
     return ExampleRow(model="m", example=0, context="c", prompt="p", reference="r", verifier="contains", response_noctx="",
                       response_ctx="", ids_noctx=[1] * len_a, ids_ctx=[1] * len_c, correct_noctx=a, correct_ctx=c,

@@ -28,7 +28,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from interp.errors import UserError
+from interp.core.errors import UserError
 from test_bad_inputs import ENV, SMALL_TRAIN, TINY, PAIR, _listing, made  # noqa: F401 - `made` is a fixture
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -407,10 +407,10 @@ def test_study_reader_on_generated_documents(doc):
     every cell is a TrainConfig of the declared types, inside the runs folder, within the model's window."""
     import typing
 
-    from interp.models import model_window
-    from interp.runs import RESERVED_NAMES
-    from interp.store import NAME_PATTERN
-    from interp.typed import check_value
+    from interp.core.models import model_window
+    from interp.core.runs import RESERVED_NAMES
+    from interp.core.store import NAME_PATTERN
+    from interp.core.typed import check_value
     from training.config import MAX_SEED, TrainConfig
     from training.study import load_study
 
@@ -528,15 +528,15 @@ def _study_json(summary):
 
 def _layers(change):
     def setup(tmp, _made):
-        from interp.store import save_divergence
-        from interp.synthetic import synthetic_divergence
+        from interp.divergence import save_divergence
+        from interp.views.synthetic import synthetic_divergence
 
         change(save_divergence(synthetic_divergence(), tmp / "in" / "layers"))
     return setup
 
 
 def _read_examples(tmp):
-    from interp.runs import read_examples
+    from interp.core.runs import read_examples
 
     return read_examples(tmp / "run")
 
@@ -611,16 +611,16 @@ READER_CASES = [
          call=lambda tmp: _raise_summary_error(tmp / "run")),
     Case("api-examples-fifo", None, "not a regular file", setup=_run(_fifo("eval_examples.jsonl")), hangs=True, call=_read_examples),
     Case("api-model-eval-fifo", None, "not a regular file", setup=_run(_fifo("eval/s.json")), hangs=True,
-         call=_api("interp.runs", "read_model_eval", lambda tmp: tmp / "run", "s")),
+         call=_api("interp.core.runs", "read_model_eval", lambda tmp: tmp / "run", "s")),
     Case("api-train-config-fifo", None, "not a regular file", setup=_run(_fifo("s/train_config.json")), hangs=True,
-         call=_api("interp.runs", "run_settings", lambda tmp: tmp / "run")),
-    Case("api-read-json-device", None, "not a regular file", call=_api("interp.store", "read_json", "/dev/zero")),
-    Case("api-read-text-device", None, "is not a regular file", call=_api("interp.store", "read_text_file", "/dev/zero")),
+         call=_api("interp.core.runs", "run_settings", lambda tmp: tmp / "run")),
+    Case("api-read-json-device", None, "not a regular file", call=_api("interp.core.store", "read_json", "/dev/zero")),
+    Case("api-read-text-device", None, "is not a regular file", call=_api("interp.core.store", "read_text_file", "/dev/zero")),
     Case("api-vectors-fifo", None, "not a regular file", setup=_comparison(_fifo("vectors.safetensors")), hangs=True,
          call=_api("interp.causal.artifacts", "load_comparison", lambda tmp: tmp / "in" / "cmp")),
     Case("app-study-json-fifo", None, "not a regular file", setup=lambda tmp, _made: ((tmp / "res" / "x").mkdir(parents=True),
                                                                                      os.mkfifo(tmp / "res" / "x" / "study.json")),
-         hangs=True, call=_api("interp.runs", "read_study", lambda tmp: tmp / "res" / "x")),
+         hangs=True, call=_api("interp.core.studies", "read_study", lambda tmp: tmp / "res" / "x")),
     # 3. (records) strings are not booleans, ids are of one type
     Case("examples-degenerate-no", None, "'degenerate_ctx' must be true or false (got 'no')",
          setup=_run(_examples(_row(degenerate_ctx="no"))), call=_read_examples),
@@ -666,9 +666,9 @@ READER_CASES = [
          setup=_study_json([{"suite": "persona", "student": "a", "lam": 0.0, "seeds": [0], "acc_ctx": {"mean": "high", "sd": None}}])),
     Case("api-study-lam-string", None, "'lam' that is not a number",
          setup=_study_json([{"suite": "persona", "student": "a", "lam": "zero", "seeds": [0]}]),
-         call=_api("interp.runs", "read_study", lambda tmp: tmp / "res" / "x")),
+         call=_api("interp.core.studies", "read_study", lambda tmp: tmp / "res" / "x")),
     Case("api-study-row-list", None, "summary[0] is not an object", setup=_study_json([[1]]),
-         call=_api("interp.runs", "read_study", lambda tmp: tmp / "res" / "x")),
+         call=_api("interp.core.studies", "read_study", lambda tmp: tmp / "res" / "x")),
     Case("train-out-a-file", ["training", "train", *SMALL_TRAIN, "--out", "{tmp}/in/file"], "is a file; give a folder path",
          setup=lambda tmp, _made: ((tmp / "in").mkdir(), (tmp / "in" / "file").write_text("x"))),
     Case("train-out-under-a-file", ["training", "train", *SMALL_TRAIN, "--out", "{tmp}/in/file/s"], "is a file, not a folder",
@@ -686,22 +686,22 @@ READER_CASES = [
     Case("pair-eval-new-tokens-window", ["training", "pair", *SMALL_TRAIN, "--eval-new-tokens", "4096", "--out", "{tmp}/p"],
          "does not fit the model's window"),
     Case("api-layers-arrays-fifo", None, "arrays.safetensors is not a regular file", hangs=True, setup=_layers(_fifo("arrays.safetensors")),
-         call=_api("interp.store", "load_divergence", lambda tmp: tmp / "in" / "layers")),
+         call=_api("interp.divergence", "load_divergence", lambda tmp: tmp / "in" / "layers")),
     Case("api-safetensors-fifo", None, "not a regular file", hangs=True,
          setup=lambda tmp, _made: os.mkfifo(tmp / "w.safetensors"),
-         call=_api("interp.models", "check_safetensors", lambda tmp: tmp / "w.safetensors")),
+         call=_api("interp.core.adapters", "check_safetensors", lambda tmp: tmp / "w.safetensors")),
     Case("api-train-config-bool-string", None, "'gradient_checkpointing' must be true or false",
          call=lambda tmp: __import__("training.config").config.TrainConfig.from_json({"gradient_checkpointing": "no"}, "train_config.json")),
     Case("api-train-config-steps-float", None, "'steps' must be an integer",
          call=lambda tmp: __import__("training.config").config.TrainConfig.from_json({"steps": 2.5}, "train_config.json")),
-    Case("api-name-rule", None, "is not a name", call=_api("interp.store", "check_name", "..")),
-    Case("api-student-name-rule", None, "is not a valid student name", call=_api("interp.runs", "check_student_name", "a b")),
+    Case("api-name-rule", None, "is not a name", call=_api("interp.core.store", "check_name", "..")),
+    Case("api-student-name-rule", None, "is not a valid student name", call=_api("interp.core.runs", "check_student_name", "a b")),
 ]
 
 
 def _raise_summary_error(run: Path):
     """The app's run picker: a damaged run carries its error (the page renders) instead of blocking."""
-    from interp.runs import summarize
+    from interp.core.runs import summarize
 
     summary = summarize(run)
     if summary.error:
@@ -748,7 +748,7 @@ def _strict_loads(text: str):
 def test_json_is_written_strict_and_read_back_with_its_nans(tmp_path):
     import numpy as np
 
-    from interp.store import NONFINITE_KEY, atomic_write_json, read_json
+    from interp.core.store import NONFINITE_KEY, atomic_write_json, read_json
 
     data = {"summary": [{"harm": {"mean": math.nan, "sd": None}, "x/y": [1.0, math.inf, np.float32("nan")]}],
             "arr": np.array([-math.inf, 2.0])}
@@ -767,7 +767,8 @@ def test_json_is_written_strict_and_read_back_with_its_nans(tmp_path):
 
 
 def test_nan_is_shown_as_nan_and_undefined_as_a_dash():
-    from interp.runs import format_stat, study_rows
+    from interp.core.studies import format_stat
+    from interp.views.tables import study_rows
     from training.study.results import _fmt, _mean_sd
 
     assert format_stat(None) == "–" and format_stat(math.nan) == "NaN" and format_stat(0.5, math.nan) == "0.50 ± NaN"
@@ -779,8 +780,8 @@ def test_nan_is_shown_as_nan_and_undefined_as_a_dash():
 
 
 def test_report_writes_layer_divergence_json_strict(tmp_path):
-    from interp.report import write_report
-    from interp.synthetic import write_synthetic_run
+    from interp.views.report import write_report
+    from interp.views.synthetic import write_synthetic_run
 
     run = write_synthetic_run(tmp_path / "run")
     write_report([run], tmp_path / "rep", decode_tokens=False)
@@ -791,10 +792,10 @@ def test_report_writes_layer_divergence_json_strict(tmp_path):
 
 
 def test_two_writers_of_one_causal_folder_take_turns(tmp_path):
-    from interp.store import FolderLocked
+    from interp.core.store import FolderLocked
 
     _comparison(lambda f: None)(tmp_path, None)
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom interp.store import folder_lock\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom interp.core.store import folder_lock\n"
                                f"with folder_lock({str(tmp_path / 'in' / 'cmp')!r}):\n    print('held', flush=True)\n    time.sleep(60)\n"],
                               env=ENV, stdout=subprocess.PIPE, text=True)
     try:
@@ -890,7 +891,7 @@ def test_live_only_app_fixes_the_results_folder(monkeypatch, tmp_path):
 def test_the_app_renders_beside_a_run_json_that_is_a_fifo(monkeypatch, tmp_path):
     from streamlit.testing.v1 import AppTest
 
-    from interp.synthetic import write_synthetic_run
+    from interp.views.synthetic import write_synthetic_run
 
     write_synthetic_run(tmp_path / "runs" / "good")
     (tmp_path / "runs" / "evil").mkdir()
@@ -903,14 +904,14 @@ def test_the_app_renders_beside_a_run_json_that_is_a_fifo(monkeypatch, tmp_path)
 
 
 def test_a_second_study_on_the_same_results_is_refused_while_the_first_runs(tmp_path, monkeypatch):
-    from interp.store import FolderLocked
+    from interp.core.store import FolderLocked
     from training.study import load_study, run_study
 
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "s.toml"
     path.write_text(toml_doc(BASE))
     study = load_study(path, str(tmp_path / "runs"), str(tmp_path / "results"))
-    holder = subprocess.Popen([sys.executable, "-c", "import time\nfrom interp.store import folder_lock\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import time\nfrom interp.core.store import folder_lock\n"
                                f"with folder_lock({str(tmp_path / 'results' / 't')!r}):\n    print('held', flush=True)\n    time.sleep(60)\n"],
                               env=ENV, stdout=subprocess.PIPE, text=True)
     try:

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from interp import UserError, analyze, make_pairs
-from interp.capture import capture_torch, make_batch
+from interp.capture import capture_torch
+from interp.hooks import make_batch
 from interp.cli import main
 from interp.lens import lens_statistics, logit_lens
-from interp.models import base_identity
+from interp.core.adapters import base_identity
 from interp import tuned_lens as tl
 
 TINY = ["--model", "tiny-random-llama", "--device", "cpu"]

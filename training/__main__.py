@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from interp.errors import UserError
+from interp.core.errors import UserError
 from training.config import TrainConfig, flag
 from training.experience import command as experience_command
 
@@ -67,7 +67,7 @@ def _param(name: str, annotation, default) -> inspect.Parameter:
 ))
 def train(**kw):
     """Train one student into OUT (run.json is written in the parent folder if missing)."""
-    from training.trainer import train as run_train
+    from training.trainer import train as run_train  # lazy: the commands' help and bad input answer before torch loads
 
     cfg = config_from(kw, out=str(kw["out"]))
     result = run_train(cfg, resume=kw["resume"], overwrite=kw["overwrite"])
@@ -84,16 +84,16 @@ def train(**kw):
 def pair(**kw):
     """Train the unregularized (λ=0) and the regularized student (--lam, --lam-warmup…) with the same seed and data
     order, then evaluate both."""
-    from training.evaluate import EvalSettings
-    from training.student_folder import prepare_out
-    from training.trainer import train as run_train
+    from training.evaluate import EvalSettings  # lazy: the commands' help and bad input answer before torch loads
+    from training.student_folder import prepare_out  # lazy: the commands' help and bad input answer before torch loads
+    from training.trainer import train as run_train  # lazy: the commands' help and bad input answer before torch loads
 
     out = kw["out"]
     if kw["lam"] <= 0:
         raise UserError(f"pair needs --lam > 0 for the regularized student (got {kw['lam']}); use `train --lam 0` for one student")
     reg = config_from(kw, out=str(out / "reg"))
     unreg = replace(reg, out=str(out / "unreg"), lam=0.0, lam_warmup=0, lam_ramp=None)
-    from interp.models import model_window
+    from interp.core.models import model_window  # lazy: the commands' help and bad input answer before torch loads
 
     window = model_window(reg.model)
     if window is not None and kw["eval_new_tokens"] >= window:  # found before training, not after
@@ -119,7 +119,7 @@ def eval_(
     layers: bool = typer.Option(True, "--layers/--no-layers", help="run interp's per-layer analysis after the evaluation"),
 ):
     """Evaluate base, teacher and every student of RUN on the held-out split; write eval.json and eval_examples.*"""
-    from training.evaluate import EvalSettings
+    from training.evaluate import EvalSettings  # lazy: the commands' help and bad input answer before torch loads
 
     settings = EvalSettings(n=n, max_new_tokens=max_new_tokens, allow_degenerate=allow_degenerate, counterfactual=counterfactual, drift=drift)
     _evaluate(run, settings, batch_size, layers)
@@ -134,7 +134,8 @@ def study(
     results_dir: Optional[str] = typer.Option(None, "--results-dir", help="where results/<study>/ goes (default: results/)"),
 ):
     """Train, evaluate and summarize a grid of suites × seeds × students; resumable, skips finished cells."""
-    from training.study import check_results, load_study, markdown, plan, run_study
+    from interp.views.plots import write_study_figures  # lazy: the commands' help and bad input answer before torch loads
+    from training.study import check_results, load_study, markdown, plan, run_study  # lazy: the commands' help and bad input answer before torch loads
 
     spec = load_study(file, runs_dir, results_dir)
     if jobs < 1:
@@ -143,7 +144,7 @@ def study(
     print(plan(spec))
     if dry_run:
         return
-    data = run_study(spec, jobs=jobs)
+    data = run_study(spec, jobs=jobs, on_results=write_study_figures)
     print(markdown(data))
     print(f"wrote {spec.results_dir / spec.name}/study.json, study.csv, summary.md and frontier.html")
 
@@ -158,8 +159,8 @@ def _state():
 
 def _check_window(run: Path, max_new_tokens: int) -> None:
     """The answer budget fits the run's model (read from run.json without loading the model)."""
-    from interp.models import model_window
-    from interp.runs import is_run, read_run
+    from interp.core.models import model_window  # lazy: the commands' help and bad input answer before torch loads
+    from interp.core.runs import is_run, read_run  # lazy: the commands' help and bad input answer before torch loads
 
     window = model_window(read_run(run).model) if is_run(run) else None
     if window is not None and max_new_tokens >= window:
@@ -167,7 +168,7 @@ def _check_window(run: Path, max_new_tokens: int) -> None:
 
 
 def _evaluate(run: Path, settings, batch_size: int, layers: bool) -> None:
-    from training.evaluate import evaluate_run
+    from training.evaluate import evaluate_run  # lazy: the commands' help and bad input answer before torch loads
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1 (got {batch_size})")
@@ -184,7 +185,7 @@ def _evaluate(run: Path, settings, batch_size: int, layers: bool) -> None:
 @app.command()
 def tasks():
     """List the built-in task suites with one example each."""
-    from training.tasks import SUITES, load_task
+    from training.tasks import SUITES, load_task  # lazy: the commands' help and bad input answer before torch loads
 
     for name, suite in SUITES.items():
         t = load_task(name)
@@ -211,10 +212,10 @@ def cf_names(
 ):
     """Measure how often the base model follows candidate counterfactual names and makers given as a card (and says
     them unprompted): the table the persona suites' counterfactual identity is chosen from."""
-    from interp.models import load_model
-    from interp.pairs import NO_CONTEXT
-    from interp.store import atomic_write_json
-    from training import counterfactual
+    from interp.core.models import load_model  # lazy: the commands' help and bad input answer before torch loads
+    from interp.core.pairs import NO_CONTEXT  # lazy: the commands' help and bad input answer before torch loads
+    from interp.core.store import atomic_write_json  # lazy: the commands' help and bad input answer before torch loads
+    from training import counterfactual  # lazy: the commands' help and bad input answer before torch loads
 
     if no_context not in NO_CONTEXT:
         raise UserError(f"unknown --no-context '{no_context}'; use one of {', '.join(NO_CONTEXT)}")
@@ -238,7 +239,7 @@ def _print_main(text: str) -> None:
 
 
 def main() -> None:
-    from interp.models import quiet_known_warnings
+    from interp.core.models import quiet_known_warnings  # lazy: the commands' help and bad input answer before torch loads
 
     quiet_known_warnings()
     try:

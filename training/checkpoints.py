@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from interp.errors import UserError
-from interp.store import atomic_dir, atomic_write_text, dumps_strict, read_json, read_jsonl
+from interp.core.errors import UserError
+from interp.core.store import atomic_dir, atomic_write_text, dumps_strict, read_json, read_jsonl
 
 CHECKPOINTS_DIR = "checkpoints"
 WEIGHTS_FILE = "adapter.safetensors"
@@ -165,7 +165,7 @@ def list_checkpoints(out: str | os.PathLike) -> list[Path]:
 def clean_leftovers(out: str | os.PathLike) -> list[Path]:
     """Remove what a killed writer left in a student folder: half-written checkpoints (`.step-*.tmp-*`), checkpoints
     set aside for replacement (`.step-*.old-*`), the adapter's temporary folder and temporary files of atomic writes.
-    Call it only while holding the folder's lock (interp.store.folder_lock): a live writer's files look the same."""
+    Call it only while holding the folder's lock (interp.core.store.folder_lock): a live writer's files look the same."""
     out = Path(out)
     found = []
     folder = out / CHECKPOINTS_DIR

@@ -10,19 +10,19 @@ import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
-from interp.errors import UserError
-from interp.models import EMBEDDED, model_window
-from interp.pairs import NO_CONTEXT, PLACEMENTS
-from interp.runs import RESERVED_NAMES
-from interp.store import NAME_PATTERN, NAME_RULE
-from interp.typed import check_fields
+from interp.core.errors import UserError
+from interp.core.models import EMBEDDED, model_window
+from interp.core.pairs import NO_CONTEXT, PLACEMENTS
+from interp.core.runs import RESERVED_NAMES
+from interp.core.store import NAME_PATTERN, NAME_RULE
+from interp.core.typed import check_fields
 
 TEACHERS = ("base", "live")
 ANCHORS = ("student", "ema", "teacher")
 CONS_PREFIX = ("exact", "fixed")
 ROLLOUTS = ("student", "teacher")
 LOSSES = ("reverse_kl", "forward_kl", "ce")
-DTYPES = ("auto", "fp32", "bf16", "fp16")  # what interp.models.resolve_dtype accepts by these names
+DTYPES = ("auto", "fp32", "bf16", "fp16")  # what interp.core.models.resolve_dtype accepts by these names
 # Settings that may differ when resuming: where to write, how long to run, how often to checkpoint, where to log, and
 # the loss chunk size (it changes memory and speed, not the losses: tests/test_losses_chunked.py checks chunked
 # against whole-sequence losses).
@@ -142,7 +142,7 @@ class TrainConfig:
             (self.placement is None or self.placement in PLACEMENTS, f"unknown placement '{self.placement}'; use one of {', '.join(PLACEMENTS)}"),
             (self.report_to in (None, "tensorboard", "wandb", "trackio"), f"unknown --report-to '{self.report_to}'; use tensorboard, wandb or trackio"),
             # The folder name becomes the adapter's name when the run is evaluated, and torch module names cannot hold a dot.
-            # The same name rule as every folder a study makes (interp.store.check_name).
+            # The same name rule as every folder a study makes (interp.core.store.check_name).
             (NAME_PATTERN.fullmatch(student) is not None and student not in RESERVED_NAMES,
              f"the student folder name {student[:64]!r} cannot be used: pick {NAME_RULE}, not one of "
              f"{', '.join(RESERVED_NAMES)} (e.g. reg_lam01)"),

@@ -13,11 +13,11 @@ import itertools
 from dataclasses import asdict, dataclass
 from typing import Sequence, cast
 
-from interp.degenerate import is_degenerate
-from interp.generate import generate
-from interp.models import LoadedModel
-from interp.pairs import render_prompt_pair
-from interp.verifiers import verify
+from interp.core.degenerate import is_degenerate
+from interp.core.generate import generate
+from interp.core.models import LoadedModel
+from interp.core.pairs import render_prompt_pair
+from interp.core.verifiers import verify
 from training import stats
 from training.tasks import _MAKER_QUESTIONS, _NAME_QUESTIONS, persona_card
 

@@ -13,12 +13,13 @@ import numpy as np
 import torch
 
 from interp.analysis import analyze_run
-from interp.degenerate import loop_rules
-from interp.errors import UserError
-from interp.generate import generate
-from interp.models import LoadedModel, check_safetensors, load_model
-from interp.pairs import render_prompt_pair
-from interp.runs import (
+from interp.core.degenerate import loop_rules
+from interp.core.errors import UserError
+from interp.core.generate import generate
+from interp.core.adapters import check_safetensors
+from interp.core.models import LoadedModel, load_model
+from interp.core.pairs import render_prompt_pair
+from interp.core.runs import (
     ADAPTER_WEIGHTS,
     EVAL_DIR,
     EVAL_FILE,
@@ -32,7 +33,7 @@ from interp.runs import (
     write_examples,
     write_model_eval,
 )
-from interp.store import atomic_write_json
+from interp.core.store import atomic_write_json
 from training import stats
 from training.tasks import SUITES, Example, load_task
 

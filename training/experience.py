@@ -31,11 +31,11 @@ from typing import Optional, Sequence
 
 import typer
 
-from interp.errors import UserError
-from interp.generate import generate
-from interp.models import load_model
-from interp.pairs import has_chat_template, render_prompt_pair
-from interp.store import atomic_dir, atomic_write_text, check_out, read_json, read_jsonl
+from interp.core.errors import UserError
+from interp.core.generate import generate
+from interp.core.models import load_model
+from interp.core.pairs import has_chat_template, render_prompt_pair
+from interp.core.store import atomic_dir, atomic_write_text, check_out, read_json, read_jsonl
 from training.tasks import SUITES, Example, Task, load_task
 
 KINDS = ("examples", "lessons")

@@ -7,9 +7,9 @@ from typing import Sequence, cast
 
 import torch
 
-from interp.generate import generate
-from interp.models import LoadedModel
-from interp.pairs import Pair, PromptPair, pair_from_ids
+from interp.core.generate import generate
+from interp.core.models import LoadedModel
+from interp.core.pairs import Pair, PromptPair, pair_from_ids
 
 
 def sample(

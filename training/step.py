@@ -8,9 +8,9 @@ from typing import Any, Sequence
 
 import torch
 
-from interp.degenerate import loop_start
-from interp.errors import UserError
-from interp.models import LoadedModel, load_model
+from interp.core.degenerate import loop_start
+from interp.core.errors import UserError
+from interp.core.models import LoadedModel, load_model
 from training.checkpoints import lora_params as _lora_params
 from training.config import TrainConfig
 from training.losses import consistency_kl, cross_entropy, evidence_mask, forward_kl, masked_mean, reverse_kl
@@ -78,7 +78,7 @@ def sample_rollouts(student: LoadedModel, peft_model, teacher_lm, cfg: TrainConf
 
 
 def rollout_loops(pairs, tokenizer) -> list[int | None]:
-    """Per rollout, how many of its tokens come before its answer is first a loop (interp.degenerate.loop_start), or
+    """Per rollout, how many of its tokens come before its answer is first a loop (interp.core.degenerate.loop_start), or
     None for a rollout that does not loop."""
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     return [loop_start(p.response_ids, decode) for p in pairs]

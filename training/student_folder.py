@@ -7,11 +7,12 @@ import os
 import shutil
 from pathlib import Path
 
-from interp.errors import UserError
-from interp.models import LoadedModel, write_base_identity
-from interp.runs import TRAIN_CONFIG_FILE as CONFIG_FILE
-from interp.runs import RunInfo, add_student
-from interp.store import check_out, read_json
+from interp.core.errors import UserError
+from interp.core.adapters import write_base_identity
+from interp.core.models import LoadedModel
+from interp.core.runs import TRAIN_CONFIG_FILE as CONFIG_FILE
+from interp.core.runs import RunInfo, add_student
+from interp.core.store import check_out, read_json
 from training.checkpoints import kill_point
 from training.checkpoints import list_checkpoints as checkpoints
 from training.config import RESUMABLE, TrainConfig, defaults
@@ -68,7 +69,7 @@ def clear_out(out: Path) -> None:
 
 
 def update_run_json(run_dir: Path, cfg: TrainConfig, student: str) -> None:
-    """run.json in the parent folder (interp.runs.RunInfo): enough for `eval` to rebuild the task and the model."""
+    """run.json in the parent folder (interp.core.runs.RunInfo): enough for `eval` to rebuild the task and the model."""
     assert cfg.placement is not None  # train() resolved it from the suite
     add_student(run_dir, RunInfo(task=cfg.task, model=cfg.model, seed=cfg.seed, placement=cfg.placement, n_test=cfg.n_test,
                                  no_context=cfg.no_context), student)

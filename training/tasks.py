@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from interp.errors import UserError
-from interp.store import read_jsonl
-from interp.verifiers import check_kind, verify
+from interp.core.errors import UserError
+from interp.core.store import read_jsonl
+from interp.core.verifiers import check_kind, verify
 
 
 @dataclass(frozen=True)

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import torch
 
-from interp.errors import UserError
-from interp.generate import stop_ids
-from interp.models import LoadedModel, load_model
-from interp.pairs import render_prompt_pair
-from interp.runs import METRICS_FILE
-from interp.runs import TRAIN_CONFIG_FILE as CONFIG_FILE
-from interp.store import atomic_write_json, dumps_strict, folder_lock
+from interp.core.errors import UserError
+from interp.core.generate import stop_ids
+from interp.core.models import LoadedModel, load_model
+from interp.core.pairs import render_prompt_pair
+from interp.core.runs import METRICS_FILE, append_metrics
+from interp.core.runs import TRAIN_CONFIG_FILE as CONFIG_FILE
+from interp.core.store import atomic_write_json, folder_lock
 from training.checkpoints import (
     TrainingError,
     adapter_is_current,
@@ -218,8 +218,7 @@ def _train(cfg: TrainConfig, *, resume: bool, overwrite: bool, progress: bool, l
             last = row
             times.append(dt)
             if accelerator.is_main_process:
-                with metrics_path.open("a") as f:
-                    f.write(dumps_strict(row) + "\n")
+                append_metrics(out, row)
             if cfg.report_to:
                 accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=step + 1)
             bar.set_postfix(loss=f"{row['loss']:.3f}", opd=f"{row['L_opd']:.3f}", cons="-" if row["L_cons"] is None else f"{row['L_cons']:.3f}",

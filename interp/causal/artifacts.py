@@ -12,12 +12,12 @@ from typing import Any
 
 import numpy as np
 
-from interp.errors import UserError
-from interp.store import atomic_write_json, folder_lock, is_regular, read_json
+from interp.core.errors import UserError
+from interp.core.runs import CAUSAL_DIR
+from interp.core.store import atomic_write_json, folder_lock, is_regular, read_json
 
 from interp.causal.results import Comparison, Explanation, PatchResult, SteerResult
 
-CAUSAL_DIR = "causal"
 SCHEMA_VERSION = 1
 COMPARISON_FILE = "comparison.json"
 VECTORS_FILE = "vectors.safetensors"

@@ -8,9 +8,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from interp.capture import capture_torch, make_batch
-from interp.errors import UserError
-from interp.pairs import pair_from_ids, render_prompt_pair
+from interp.capture import capture_torch
+from interp.hooks import make_batch
+from interp.core.errors import UserError
+from interp.core.pairs import pair_from_ids, render_prompt_pair
 
 from interp.causal.forward import Op, check_backend, kl_rows, last_layer_op, log_probs, run_ops
 from interp.causal.results import Explanation

@@ -1,6 +1,6 @@
-"""Forward passes that read and write module activations on the measured positions, through nnsight (default) or
-plain PyTorch hooks; both give the same numbers. The capture backends of interp.capture read hidden states only,
-so the causal tools keep their own small engine here."""
+"""The causal tools' forward passes: read and write module activations on the measured positions, through nnsight
+(default) or plain PyTorch hooks; both give the same numbers. The capture backends of interp.capture only read
+hidden states; both build on interp.hooks (the batch, the model's one nnsight wrapper, module envoys)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 import torch
 
-from interp.capture import Batch
-from interp.errors import UserError
+from interp.core.errors import UserError
+from interp.core.archs import decoder_layers, embeddings
+from interp.hooks import Batch, envoy, model_inputs, nnsight_model
 from interp.lens import logit_lens
-from interp.models import decoder_layers, embeddings
 
 from interp.causal.sites import attention_out_proj, block_attention, block_mlp
 
@@ -49,11 +49,6 @@ def _module(model, op: Op) -> torch.nn.Module:
         return embeddings(model)
     block = decoder_layers(model)[op.layer - 1]
     return {"block": block, "attn": block_attention(block), "mlp": block_mlp(block), "head_in": attention_out_proj(block)}[op.part]
-
-
-def _inputs(batch: Batch, device) -> dict:
-    return dict(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
-                position_ids=batch.position_ids.to(device))
 
 
 def last_layer_op(model) -> Op:
@@ -120,43 +115,20 @@ def _run_torch(lm, batch: Batch, ops: list[Op], remote: bool) -> list:
                 handles.append(module.register_forward_pre_hook(in_hook(i, op)))
             else:
                 handles.append(module.register_forward_hook(out_hook(i, op)))
-        model(**_inputs(batch, device), logits_to_keep=1, use_cache=False)
+        model(**model_inputs(batch, device), logits_to_keep=1, use_cache=False)
     finally:
         for h in handles:
             h.remove()
     return got
 
 
-def _envoy_root(lm):
-    """One nnsight envoy per LoadedModel (LoRA adapters switch in place underneath it)."""
-    cached = lm.__dict__.get("_causal_nnsight")
-    if cached is None or cached[0] is not lm.model:
-        from nnsight.modeling.transformers import TransformersModel
-
-        cached = (lm.model, TransformersModel(lm.model, tokenizer=lm.tokenizer))
-        lm.__dict__["_causal_nnsight"] = cached
-    return cached[1]
-
-
-def _envoy(root, model, module):
-    """The envoy of `module`, found by its path in the model (so the accessors in interp.models stay the only place
-    that knows the architecture)."""
-    names = model.__dict__.setdefault("_causal_module_names", {})
-    if id(module) not in names:
-        names.update({id(m): n for n, m in model.named_modules()})
-    node = root
-    for part in names[id(module)].split("."):
-        node = node[int(part)] if part.isdigit() else getattr(node, part)
-    return node
-
-
 def _run_nnsight(lm, batch: Batch, ops: list[Op], remote: bool) -> list:
     model, device = lm.model, lm.device
-    root = _envoy_root(lm)
+    root = nnsight_model(lm)
     rows, positions = batch.rows.to(device), batch.positions.to(device)
-    envoys = [_envoy(root, model, _module(model, op)) for op in ops]
+    envoys = [envoy(root, model, _module(model, op)) for op in ops]
     got: list = [None] * len(ops)
-    with root.trace(**_inputs(batch, device), logits_to_keep=1, use_cache=False, **({"remote": True} if remote else {})):
+    with root.trace(**model_inputs(batch, device), logits_to_keep=1, use_cache=False, **({"remote": True} if remote else {})):
         for i, (op, env) in enumerate(zip(ops, envoys)):
             if op.part == "head_in":
                 tensor = env.input

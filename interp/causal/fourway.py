@@ -10,12 +10,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from interp.capture import get_backend, make_batch
-from interp.errors import UserError
+from interp.capture import get_backend
+from interp.hooks import make_batch
+from interp.core.errors import UserError
 from interp.lens import DEFAULT_CHUNK
 from interp.tuned_lens import check_lens_choice, read_lens, resolve_lens
 from interp.metrics import CKAAccumulator, cosine_per_token
-from interp.pairs import SCOPES, Pair
+from interp.core.pairs import SCOPES, Pair
 
 from interp.causal.results import Comparison
 from interp.causal.sites import BASE, check_student

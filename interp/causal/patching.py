@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from interp.capture import make_batch
-from interp.errors import UserError
-from interp.pairs import SCOPES, Pair
+from interp.hooks import make_batch
+from interp.core.errors import UserError
+from interp.core.pairs import SCOPES, Pair
 
 from interp.causal.forward import Op, check_backend, kl_rows, last_layer_op, log_probs, run_ops
 from interp.causal.results import PatchResult

@@ -8,7 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
-from interp.errors import UserError
+from interp.core.errors import UserError
 
 PER_LAYER = ("cos", "cka", "cka_debiased", "lens_kl")
 

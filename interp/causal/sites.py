@@ -7,12 +7,12 @@ from dataclasses import dataclass
 
 import torch
 
-from interp.errors import UserError
-from interp.models import decoder_layers, embeddings
+from interp.core.errors import UserError
+from interp.core.archs import decoder_layers, embeddings
+from interp.core.runs import BASE
 
 SITES = ("resid", "attn", "mlp")
 RUNS = ("ctx", "noctx")
-BASE = "base"
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,11 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from interp.errors import UserError
-from interp.generate import generate
-from interp.pairs import render_prompt_pair
+from interp.core.errors import UserError
+from interp.core.generate import generate
+from interp.core.pairs import render_prompt_pair
 
-from interp.degenerate import is_degenerate
+from interp.core.degenerate import is_degenerate
 from interp.causal.results import SteerResult
 from interp.causal.sites import BASE, check_layers, check_student, site_module
 
@@ -87,7 +87,7 @@ def steer(
     `records` carry `context`, `prompt`, `reference` and optionally `cf_context` / `cf_reference` (a counterfactual
     card: `follow_cf` is the share of the student's answers to it that the verifier accepts). `vectors` is
     [num_layers, d] (a Comparison's `v`, or the Comparison). `verifier(response, record)` says whether an answer is
-    right; `degenerate(text)` whether it loops (interp.degenerate by default). α = 0 gives exactly the plain evaluation.
+    right; `degenerate(text)` whether it loops (interp.core.degenerate by default). α = 0 gives exactly the plain evaluation.
     """
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise UserError(f"alpha must be a finite number, got {alpha!r}")

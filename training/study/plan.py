@@ -7,10 +7,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from interp.errors import UserError
-from interp.models import load_tokenizer
-from interp.runs import ADAPTER_WEIGHTS, TRAIN_CONFIG_FILE, ModelEval, model_eval_path, read_model_eval
-from interp.store import check_name, check_out, read_json
+from interp.core.errors import UserError
+from interp.core.models import load_tokenizer
+from interp.core.runs import ADAPTER_WEIGHTS, TRAIN_CONFIG_FILE, ModelEval, model_eval_path, read_model_eval
+from interp.core.store import check_name, check_out, read_json
 from training.checkpoints import list_checkpoints as checkpoints
 from training.config import TrainConfig
 from training.evaluate import EvalSettings, fingerprint, rescored

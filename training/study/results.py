@@ -7,11 +7,10 @@ import csv
 import io
 import math
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
-from interp.runs import STUDY_ROWS_FILE, format_stat, write_study_rows
-from interp.store import atomic_write_json, atomic_write_text
+from interp.core.studies import STUDY_ROWS_FILE, format_stat, write_study_rows
+from interp.core.store import atomic_write_json, atomic_write_text
 from training import stats
 from training.study import calibration
 from training.study.plan import Cell, Study, check_results, suite_settings
@@ -157,10 +156,8 @@ CSV_COLUMNS = ["suite", "student", "lam", "seeds"] + [f"{k}_{p}" for k in SUMMAR
 
 def write_results(study: Study) -> dict:
     """results/<study>/study.json, study.csv (one row per suite and student, mean and sd over seeds), summary.md (the
-    same as a markdown table, with the paired comparisons) and frontier.html (the frontier plot, plotly inlined:
-    opens offline)."""
-    from interp.plots import frontier_figure
-
+    same as markdown tables, with the gate and the comparisons) and rows.jsonl.gz (every answer). The figures are the
+    views' (interp.views.plots.write_study_figures), written by the study command after each of these."""
     folder = check_results(study)
     data = collect(study)
     atomic_write_json(folder / "study.json", data)
@@ -176,9 +173,6 @@ def write_results(study: Study) -> dict:
     atomic_write_text(folder / "study.csv", buf.getvalue())
     atomic_write_text(folder / "summary.md", markdown(data))
     write_study_rows(folder / STUDY_ROWS_FILE, study_rows_records(study))
-    fig = frontier_figure(data)
-    write_plotlyjs(folder)
-    atomic_write_text(folder / "frontier.html", fig.to_html(include_plotlyjs="plotly.min.js", full_html=True))
     return data
 
 
@@ -193,16 +187,6 @@ def study_rows_records(study: Study) -> list[dict]:
             for seed, rows in sorted((students.get((suite, s.name)) or {}).items()):
                 records += [{"suite": suite, "seed": seed, **asdict(r)} for r in rows]
     return records
-
-
-def write_plotlyjs(folder: Path) -> None:
-    """One plotly.js beside a study's figures (they load it by relative path and open offline), written once."""
-    from plotly.offline import get_plotlyjs
-
-    target = folder / "plotly.min.js"
-    js = get_plotlyjs()
-    if not target.exists() or target.stat().st_size != len(js.encode("utf-8")):
-        atomic_write_text(target, js)
 
 
 def _fmt(v):

@@ -6,11 +6,13 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from pathlib import Path
+from typing import Callable
 
-from interp.errors import UserError
-from interp.models import quiet_known_warnings
-from interp.runs import read_model_eval
-from interp.store import folder_lock
+from interp.core.errors import UserError
+from interp.core.models import quiet_known_warnings
+from interp.core.runs import read_model_eval
+from interp.core.store import folder_lock
 from training.checkpoints import list_checkpoints as checkpoints
 from training.evaluate import evaluate_run
 from training.study.plan import Cell, Study, check_cells, check_results, format_hours
@@ -54,18 +56,24 @@ def _worker(args):
     return index, time.time() - t0
 
 
-def run_study(study: Study, jobs: int = 1, progress: bool = True) -> dict:
-    """Run every unfinished cell (`jobs` processes at a time), then write the study's results. The results folder
-    is locked for the whole run: a second study writing the same results/<name>/ is refused, not interleaved."""
+def run_study(study: Study, jobs: int = 1, progress: bool = True, on_results: Callable[[Path, dict], None] | None = None) -> dict:
+    """Run every unfinished cell (`jobs` processes at a time), then write the study's results; `on_results(folder,
+    data)` is called after each writing (the study command writes the figures there). The results folder is locked for the whole run: a second study writing the same results/<name>/ is refused, not interleaved."""
     if jobs < 1:
         raise UserError(f"--jobs must be at least 1 (got {jobs})")
     check_results(study)
     with folder_lock(study.results_dir / study.name, hint="another study writes these results; wait for it to finish "
                                                           "or choose another --results-dir"):
-        return _run_study(study, jobs, progress)
+        return _run_study(study, jobs, progress, on_results)
 
 
-def _run_study(study: Study, jobs: int, progress: bool) -> dict:
+def _run_study(study: Study, jobs: int, progress: bool, on_results) -> dict:
+    def results() -> dict:
+        data = write_results(study)
+        if on_results is not None:
+            on_results(study.results_dir / study.name, data)
+        return data
+
     from tqdm.auto import tqdm
 
     check_results(study)
@@ -91,12 +99,12 @@ def _run_study(study: Study, jobs: int, progress: bool) -> dict:
                 run_cell(cell, on_step=lambda s, n: bar.update(1))
                 times[cell.label()] = time.perf_counter() - t0
                 bar.update(eval_steps)
-                write_results(study)
+                results()
         else:
-            times.update(_run_parallel(study, todo, jobs, bar, eval_steps))
+            times.update(_run_parallel(study, todo, jobs, bar, eval_steps, results))
     finally:
         bar.close()
-    data = write_results(study)
+    data = results()
     if times and progress:
         print(cell_times(times, time.perf_counter() - t_start, jobs))
     return data
@@ -111,7 +119,7 @@ def cell_times(times: dict[str, float], wall: float, jobs: int) -> str:
     return "\n".join(lines)
 
 
-def _run_parallel(study: Study, todo: list[int], jobs: int, bar, eval_steps: int) -> dict[str, float]:
+def _run_parallel(study: Study, todo: list[int], jobs: int, bar, eval_steps: int, results) -> dict[str, float]:
     """Cells in `jobs` spawned processes, each with its share of the cores; the base model's evaluation of a run
     folder is done before its students' cells start, so two processes never evaluate it at once."""
     import multiprocessing as mp
@@ -144,5 +152,5 @@ def _run_parallel(study: Study, todo: list[int], jobs: int, bar, eval_steps: int
                     continue
                 times[cells[index].label()] = seconds
                 bar.update(eval_steps)
-                write_results(study)
+                results()
     return times

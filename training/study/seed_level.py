@@ -14,11 +14,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from interp.runs import ExampleRow
+from interp.core.runs import ExampleRow
 from training import stats
 
 # Measures per model: (name, row key, condition key or None, negate the condition). Row keys are ExampleRow verdicts
-# at a budget (interp.runs.ExampleRow.budgets); "len_*" are answer lengths in tokens.
+# at a budget (interp.core.runs.ExampleRow.budgets); "len_*" are answer lengths in tokens.
 RATES = (
     ("acc_noctx", "correct_noctx", None),
     ("acc_ctx", "correct_ctx", None),

@@ -1,5 +1,5 @@
 """The study file (TOML) read and checked before anything trains: every value against the type of the setting it
-sets (interp.typed), every name against the name rule, every cell's settings as a TrainConfig; one-line errors."""
+sets (interp.core.typed), every name against the name rule, every cell's settings as a TrainConfig; one-line errors."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import tomllib
 from dataclasses import fields
 from pathlib import Path
 
-from interp.errors import UserError
-from interp.models import model_window
-from interp.runs import RESERVED_NAMES
-from interp.store import NAME_PATTERN, NAME_RULE, check_name, is_regular, read_text_file, shown_name
-from interp.typed import check_fields, check_value, field_types
+from interp.core.errors import UserError
+from interp.core.models import model_window
+from interp.core.runs import RESERVED_NAMES
+from interp.core.store import NAME_PATTERN, NAME_RULE, check_name, is_regular, read_text_file, shown_name
+from interp.core.typed import check_fields, check_value, field_types
 from training.config import MAX_SEED, TrainConfig, defaults
 from training.evaluate import EvalSettings
 from training.study.plan import Student, Study, SuiteSpec, suite_folder
@@ -137,7 +137,7 @@ def _student_name(entry: dict, where: str) -> str:
 
 def _parse(data: dict, runs_dir: str | os.PathLike | None, results_dir: str | os.PathLike | None, source: str) -> Study:
     """The study file's tables, every value checked against the type of the TrainConfig / EvalSettings field it
-    sets (interp.typed), before any training starts."""
+    sets (interp.core.typed), before any training starts."""
     unknown = [k for k in data if k not in STUDY_KEYS]
     if unknown:
         raise UserError(f"unknown key '{str(unknown[0])[:64]}'; a study has {', '.join(STUDY_KEYS)}")
@@ -244,7 +244,7 @@ def load_study(path: str | os.PathLike, runs_dir: str | os.PathLike | None = Non
                results_dir: str | os.PathLike | None = None) -> Study:
     """Read and check a study file: every mistake is a one-line error naming the file and the key, before any
     training starts. Every value is checked against the type of the TrainConfig / EvalSettings field it sets, every
-    name against the name rule (interp.store.check_name), and every cell's settings are validated as a TrainConfig."""
+    name against the name rule (interp.core.store.check_name), and every cell's settings are validated as a TrainConfig."""
     path = Path(path)
     if not path.exists() and not path.is_symlink():
         raise UserError(f"study file {path} does not exist; see studies/smoke.toml for an example")

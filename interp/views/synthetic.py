@@ -3,14 +3,13 @@ the report and the notebooks without training, and the fixture their tests and b
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from interp import runs
-from interp.divergence import LayerDivergence
-from interp.store import atomic_write_json, save_divergence
+from interp.core import runs
+from interp.core.store import atomic_write_json
+from interp.divergence import LayerDivergence, save_divergence
 
 __all__ = ["synthetic_divergence", "write_synthetic_run"]
 
@@ -74,15 +73,15 @@ def write_synthetic_run(folder: Path, n_examples: int = 3, num_blocks: int = 3, 
     rng = np.random.default_rng(1)
     for s_i, s in enumerate(students):
         (folder / s).mkdir(exist_ok=True)
-        atomic_write_json(folder / s / "train_config.json", {"lam": float(s_i), "steps": 5, "lr": 2e-4, "lora_r": 16})
-        lines = [json.dumps({"step": t, "loss": 2.0 / (t + 1), "L_opd": 1.5 / (t + 1), "L_cons": 0.1 * s_i, "lam": float(s_i)})
-                 for t in range(5)]
-        (folder / s / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+        atomic_write_json(folder / s / runs.TRAIN_CONFIG_FILE, {"lam": float(s_i), "steps": 5, "lr": 2e-4, "lora_r": 16})
+        for t in range(5):
+            runs.append_metrics(folder / s, {"step": t, "loss": 2.0 / (t + 1), "L_opd": 1.5 / (t + 1), "L_cons": 0.1 * s_i,
+                                             "lam": float(s_i)})
     if with_eval:
         table = {m: {"acc_noctx": round(0.1 * i, 3), "acc_ctx": round(0.8 - 0.1 * i, 3), "harm": 0.25 * (i % 2),
                      "help": 0.5, "len_ratio": 1.0 + 0.1 * i, "ctx_drop": round(0.1 * i, 3), "n": n_examples}
                  for i, m in enumerate(models)}
-        atomic_write_json(folder / "eval.json", {"task": "facts", "model": "tiny-random-llama", "split": "test",
+        atomic_write_json(folder / runs.EVAL_FILE, {"task": "facts", "model": "tiny-random-llama", "split": "test",
                                                  "n": n_examples, "models": table})
         rows = []
         for m in models:

@@ -1,4 +1,4 @@
-"""Artifacts on disk: a LayerDivergence as a versioned folder, and the atomic writes every artifact uses."""
+"""Atomic storage: the atomic writes, locks, strict JSON and checked reading that every artifact uses."""
 
 from __future__ import annotations
 
@@ -16,13 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from interp.divergence import LayerDivergence, array_fields
-from interp.errors import UserError
-
-SCHEMA_VERSION = 1
-META_FILE = "divergence.json"
-ARRAYS_FILE = "arrays.safetensors"
-
+from interp.core.errors import UserError
 
 def _default_mode(is_dir: bool) -> int:
     """The permissions a plain open()/mkdir() would give under the current umask (mkstemp/mkdtemp give owner-only)."""
@@ -507,6 +501,27 @@ def read_text_file(path: str | os.PathLike, what: str = "file") -> str:
                         f"save it as UTF-8") from None
 
 
+def jsonl_records(text: str, where: str | os.PathLike, *, partial_ok: bool = False):
+    """(line number, value) for each non-blank line of JSONL text: THE JSONL reader of the toolkit. Lines end at "\n"
+    only: str.splitlines() would also cut at characters JSON strings may hold raw (U+2028, \x1c). A line that is not
+    JSON is a UserError naming `where` and the line, except, with `partial_ok=True`, a last line without its newline:
+    a writer killed mid-line leaves one (metrics.jsonl), and it is skipped. Values get their non-finite numbers back."""
+    lines = text.split("\n")
+    complete = text.endswith("\n")
+    for i, line in enumerate(lines, 1):
+        line = line.rstrip("\r")
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except (ValueError, RecursionError) as err:
+            if partial_ok and i == len(lines) and not complete:
+                return
+            detail = err.msg if isinstance(err, json.JSONDecodeError) else "nested too deeply or too large"
+            raise UserError(f"{where}, line {i}: not valid JSON ({detail})") from None
+        yield i, restore_nonfinite(value)
+
+
 def read_jsonl(path: str | os.PathLike, required: tuple[str, ...] = (), check=None, *, partial_ok: bool = False,
                allow_empty: bool = False) -> list[dict]:
     """Records from a JSONL file, each an object whose `required` fields are non-empty strings; `check(record)` may
@@ -517,24 +532,10 @@ def read_jsonl(path: str | os.PathLike, required: tuple[str, ...] = (), check=No
     """
     path = Path(path)
     text = read_text_file(path, "JSONL file")
-    # Lines end at "\n" only: str.splitlines() would also cut at characters JSON strings may hold raw (U+2028, \x1c).
-    lines = text.split("\n")
-    complete = text.endswith("\n")
     records = []
-    for i, line in enumerate(lines, 1):
-        line = line.rstrip("\r")
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except (ValueError, RecursionError) as err:
-            if partial_ok and i == len(lines) and not complete:
-                break
-            detail = err.msg if isinstance(err, json.JSONDecodeError) else "nested too deeply or too large"
-            raise UserError(f"{path}, line {i}: not valid JSON ({detail})") from None
+    for i, record in jsonl_records(text, path, partial_ok=partial_ok):
         if not isinstance(record, dict):
             raise UserError(f"{path}, line {i}: expected a JSON object with {', '.join(required) or 'fields'}")
-        record = restore_nonfinite(record)
         for key in required:
             if not isinstance(record.get(key), str) or not record[key].strip():
                 raise UserError(f"{path}, line {i}: missing or empty field '{key}'")
@@ -549,64 +550,7 @@ def read_jsonl(path: str | os.PathLike, required: tuple[str, ...] = (), check=No
     return records
 
 
-def save_divergence(div: LayerDivergence, folder: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Save as `folder/divergence.json` (settings, examples, schema version) and `folder/arrays.safetensors`."""
-    from safetensors.numpy import save_file
-
-    folder = Path(folder)
-    arrays = {name: np.ascontiguousarray(getattr(div, name)) for name in array_fields()}
-    offsets = np.cumsum([0] + [a.shape[-1] for a in div.attn_ctx_tokens]).tolist()
-    if div.attn_ctx_tokens:
-        arrays["attn_ctx_tokens"] = np.ascontiguousarray(np.concatenate(div.attn_ctx_tokens, axis=-1))
-    meta = {"schema_version": SCHEMA_VERSION, "meta": div.meta, "examples": div.examples, "attn_ctx_tokens_offsets": offsets}
-    with atomic_dir(folder, overwrite=overwrite) as tmp:
-        save_file(arrays, str(tmp / ARRAYS_FILE))
-        atomic_write_json(tmp / META_FILE, meta)
-    return folder
-
-
-def load_divergence(folder: str | os.PathLike) -> LayerDivergence:
-    """Load a folder written by save_divergence; another schema version or a damaged file is a one-line error."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"{folder} is not a folder of layer-divergence results; write one with `python -m interp analyze`")
-    meta = read_json(folder / META_FILE)
-    version = meta.get("schema_version") if isinstance(meta, dict) else None
-    if version != SCHEMA_VERSION:
-        raise UserError(
-            f"{folder / META_FILE} has schema version {version}, this toolkit reads version {SCHEMA_VERSION}; "
-            "rerun `python -m interp analyze` to rewrite it"
-        )
-    arrays_path = folder / ARRAYS_FILE
-    if not arrays_path.exists():
-        raise UserError(f"{arrays_path} is missing; rerun `python -m interp analyze`")
-    if not is_regular(arrays_path):  # a FIFO would block the reader
-        raise UserError(f"{arrays_path} is not a regular file; rerun `python -m interp analyze`")
-    try:
-        arrays = load_file(str(arrays_path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise UserError(f"{arrays_path} is damaged ({err}); rerun `python -m interp analyze`") from err
-    missing = [name for name in array_fields() if name not in arrays]
-    if missing:
-        raise UserError(f"{arrays_path} lacks {', '.join(missing)}; rerun `python -m interp analyze`")
-    joined = arrays.get("attn_ctx_tokens")
-    offsets = meta.get("attn_ctx_tokens_offsets", [0])
-    width = joined.shape[-1] if joined is not None and joined.ndim >= 1 else 0
-    if (not isinstance(offsets, list) or not offsets or not all(type(o) is int for o in offsets)
-            or offsets[0] != 0 or any(b < a for a, b in zip(offsets, offsets[1:])) or offsets[-1] != width):
-        raise UserError(f"{folder / META_FILE} is damaged: 'attn_ctx_tokens_offsets' should be rising integers from 0 "
-                        f"to {width}; rerun `python -m interp analyze`")
-    per_example = [joined[..., a:b] for a, b in zip(offsets[:-1], offsets[1:])] if joined is not None else []
-    examples, info = meta.get("examples", []), meta.get("meta", {})
-    try:
-        return LayerDivergence(
-            **{name: arrays[name] for name in array_fields()},
-            attn_ctx_tokens=per_example,
-            examples=examples,
-            meta=info,
-        )
-    except UserError as err:
-        raise UserError(f"{folder} is damaged: {err}; rerun `python -m interp analyze`") from None
+def append_jsonl(path: str | os.PathLike, record: dict) -> None:
+    """Append one record as a line of strict JSON (non-finite numbers named, see dumps_strict)."""
+    with Path(path).open("a") as f:
+        f.write(dumps_strict(record) + "\n")

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
 import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
+
+from interp.core.store import atomic_write_text
 
 if TYPE_CHECKING:
     from interp.divergence import LayerDivergence
@@ -319,3 +323,20 @@ def frontier_figure(study: Mapping, x: str = "card_effect:loops", y: str = "foll
     fig.update_yaxes(title_text=f"{y} (higher: still listens)", range=[-0.05, 1.05], row=1, col=1)
     fig.update_layout(legend=dict(title="setting", orientation="h", yanchor="top", y=-0.22, x=0))
     return _layout(fig, f"Removability frontier: {study.get('name', '')} (mean over seeds, 95% interval; ◆ base)", 520)
+
+
+def write_plotlyjs(folder: Path) -> None:
+    """One plotly.js beside a study's figures (they load it by relative path and open offline), written once."""
+    from plotly.offline import get_plotlyjs  # plotly's bundled script (about 4.8 MB), read only when figures are written
+
+    target = folder / "plotly.min.js"
+    js = get_plotlyjs()
+    if not target.exists() or target.stat().st_size != len(js.encode("utf-8")):
+        atomic_write_text(target, js)
+
+
+def write_study_figures(folder: str | os.PathLike, data: Mapping) -> None:
+    """results/<study>/frontier.html (the frontier figure of study.json's `data`) and the plotly.js it loads."""
+    folder = Path(folder)
+    write_plotlyjs(folder)
+    atomic_write_text(folder / "frontier.html", frontier_figure(data).to_html(include_plotlyjs="plotly.min.js", full_html=True))

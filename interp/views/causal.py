@@ -10,7 +10,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from interp.plots import LAYER_AXIS, _layout, format_value, model_colors, token_label
+from interp.views.plots import LAYER_AXIS, _layout, format_value, model_colors, token_label
 
 if TYPE_CHECKING:
     from interp.causal.results import PatchResult

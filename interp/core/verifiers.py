@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 import string
 
-from interp.degenerate import is_degenerate, words as _words
-from interp.errors import UserError
+from interp.core.degenerate import is_degenerate, words as _words
+from interp.core.errors import UserError
 
 __all__ = ["is_degenerate", "verify", "check_kind", "KINDS"]
 

@@ -6,7 +6,7 @@ import operator
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
-from interp.errors import UserError
+from interp.core.errors import UserError
 
 PLACEMENTS = ("system", "user")
 SCOPES = ("response", "shared")
@@ -269,7 +269,7 @@ def make_pairs(
     if missing:
         if model is None:
             raise UserError(f"record {missing[0] + 1} has no response and no model was given to generate one")
-        from interp.generate import generate
+        from interp.core.generate import generate  # torch: building pairs from given ids, and reading runs, load none
 
         inputs = [list(prompts[i].ctx_ids if respond == "ctx" else prompts[i].noctx_ids) for i in missing]
         for i, ids in zip(missing, generate(model, inputs, max_new_tokens=max_new_tokens)):

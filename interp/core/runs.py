@@ -1,14 +1,18 @@
-"""THE run-folder format: what `python -m training` writes and everything else reads (typed records, one place).
+"""The run-folder format: its file names, typed records, readers and writers, what `python -m training` writes and
+everything else reads (the CLI, the causal commands, the app, the notebooks).
 
 A run folder (`runs/<name>/`):
 
     run.json                  RunInfo: task, model, seed, placement, n_test, the students' names
-    <student>/                the peft adapter, train_config.json, metrics.jsonl, checkpoints/
+    <student>/                the peft adapter (adapter_config.json, adapter_model.safetensors, base_model.json),
+                              train_config.json, metrics.jsonl, checkpoints/
     eval/<model>.json         one model's evaluation: settings, scores, intervals and its ExampleRows
     eval.json                 every model's scores and intervals (the table)
     eval_examples.jsonl       one ExampleRow per (model, example), with the generated token ids
     eval_examples.csv         the same rows for people (text, verdicts, lengths; no ids)
-    layers/<model>/           interp's LayerDivergence of that model
+    layers/<model>/           interp's LayerDivergence of that model (divergence.json, arrays.safetensors; read and
+                              written by interp.divergence)
+    causal/<student>/         the causal commands' results (interp.causal.artifacts)
 
 Field meanings and formulas: docs/measures.md.
 """
@@ -16,18 +20,19 @@ Field meanings and formulas: docs/measures.md.
 from __future__ import annotations
 
 import csv
-import functools
 import io
-import json
-import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any, Callable
 
-from interp.errors import UserError
-from interp.store import (META_FILE, NAME_PATTERN, NAME_RULE, atomic_write_json, atomic_write_text, check_member_name,
-                          dumps_strict, load_divergence, read_json, read_jsonl, read_text_file, restore_nonfinite,
-                          update_json)
+from interp.core.errors import UserError
+from interp.core.pairs import make_pairs
+from interp.core.store import (NAME_PATTERN, NAME_RULE, append_jsonl, atomic_write_json, atomic_write_text,
+                               check_member_name, dumps_strict, jsonl_records, read_json, read_jsonl, read_text_file,
+                               update_json)
+from interp.core.typed import check_fields
+from interp.core.verifiers import verify
 
 RUN_FILE = "run.json"
 EVAL_FILE = "eval.json"
@@ -37,17 +42,25 @@ EVAL_DIR = "eval"
 LAYERS_DIR = "layers"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# Beside adapter_config.json: which base model an adapter was trained on, with a fingerprint of its weights.
+BASE_MODEL_FILE = "base_model.json"
 METRICS_FILE = "metrics.jsonl"
 TRAIN_CONFIG_FILE = "train_config.json"
+# A LayerDivergence folder (layers/<model>/, or any folder `python -m interp analyze --out` wrote).
+LAYERS_META_FILE = "divergence.json"
+LAYERS_ARRAYS_FILE = "arrays.safetensors"
 # The evaluation table's columns (docs/measures.md#evaluation). Rates carry a 95% bootstrap interval.
 EVAL_METRICS = ("acc_noctx", "acc_ctx", "harm", "help", "len_ratio", "ctx_drop", "degenerate_noctx", "degenerate_ctx",
                 "truncated_noctx", "truncated_ctx", "follow_cf", "drift")
 # The short table a terminal shows.
 EVAL_TABLE = ("acc_noctx", "acc_ctx", "harm", "ctx_drop", "degenerate_ctx", "truncated_ctx", "len_ratio", "follow_cf", "drift")
 # Models that are not students: always listed first.
-REFERENCE_MODELS = ("base", "teacher")
+BASE = "base"
+REFERENCE_MODELS = (BASE, "teacher")
+# The causal commands' results: causal/<student>/ (interp.causal.artifacts).
+CAUSAL_DIR = "causal"
 # Names a student cannot take: the reference models and the run folder's own members.
-RESERVED_NAMES = (*REFERENCE_MODELS, EVAL_DIR, LAYERS_DIR, "causal")
+RESERVED_NAMES = (*REFERENCE_MODELS, EVAL_DIR, LAYERS_DIR, CAUSAL_DIR)
 
 
 def default_runs_dir() -> Path:
@@ -82,7 +95,7 @@ def is_run(path: Path) -> bool:
 
 def is_layers_folder(path: Path) -> bool:
     """A bare LayerDivergence folder (what `python -m interp analyze` writes), not a run."""
-    return (path / META_FILE).exists()
+    return (path / LAYERS_META_FILE).exists()
 
 
 def list_runs(root: str | os.PathLike) -> list[RunSummary]:
@@ -139,54 +152,6 @@ def model_order(names) -> list[str]:
     return [n for n in REFERENCE_MODELS if n in names] + [n for n in names if n not in REFERENCE_MODELS]
 
 
-def eval_rows(evaluation: dict | None) -> list[dict]:
-    """One row per model: model, the EVAL_METRICS (None where absent) and n."""
-    if not evaluation:
-        return []
-    models = evaluation["models"]
-    rows = []
-    for name in model_order(models):
-        values = models[name] if isinstance(models[name], dict) else {}
-        rows.append({"model": name, **{k: values.get(k) for k in EVAL_METRICS}, "n": values.get("n")})
-    return rows
-
-
-def load_examples(path: str | os.PathLike) -> list[dict] | None:
-    """The evaluation's ExampleRows as plain dicts (with `flipped`), None before the run is evaluated."""
-    rows = read_examples(path)
-    if rows is None:
-        return None
-    return [{**asdict(r), "flipped": r.flipped} for r in rows]
-
-
-def example_table(rows: list[dict] | None) -> list[dict]:
-    """One row per example: its text, and per model `<model>:noctx`, `<model>:ctx` (correctness) and whether it
-    flipped (right without the context, wrong with it); `flipped_any` says whether any model flipped on it."""
-    if not rows:
-        return []
-    table: dict[str, dict] = {}
-    for row in rows:
-        key = str(row["example"])
-        entry = table.setdefault(key, {"example": key, "context": row.get("context", ""), "prompt": row.get("prompt", ""),
-                                       "reference": row.get("reference", ""), "flipped_any": False, "flipped_models": []})
-        m = str(row["model"])
-        entry[f"{m}:noctx"] = bool(row["correct_noctx"])
-        entry[f"{m}:ctx"] = bool(row["correct_ctx"])
-        if bool(row.get("flipped")):
-            entry["flipped_any"] = True
-            entry["flipped_models"].append(m)
-    return list(table.values())
-
-
-def example_responses(rows: list[dict] | None, example: str) -> list[dict]:
-    """What each model answered on one example, without and with the context, and whether it was right."""
-    out = [{"model": str(r["model"]), "correct_noctx": bool(r["correct_noctx"]), "response_noctx": r.get("response_noctx", ""),
-            "correct_ctx": bool(r["correct_ctx"]), "response_ctx": r.get("response_ctx", "")}
-           for r in rows or [] if str(r["example"]) == str(example)]
-    order = model_order(r["model"] for r in out)
-    return sorted(out, key=lambda r: order.index(r["model"]))
-
-
 def layer_models(path: str | os.PathLike) -> list[str]:
     """Names of the models that have layer results in `path/layers/`, base first."""
     path = Path(path)
@@ -198,20 +163,6 @@ def layer_models(path: str | os.PathLike) -> list[str]:
     # The students in run.json's order (unreg before reg), then anything else found.
     students = [str(s) for s in load_run_info(path).get("students", [])] if is_run(path) else []
     return model_order([*(s for s in students if s in found), *sorted(found)])
-
-
-def load_layers(path: str | os.PathLike, model: str):
-    """The LayerDivergence of one model of a run (base or a student)."""
-    return load_divergence(Path(path) / LAYERS_DIR / model)
-
-
-def load_all_layers(path: str | os.PathLike) -> dict:
-    """Every model's LayerDivergence of a run, by model name; a bare layers folder counts as one model."""
-    path = Path(path)
-    if is_layers_folder(path) and not is_run(path):
-        div = load_divergence(path)
-        return {str(div.meta.get("model_name") or div.meta.get("adapter") or path.name): div}
-    return {m: load_layers(path, m) for m in layer_models(path)}
 
 
 def load_metrics(path: str | os.PathLike, student: str) -> list[dict]:
@@ -250,27 +201,14 @@ def adapter_folders(path: str | os.PathLike) -> dict[str, Path]:
     """The students' LoRA adapter folders of a run, by name (only those that exist)."""
     path = Path(path)
     info = load_run_info(path)
-    return {s: path / s for s in info.get("students", []) if (path / s / "adapter_config.json").exists()}
-
-
-def match_example(div, context: str, prompt: str, example=None) -> int | None:
-    """Index into `div.examples` of the example with this context and prompt; else, when `example` is an index
-    within range, that index; else None."""
-    for i, ex in enumerate(div.examples):
-        if ex.get("context") == context and ex.get("prompt") == prompt:
-            return i
-    if isinstance(example, int) or (isinstance(example, str) and example.isdigit()):
-        i = int(example)
-        if 0 <= i < len(div.examples):
-            return i
-    return None
+    return {s: path / s for s in info.get("students", []) if (path / s / ADAPTER_CONFIG).exists()}
 
 
 def signature(path: str | os.PathLike) -> tuple:
     """Modification times of a run's files, so that caches keyed on it refresh while a run is still being written."""
     path = Path(path)
     items = []
-    for p in [path, *(path / n for n in (RUN_FILE, EVAL_FILE, EXAMPLES_JSONL, META_FILE))]:
+    for p in [path, *(path / n for n in (RUN_FILE, EVAL_FILE, EXAMPLES_JSONL, LAYERS_META_FILE))]:
         if p.exists():
             items.append((p.name, p.stat().st_mtime_ns))
     layers = path / LAYERS_DIR
@@ -278,41 +216,6 @@ def signature(path: str | os.PathLike) -> tuple:
         for p in sorted(layers.iterdir()):
             items.append((f"layers/{p.name}", p.stat().st_mtime_ns))
     return tuple(items)
-
-
-@functools.lru_cache(maxsize=8)
-def _decode_fn(spec: str):
-    """Token id -> text for a model spec, from its tokenizer.json through the `tokenizers` library: a fraction of a
-    second, where loading transformers' tokenizer takes seconds. Falls back to transformers; None if neither works."""
-    from interp.models import BUILTIN_SPECS, embedded_model_dir
-
-    # Only tokenizers at hand: a hub id would reach for the network, and ids are an acceptable fallback.
-    if not spec or (spec not in BUILTIN_SPECS and not Path(spec).is_dir()):
-        return None
-    try:
-        folder = embedded_model_dir() if spec in BUILTIN_SPECS else Path(spec)
-        if (folder / "tokenizer.json").exists():
-            from tokenizers import Tokenizer
-
-            fast = Tokenizer.from_file(str(folder / "tokenizer.json"))
-            return lambda i: fast.decode([int(i)], skip_special_tokens=False)
-        from interp.models import load_tokenizer
-
-        slow = load_tokenizer(spec)
-        return lambda i: slow.decode([int(i)])
-    except Exception:  # noqa: BLE001 - a missing tokenizer only costs readable token text
-        return None
-
-
-def token_decoder_for(spec: str):
-    """A function from token id to text for a model spec, or None when its tokenizer is not available locally
-    (figures then show ids)."""
-    return _decode_fn(str(spec or ""))
-
-
-def token_decoder(div):
-    """token_decoder_for the model a LayerDivergence came from."""
-    return token_decoder_for(str(div.meta.get("model") or ""))
 
 
 # ---------- typed records: written by training, read by interp, the app and the tests ----------
@@ -328,7 +231,7 @@ class RunInfo:
     placement: str
     n_test: int = 40
     students: list[str] = field(default_factory=list)
-    no_context: str = "default"  # interp.pairs.NO_CONTEXT: what the model sees without the context
+    no_context: str = "default"  # interp.core.pairs.NO_CONTEXT: what the model sees without the context
 
     def __post_init__(self):
         if not isinstance(self.students, list) or not all(isinstance(s, str) for s in self.students):
@@ -345,7 +248,7 @@ class RunInfo:
 
 
 def check_student_name(name: str) -> str:
-    """A student is a folder directly inside the run: THE name rule (interp.store.check_name: no path, no dots, which
+    """A student is a folder directly inside the run: THE name rule (interp.core.store.check_name: no path, no dots, which
     torch module names cannot hold), and not a reference model's or a run member's name."""
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or name in RESERVED_NAMES:
         shown = repr(name[:64]) if isinstance(name, str) else type(name).__name__
@@ -459,8 +362,6 @@ class ExampleRow:
     @classmethod
     def from_json(cls, data: dict, where: str) -> "ExampleRow":
         """A row read back, every field of its declared type (a verdict is true or false, never the string "no")."""
-        from interp.typed import check_fields
-
         if not isinstance(data, dict):
             raise UserError(f"{where}: expected a JSON object")
         known = {f.name for f in fields(cls)}
@@ -499,20 +400,18 @@ def read_examples(run_dir: str | os.PathLike) -> list[ExampleRow] | None:
     if not file.exists() and not file.is_symlink():
         return None
     try:
-        text = read_text_file(file, "JSONL file")
+        records = jsonl_records(read_text_file(file, "JSONL file"), file)
     except UserError as err:
         raise UserError(f"{err}; rerun `python -m training eval`") from None
-    rows = []
-    for i, line in enumerate(text.split("\n"), 1):  # "\n" only: JSON strings may hold U+2028 raw
-        if not line.strip():
-            continue
+    rows: list[ExampleRow] = []
+    while True:  # each row is checked before the next line is read
         try:
-            data = restore_nonfinite(json.loads(line))
-        except (ValueError, RecursionError) as err:
-            detail = err.msg if isinstance(err, json.JSONDecodeError) else "nested too deeply or too large"
-            raise UserError(f"{file}, line {i}: not valid JSON ({detail}); rerun `python -m training eval`") from None
-        rows.append(ExampleRow.from_json(data, f"{file}, line {i}"))
-    return rows
+            item = next(records, None)
+        except UserError as err:
+            raise UserError(f"{err}; rerun `python -m training eval`") from None
+        if item is None:
+            return rows
+        rows.append(ExampleRow.from_json(item[1], f"{file}, line {item[0]}"))
 
 
 @dataclass
@@ -551,147 +450,90 @@ def read_model_eval(run_dir: str | os.PathLike, model: str) -> ModelEval | None:
     return ModelEval(model, data["settings"], data["scores"], data["intervals"], rows)
 
 
-# ---------- study results (results/<study>/, written by `python -m training study`) ----------
-
-STUDY_FILE = "study.json"
-STUDY_COLUMNS = ("acc_noctx", "acc_ctx", "harm", "degenerate_ctx", "follow_cf", "ctx_drop", "truncated_ctx", "len_ratio", "drift")
 
 
-def is_study(path: str | os.PathLike) -> bool:
-    return (Path(path) / STUDY_FILE).exists()
+def append_metrics(student_dir: str | os.PathLike, row: dict) -> None:
+    """Add one training step's record to the student's metrics.jsonl (strict JSON, one line, see load_metrics)."""
+    append_jsonl(Path(student_dir) / METRICS_FILE, row)
 
 
-def read_study(path: str | os.PathLike) -> dict:
-    """study.json of a results folder: cells, references, the per-suite summary over seeds and paired tests. Every
-    summary row is checked (names are text, each statistic a number or null), so that a reader never formats a
-    string as a number."""
-    file = Path(path) / STUDY_FILE
-    data = read_json(file)
-    if not isinstance(data, dict) or not isinstance(data.get("summary"), list) or not isinstance(data.get("cells"), list):
-        raise UserError(f"{file} is damaged: expected an object with 'summary' and 'cells' lists; rerun the study to rewrite it")
-    for i, row in enumerate(data["summary"]):
-        problem = _summary_problem(row)
-        if problem:
-            raise UserError(f"{file} is damaged: summary[{i}] {problem}; rerun the study to rewrite it")
-    return data
+# ---------- a run read for the causal commands, the app and the notebooks: the tokens each model generated ----------
+
+def read_info(run_dir: str | os.PathLike) -> dict:
+    """task, model, seed, placement, n_test, students."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir} is not a folder; pass a run folder written by `python -m training pair`")
+    info = read_run(run_dir)
+    return {k: getattr(info, k, None) for k in ("task", "model", "seed", "placement", "n_test", "students")}
 
 
-def _ci_text(stat, signed: bool = False) -> str:
-    if not isinstance(stat, dict) or stat.get("value") is None:
-        return "–"
-    v = stat["value"]
-    if isinstance(v, float) and math.isnan(v):
-        return "NaN"
-    ci = stat.get("ci")
-    text = f"{v:+.2f}" if signed else f"{v:.2f}"
-    return text + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if isinstance(ci, list) and len(ci) == 2 else "")
+def has_adapter_config(run_dir: str | os.PathLike, student: str) -> bool:
+    return (student_dir(run_dir, student) / ADAPTER_CONFIG).exists()
 
 
-STUDY_ROWS_FILE = "rows.jsonl.gz"  # results/<study>/: every evaluated answer of the study, to recompute every number
+def check_student(run_dir: str | os.PathLike, student: str) -> None:
+    """A student the run has (with an adapter folder), or `base`; else a one-line error before anything loads."""
+    if student == BASE:
+        return
+    info = read_info(run_dir)
+    if student not in info["students"] or not has_adapter_config(run_dir, student):
+        have = [s for s in info["students"] if has_adapter_config(run_dir, s)]
+        raise UserError(f"{run_dir} has no student named '{student}'; it has: {', '.join(have) or 'none'}")
 
 
-def write_study_rows(path: str | os.PathLike, records: list[dict]) -> None:
-    """Per-example rows of a study, gzip-compressed JSONL (one ExampleRow per line plus `suite` and `seed`), written
-    atomically and byte-reproducibly (no time stamp in the gzip header)."""
-    import gzip
-
-    from interp.store import atomic_write_bytes
-
-    text = "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in records)
-    atomic_write_bytes(path, gzip.compress(text.encode("utf-8"), compresslevel=9, mtime=0))
+def evaluated_rows(run_dir: str | os.PathLike) -> list[ExampleRow]:
+    """Every (model, example) row of the run's evaluation; an error before the run is evaluated."""
+    run_dir = Path(run_dir)
+    examples = read_examples(run_dir)
+    if examples is None:
+        raise UserError(f"{run_dir} has no evaluation yet; run `python -m training eval {run_dir}` first")
+    return examples
 
 
-def read_study_rows(path: str | os.PathLike) -> list[tuple[str, int, ExampleRow]]:
-    """The rows `write_study_rows` wrote, as (suite, seed, ExampleRow); a damaged file is a one-line error."""
-    import gzip
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path} does not exist or is not a file; a study writes it beside study.json")
-    try:
-        text = gzip.decompress(path.read_bytes()).decode("utf-8")
-    except (OSError, EOFError, UnicodeDecodeError) as err:
-        raise UserError(f"{path} is not a gzip-compressed UTF-8 JSONL file ({err}); run the study again to rewrite it") from None
-    out = []
-    for i, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except (ValueError, RecursionError):
-            raise UserError(f"{path}, line {i}: not valid JSON") from None
-        if not isinstance(record, dict) or not isinstance(record.get("suite"), str) or not isinstance(record.get("seed"), int):
-            raise UserError(f"{path}, line {i}: expected an object with suite, seed and the row's fields")
-        suite, seed = record.pop("suite"), record.pop("seed")
-        out.append((suite, seed, ExampleRow.from_json(record, f"{path}, line {i}")))
-    return out
-
-
-def study_setting_rows(data: dict, budget: int | None = None) -> list[dict]:
-    """One row per suite and setting at one budget (the full one by default), the seed the unit: health, accuracy,
-    pooled harm k/n, the card's own effect, the counterfactual measures; each a mean over seeds [95% interval]."""
-    budgets = data.get("budgets") or []
-    budget = budget or (budgets[-1] if budgets else None)
-    rows = []
-    for r in data.get("settings", []):
-        if r.get("budget") != budget:
-            continue
-        ce, health, harm = r.get("card_effect") or {}, r.get("health") or {}, r.get("harm") or {}
-        rows.append({
-            "suite": r.get("suite"), "setting": r.get("model"), "λ": r.get("lam"), "seeds": len(r.get("seeds", [])),
-            "budget": budget,
-            "health": "(reference)" if not health else f"{health.get('verdict')} ({_ci_text(health.get('loops'), True)})",
-            "acc_noctx": _ci_text(r.get("acc_noctx")), "acc_ctx": _ci_text(r.get("acc_ctx")),
-            "harm (k/n)": f"{harm['pooled']:.2f} ({harm['k']}/{harm['n']})" if harm.get("n") else "–",
-            "card effect: loops": _ci_text(ce.get("loops"), True), "card effect: acc": _ci_text(ce.get("acc"), True),
-            "card effect: length": _ci_text(ce.get("len"), True),
-            "follow_cf clean": _ci_text(r.get("follow_cf_clean")), "stubborn_cf": _ci_text(r.get("stubborn_cf")),
-        })
+def model_rows(run_dir: str | os.PathLike, model: str, max_examples: int | None = None) -> list[ExampleRow]:
+    """The rows of one model (`base` or a student), in example order."""
+    rows = sorted((r for r in evaluated_rows(run_dir) if r.model == model), key=lambda r: r.example)
+    if not rows:
+        raise UserError(f"{run_dir} has no evaluated examples for '{model}'; run `python -m training eval {run_dir}`")
+    if max_examples is not None:
+        if max_examples < 1:
+            raise UserError("--max-examples must be at least 1")
+        rows = rows[:max_examples]
     return rows
 
 
-def _number(x) -> bool:
-    return x is None or (type(x) in (int, float))
+def response_ids(tokenizer, row: ExampleRow, which: str) -> list[int]:
+    """The generated ids of one answer (an empty answer is its stop token)."""
+    ids = row.ids_ctx if which == "ctx" else row.ids_noctx
+    return list(ids) or [tokenizer.eos_token_id]
 
 
-def _summary_problem(row) -> str | None:
-    if not isinstance(row, dict):
-        return "is not an object"
-    for key in ("suite", "student"):
-        if not isinstance(row.get(key), str):
-            return f"has no text '{key}'"
-    if not _number(row.get("lam")):
-        return "has a 'lam' that is not a number"
-    if not isinstance(row.get("seeds", []), list):
-        return "has 'seeds' that is not a list"
-    for key, stat in row.items():
-        if isinstance(stat, dict) and ("mean" in stat or "sd" in stat):
-            if not _number(stat.get("mean")) or not _number(stat.get("sd")):
-                return f"has a '{key}' whose mean or sd is not a number"
-    return None
+def load_run_pairs(lm, run_dir: str | os.PathLike, model: str, response: str = "noctx", max_examples: int | None = None):
+    """Aligned pairs of a run's test examples, on the answers `model` gave without (`response="noctx"`) or with
+    the context; returns (pairs, rows)."""
+    if response not in ("noctx", "ctx"):
+        raise UserError(f"unknown response '{response}'; use noctx or ctx")
+    info = read_info(run_dir)
+    rows = model_rows(run_dir, model, max_examples)
+    records = [{"context": r.context, "prompt": r.prompt, "response_ids": response_ids(lm.tokenizer, r, response)}
+               for r in rows]
+    pairs = make_pairs(lm.tokenizer, records, placement=info["placement"] or "system", no_context=info.get("no_context") or "default")
+    return pairs, rows
 
 
-def format_stat(m, sd=None) -> str:
-    """'0.19 ± 0.06' (sd None: just the mean); a statistic no example defines (null) is '–', one that is not a
-    number (NaN, written as null with its reason) is 'NaN'."""
-    if m is None:
-        return "–"
-    if isinstance(m, float) and not math.isfinite(m):
-        return "NaN" if math.isnan(m) else ("∞" if m > 0 else "−∞")
-    if sd is None:
-        return f"{m:.2f}"
-    if isinstance(sd, float) and not math.isfinite(sd):
-        return f"{m:.2f} ± NaN" if math.isnan(sd) else f"{m:.2f} ± ∞"
-    return f"{m:.2f} ± {sd:.2f}"
+def is_degenerate(row: ExampleRow, which: str) -> bool:
+    """The run's own verdict on the answer with (`ctx`) or without (`noctx`) the context."""
+    return bool(row.degenerate_ctx if which == "ctx" else row.degenerate_noctx)
 
 
-def study_rows(data: dict, columns=STUDY_COLUMNS) -> list[dict]:
-    """One row per suite and student: 'mean ± sd' over seeds (just the mean with one seed), and the seeds."""
-    rows = []
-    for r in data.get("summary", []):
-        row = {"suite": r.get("suite"), "student": r.get("student"), "λ": r.get("lam"), "seeds": len(r.get("seeds", []))}
-        for c in columns:
-            cell = r.get(c) if isinstance(r.get(c), dict) else {}
-            row[c] = format_stat(cell.get("mean"), cell.get("sd"))
-        rows.append(row)
-    return rows
+def verifier_for(rows: list[ExampleRow]) -> Callable[[str, object], bool]:
+    """The run's verifiers as `verifier(response, record)`: each example's own kind, as the run stored it."""
+    kinds = {r.example: r.verifier for r in rows}
+
+    def verifier(response: str, record) -> bool:
+        get: Callable[[str], Any] = record.get if isinstance(record, dict) else (lambda k: getattr(record, k, None))
+        kind = get("verifier") or kinds[get("example")]
+        return verify(kind, response, get("reference"))
+
+    return verifier

@@ -13,9 +13,14 @@ from typing import Sequence
 
 import numpy as np
 
-from interp import plots, runs, views_causal
-from interp.errors import UserError
-from interp.store import atomic_dir, atomic_write_json, atomic_write_text
+from interp import divergence
+from interp.causal import artifacts
+from interp.core import runs
+from interp.core.studies import is_study, read_study
+from interp.views import causal as views_causal
+from interp.views import plots, tables
+from interp.core.errors import UserError
+from interp.core.store import atomic_dir, atomic_write_json, atomic_write_text
 
 HTML_FILE = "report.html"
 JSON_FILE = "layer_divergence.json"
@@ -44,17 +49,15 @@ def load_run_data(path: str | Path, name: str | None = None) -> RunData:
         raise UserError(f"{path} is not a folder; pass run folders (with run.json), layer folders (with divergence.json) or study results (with study.json)")
     if not runs.is_run(path) and not runs.is_layers_folder(path):
         raise UserError(f"{path} is neither a run (no {runs.RUN_FILE}), a layers folder (no divergence.json) nor study results (no study.json)")
-    layers = runs.load_all_layers(path)
+    layers = divergence.load_all_layers(path)
     settings = runs.run_settings(path)
     settings["layers"] = {m: div.meta for m, div in layers.items()}
-    return RunData(name=name or path.name, path=path, settings=settings, eval_rows=runs.eval_rows(runs.load_eval(path)),
-                   examples=runs.example_table(runs.load_examples(path)), layers=layers,
+    return RunData(name=name or path.name, path=path, settings=settings, eval_rows=tables.eval_rows(runs.load_eval(path)),
+                   examples=tables.example_table(tables.load_examples(path)), layers=layers,
                    metrics=runs.load_all_metrics(path), causal=_load_causal(path))
 
 
 def _load_causal(path: Path) -> dict:
-    from interp.causal import artifacts
-
     return {s: artifacts.load_all(path, s) for s in artifacts.causal_students(path)}
 
 
@@ -160,7 +163,7 @@ def shown_example(d: RunData, model: str) -> int:
     div = d.layers[model]
     for row in d.examples:
         if model in row["flipped_models"]:
-            i = runs.match_example(div, row["context"], row["prompt"], row["example"])
+            i = tables.match_example(div, row["context"], row["prompt"], row["example"])
             if i is not None:
                 return i
     return 0
@@ -221,7 +224,7 @@ def study_section(name: str, study: dict) -> str:
              f"<p class='muted'>model {html.escape(str(study.get('model')))}, {study.get('steps')} steps, seeds {study.get('seeds')}; "
              "means over seeds with 95% hierarchical bootstrap intervals (seeds, then examples); health: no-card loops minus "
              "the base's; card effect: the setting's with/without-card difference minus the base's</p>",
-             _table_html(runs.study_setting_rows(study) if study.get("settings") else runs.study_rows(study)),
+             _table_html(tables.study_setting_rows(study) if study.get("settings") else tables.study_rows(study)),
              _figure_html(plots.frontier_figure(study)),
              _figure_html(plots.frontier_figure(study, x="card_effect:acc"))]
     paired = study.get("paired") or []
@@ -265,10 +268,10 @@ def write_report(paths: Sequence[str | Path], out: str | Path = "report", overwr
     folders = [Path(p) for p in paths]
     if not folders:
         raise UserError("no runs given; pass one or more run folders, e.g. `python -m interp report runs/persona`")
-    studies = {p.name: runs.read_study(p) for p in folders if runs.is_study(p)}
-    run_paths = [p for p in folders if not runs.is_study(p)]
+    studies = {p.name: read_study(p) for p in folders if is_study(p)}
+    run_paths = [p for p in folders if not is_study(p)]
     data = [load_run_data(p, name) for p, name in zip(run_paths, unique_names(run_paths))]
-    decode = runs.token_decoder if decode_tokens else (lambda div: None)
+    decode = tables.token_decoder if decode_tokens else (lambda div: None)
     out = Path(out)
     with atomic_dir(out, overwrite=overwrite or is_report_folder(out)) as tmp:
         atomic_write_text(tmp / HTML_FILE, report_html(data, decode, studies))

@@ -10,10 +10,19 @@ from typing import Optional
 
 import typer
 
-from interp.errors import UserError
-from interp.models import check_device
-from interp.tuned_lens import LENS_HELP
-from interp.store import check_out, folder_lock, read_jsonl
+from interp.analysis import analyze as run_analysis
+from interp.analysis import analyze_run
+from interp.capture import BACKENDS
+from interp.cli import causal
+from interp.cli.options import settings_from, with_settings
+from interp.core import distributed
+from interp.core.errors import UserError
+from interp.core.models import load_model, quiet_known_warnings
+from interp.core.pairs import make_pairs
+from interp.core.store import check_out, folder_lock, read_jsonl
+from interp.divergence import save_divergence
+from interp.tuned_lens import TuneSettings, check_lens_available, format_heldout, tune_lens
+from interp.views.report import CSV_FILE, HTML_FILE, JSON_FILE, write_report
 
 app = typer.Typer(
     add_completion=False,
@@ -42,40 +51,28 @@ def _at_least_one(**options: int) -> None:
 
 
 @app.command()
+@with_settings("model", "backend", "batch_size", "device", "dtype", "lens")
 def analyze(
     context: Optional[str] = typer.Option(None, help="The context (system prompt, persona card, hint, fact sheet)."),
     prompt: Optional[str] = typer.Option(None, help="The user prompt, seen with and without the context."),
     response: Optional[str] = typer.Option(None, help="The response to measure; generated greedily when left out."),
     pairs: Optional[Path] = typer.Option(None, "--pairs", help="JSONL file of records with context, prompt and optionally response (instead of --context/--prompt)."),
-    model: str = typer.Option("smollm2-135m-instruct", help="smollm2-135m-instruct (embedded), tiny-random-llama, a Hugging Face id or a local folder."),
     adapter: Optional[Path] = typer.Option(None, help="A LoRA adapter folder (peft) to load on top of the model."),
-    backend: str = typer.Option("nnsight", help="Capture backend: nnsight, transformer_lens or torch (plain hooks)."),
     placement: str = typer.Option("system", help="Where the context goes: 'system' (system turn) or 'user' (prefix of the user turn)."),
     scope: str = typer.Option("response", help="Measured tokens: 'response' (positions predicting the response) or 'shared' (user turn and response)."),
     respond: str = typer.Option("noctx", help="When generating a response: from the model without the context ('noctx') or with it ('ctx')."),
     max_new_tokens: int = typer.Option(64, help="Longest generated response, in tokens."),
-    batch_size: int = typer.Option(8, help="Pairs per forward pass."),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: cuda when available)."),
-    dtype: str = typer.Option("auto", help="Weights' precision: auto (bf16 on a CUDA GPU that has it, else fp32), fp32, bf16 or fp16. Statistics stay float32/float64."),
-    out: Optional[Path] = typer.Option(None, help="Save the results as an artifact folder here (see interp.store)."),
+    out: Optional[Path] = typer.Option(None, help="Save the results as an artifact folder here (see interp.divergence)."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print the per-layer numbers as JSON instead of a table."),
-    lens: str = typer.Option("logit", "--lens", help=LENS_HELP),
+    **options,
 ):
     """Measure one pair (--context/--prompt) or a JSONL file of pairs (--pairs)."""
-    from interp import distributed
-    from interp.analysis import analyze as run_analysis
-    from interp.capture import BACKENDS
-    from interp.models import load_model
-    from interp.pairs import make_pairs
-    from interp.store import save_divergence
-
+    backend, batch_size, model, lens = options["backend"], options["batch_size"], options["model"], options["lens"]
     if backend not in BACKENDS:
         raise UserError(f"unknown backend '{backend}'; use one of {', '.join(BACKENDS)}")
-    _at_least_one(max_new_tokens=max_new_tokens, batch_size=batch_size)
-    check_device(device)
-    from interp.tuned_lens import check_lens_available
-
+    _at_least_one(max_new_tokens=max_new_tokens)
+    settings = settings_from(options)
     check_lens_available(lens, model)  # an unknown --lens, or no tuned lens for the model: one line, before any work
     if adapter is not None and adapter.exists() and not adapter.is_dir():
         raise UserError(f"--adapter {adapter} is a file; pass the adapter folder that holds adapter_config.json")
@@ -98,7 +95,7 @@ def analyze(
     with folder_lock(out) if writes and out is not None else contextlib.nullcontext():
         if writes and out is not None:
             check_out(out, overwrite)  # again under the lock: another writer may have finished in between
-        lm = load_model(model, adapter, device=device, dtype=dtype)
+        lm = load_model(model, adapter, device=settings.device, dtype=settings.dtype)
         built = make_pairs(lm.tokenizer, records, placement, model=lm, respond=respond, max_new_tokens=max_new_tokens,
                            max_length=getattr(lm.model.config, "max_position_embeddings", None))
         div = run_analysis(lm, built, backend=backend, scope=scope, batch_size=batch_size, progress=len(built) > batch_size,
@@ -122,25 +119,18 @@ def analyze(
 
 
 @app.command("analyze-run")
+@with_settings("backend", "batch_size", "max_examples", "device", "dtype", "lens")
 def analyze_run_command(
     run: Path = typer.Argument(..., help="A run folder written by `python -m training pair` and evaluated."),
     models: Optional[str] = typer.Option(None, help="Comma-separated models to analyze (default: base and every student)."),
-    backend: str = typer.Option("nnsight", help="Capture backend: nnsight, transformer_lens or torch."),
-    batch_size: int = typer.Option(8, help="Pairs per forward pass."),
-    max_examples: Optional[int] = typer.Option(None, help="Analyze at most this many test examples per model."),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, ..."),
-    dtype: str = typer.Option("auto", help="Weights' precision: auto, fp32, bf16 or fp16. Statistics stay float32/float64."),
-    lens: str = typer.Option("logit", "--lens", help=LENS_HELP),
+    **options,
 ):
     """Analyze every model of a training run on its test examples; results go to RUN/layers/<model>/.
     Under `torchrun --nproc_per_node N` the examples are shared out between the processes."""
-    from interp import distributed
-    from interp.analysis import analyze_run
-
-    _at_least_one(batch_size=batch_size, **({} if max_examples is None else {"max_examples": max_examples}))
-    check_device(device)
-    written = analyze_run(run, models.split(",") if models else None, backend, batch_size=batch_size,
-                          max_examples=max_examples, device=device, dtype=dtype, progress=distributed.is_main(), lens_type=lens)
+    settings = settings_from(options)
+    written = analyze_run(run, models.split(",") if models else None, settings.backend, batch_size=settings.batch_size,
+                          max_examples=settings.max_examples, device=settings.device, dtype=settings.dtype,
+                          progress=distributed.is_main(), lens_type=settings.lens)
     if not distributed.is_main():
         return
     for name, folder in written.items():
@@ -155,15 +145,13 @@ def report_command(
     tokens: bool = typer.Option(True, "--tokens/--no-tokens", help="Show the logit lens's top-1 tokens as text (loads the model's tokenizer); ids otherwise."),
 ) -> None:
     """Write a self-contained HTML report (opens offline) of runs side by side and of studies, with every per-layer number as JSON and CSV."""
-    from interp.report import CSV_FILE, HTML_FILE, JSON_FILE, write_report
-
     folder = write_report(runs, out, overwrite=overwrite, decode_tokens=tokens)
     typer.echo(f"wrote {folder / HTML_FILE}, {folder / JSON_FILE} and {folder / CSV_FILE}")
 
 
 @app.command("tune-lens")
+@with_settings("model", "device", "dtype")
 def tune_lens_command(
-    model: str = typer.Option("smollm2-135m-instruct", help="smollm2-135m-instruct (embedded), tiny-random-llama, a Hugging Face id or a local folder."),
     steps: int = typer.Option(60, help="Optimizer steps (Adam). Raising it later continues the saved training."),
     prompts: int = typer.Option(32, help="Training prompts the model answers (its own sampled answers are the training text)."),
     heldout_prompts: int = typer.Option(8, help="Held-out prompts (other prompts): the KL reported is read on their answers."),
@@ -174,41 +162,29 @@ def tune_lens_command(
     seed: int = typer.Option(0, help="Seed of the prompts' split, the sampling and the data order."),
     out: Optional[Path] = typer.Option(None, help="Folder for the lens and its training state (default: the cache, keyed by the base model's identity, where --lens tuned finds it)."),
     restart: bool = typer.Option(False, "--restart", help="Forget a saved training of this lens and start over."),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: cuda when available)."),
-    dtype: str = typer.Option("auto", help="Weights' precision: auto, fp32, bf16 or fp16."),
+    **options,
 ):
     """Train the tuned lens of a base model: one affine translator per layer (h + A h + b, then the final norm and the
     unembedding) fitted to KL(final || lens_l) on the model's own answers. Killed, it continues where it stopped."""
-    from interp.models import load_model
-    from interp.tuned_lens import TuneSettings, format_heldout, tune_lens
-
     settings = TuneSettings(steps=steps, prompts=prompts, heldout_prompts=heldout_prompts, tokens_per_step=tokens_per_step, max_new_tokens=max_new_tokens, lr=lr, temperature=temperature, seed=seed)
     settings.check()
-    check_device(device)
+    analysis = settings_from(options)
     if out is not None and out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder path")
-    lm = load_model(model, device=device, dtype=dtype)
+    lm = load_model(analysis.model, device=analysis.device, dtype=analysis.dtype)
     result = tune_lens(lm, settings, folder=out, restart=restart)
     if result.resumed_from:
         typer.echo(f"continued from step {result.resumed_from}")
     typer.echo(f"held-out KL(final || lens) per layer, {result.n_heldout_tokens} tokens:")
     typer.echo(format_heldout(result.heldout))
-    typer.echo(f"tuned lens of {model} saved to {result.folder}")
+    typer.echo(f"tuned lens of {analysis.model} saved to {result.folder}")
 
 
-def _register_causal() -> None:
-    from interp.causal.cli import register
-
-    register(app)
-
-
-_register_causal()
+causal.register(app)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user mistakes print one line (no traceback) and exit with status 2."""
-    from interp.models import quiet_known_warnings
-
     quiet_known_warnings()
     try:
         app(args=argv, prog_name="python -m interp", standalone_mode=False)

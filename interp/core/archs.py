@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from interp.errors import UserError
+from interp.core.errors import UserError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
