@@ -149,9 +149,6 @@ def test_generation_passes_no_deprecated_argument(tiny):
     assert [len(x) <= 4 for x in got] == [True, True]
 
 
-@pytest.mark.xfail(strict=True, raises=FutureWarning,
-                   reason="training/rollout.py passes the KV cache of a shared context prefix as `past_key_values`; "
-                          "the installed transformers names it `cache` (forward's argument and the output's field)")
 def test_the_rollouts_shared_prefix_passes_no_deprecated_argument(tiny):
     from training.rollout import MIN_SHARED_PREFIX, collate, response_logits
 

@@ -13,6 +13,7 @@ from typing import Optional
 import typer
 
 from interp.core.errors import UserError
+from interp.core.models import EMBEDDED
 from training.config import TrainConfig, flag
 from training.experience import command as experience_command
 
@@ -205,7 +206,7 @@ app.command("experience")(experience_command)
 
 @app.command("cf-names")
 def cf_names(
-    model: str = typer.Option("smollm2-135m-instruct", help="the base model whose following is measured"),
+    model: str = typer.Option(EMBEDDED, help="the base model whose following is measured"),
     no_context: str = typer.Option("neutral", help="the no-card turn of the unprompted answers: default, neutral or empty"),
     max_new_tokens: int = typer.Option(48, help="budget of each greedy answer"),
     out: Optional[Path] = typer.Option(None, help="also write the table as JSON to this file"),

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from interp.core.errors import UserError
+from interp.core.runs import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_MODEL_FILE, METRICS_FILE, TRAIN_CONFIG_FILE
 from interp.core.store import atomic_dir, atomic_write_text, dumps_strict, read_json, read_jsonl
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -173,7 +174,7 @@ def clean_leftovers(out: str | os.PathLike) -> list[Path]:
         found += [*folder.glob(".step-*.tmp-*"), *folder.glob(".step-*.old-*"), *folder.glob(".step-*.lock")]
     if out.is_dir():
         found += [p for p in out.glob(".adapter.tmp*")]
-        for name in ("metrics.jsonl", "train_config.json", "adapter_config.json", "adapter_model.safetensors", "base_model.json"):
+        for name in (METRICS_FILE, TRAIN_CONFIG_FILE, ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_MODEL_FILE):
             found += [p for p in out.glob(f".{name}.*") if not p.name.endswith(".lock")]
     for p in found:
         if p.is_dir():
@@ -315,7 +316,7 @@ def adapter_is_current(model, out: str | os.PathLike) -> bool:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    file = Path(out) / "adapter_model.safetensors"
+    file = Path(out) / ADAPTER_WEIGHTS
     if not file.is_file():
         return False
     try:

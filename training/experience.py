@@ -32,6 +32,7 @@ from typing import Optional, Sequence
 import typer
 
 from interp.core.errors import UserError
+from interp.core.models import EMBEDDED
 from interp.core.generate import generate
 from interp.core.models import load_model
 from interp.core.pairs import has_chat_template, render_prompt_pair
@@ -58,7 +59,7 @@ class ExperienceSettings:
 
     task: str = "arith"
     kind: str = "examples"
-    model: str = "smollm2-135m-instruct"
+    model: str = EMBEDDED
     teacher_model: str | None = None  # the lesson writer (default: the model itself)
     seed: int = 0
     n_test: int = 40  # the source split: the same seed and n_test as `train` uses

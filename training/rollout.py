@@ -140,7 +140,7 @@ MIN_SHARED_PREFIX = 32
 def prefix_cache(model, side: Side) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Keys and values of every layer for the side's shared prefix, encoded once: [(k, v)], each [1, heads, P, d]."""
     out = model(input_ids=side.input_ids[:1, : side.prefix], use_cache=True)
-    return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+    return [(layer.keys, layer.values) for layer in out.cache.layers]
 
 
 def response_logits(model, side: Side, *, share_prefix: bool = False, kv: list | None = None) -> torch.Tensor:
@@ -159,7 +159,7 @@ def response_logits(model, side: Side, *, share_prefix: bool = False, kv: list |
         P, L = side.prefix, side.input_ids.shape[1]
         position_ids = torch.arange(P, L, device=side.input_ids.device).expand(B, -1)
         out = model(input_ids=side.input_ids[:, P:], attention_mask=side.attention_mask, position_ids=position_ids,
-                    past_key_values=cache, logits_to_keep=side.keep, use_cache=False)
+                    cache=cache, logits_to_keep=side.keep, use_cache=False)
     else:
         out = model(input_ids=side.input_ids, attention_mask=side.attention_mask, logits_to_keep=side.keep, use_cache=False)
     logits = out.logits

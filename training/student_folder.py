@@ -11,7 +11,7 @@ from interp.core.errors import UserError
 from interp.core.adapters import write_base_identity
 from interp.core.models import LoadedModel
 from interp.core.runs import TRAIN_CONFIG_FILE as CONFIG_FILE
-from interp.core.runs import RunInfo, add_student
+from interp.core.runs import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_MODEL_FILE, RunInfo, add_student
 from interp.core.store import check_out, read_json
 from training.checkpoints import kill_point
 from training.checkpoints import list_checkpoints as checkpoints
@@ -85,12 +85,12 @@ def save_adapter(model, out: Path, lm: LoadedModel | None = None) -> None:
     if lm is not None:
         write_base_identity(tmp, lm)
     # Not peft's generated README; the weights go last, so that their presence means the whole adapter is there.
-    for name in (["base_model.json"] if lm is not None else []) + ["adapter_config.json", "adapter_model.safetensors"]:
+    for name in ([BASE_MODEL_FILE] if lm is not None else []) + [ADAPTER_CONFIG, ADAPTER_WEIGHTS]:
         os.replace(tmp / name, out / name)
     shutil.rmtree(tmp, ignore_errors=True)
 
 
 def remove_adapter(out: Path) -> None:
     """Remove a saved adapter, weights first: their presence is what marks an adapter as whole."""
-    for name in ("adapter_model.safetensors", "adapter_config.json", "base_model.json"):
+    for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, BASE_MODEL_FILE):
         (out / name).unlink(missing_ok=True)
