@@ -135,6 +135,6 @@ def test_the_experience_study_plans(tmp_path, monkeypatch):
     monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the suite path in the file is relative to the repository
     spec = load_study("studies/experience.toml", str(tmp_path / "runs"), str(tmp_path / "results"))
     assert {s.name for s in spec.students} == {"opcd", "opcd_reg", "offpolicy", "offpolicy_reg"}
-    task = load_task(spec.suites[0], n_test=spec.n_test)
+    task = load_task(spec.specs[spec.suites[0]].suite, n_test=spec.n_test)
     assert len(task.test) == 40 and not {e.prompt for e in task.test} & {e.prompt for e in task.train}
     assert "12 cells" in plan(spec)

@@ -150,7 +150,8 @@ STUDY_CASES = [
               setup=lambda tmp: ((tmp / "in").mkdir(), os.mkfifo(tmp / "in" / "f.jsonl")), fast=10),
     StudyCase("suite-folder", _set("suites", lambda tmp: [str(tmp / "in" / "d.jsonl")]), "unknown suite",
               setup=lambda tmp: (tmp / "in" / "d.jsonl").mkdir(parents=True)),
-    StudyCase("suite-number", _set("suites", [3]), "'suites[0]' must be a string"),
+    StudyCase("suite-number", _set("suites", [3]), "suites[0] must be a suite name or a table"),
+    StudyCase("suite-table-nul", _set("suites", [{"suite": "pers\x00ona"}]), "holds a NUL"),
     StudyCase("suite-nul", _set("suites", ["pers\x00ona"]), "holds a NUL"),
     # 2. numbers that are not numbers, and budgets beyond the model's window
     StudyCase("eval-max-new-tokens-nan", _set("eval", "max_new_tokens", math.nan), "eval: 'max_new_tokens' must be an integer (got nan)", cli=True),

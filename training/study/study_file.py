@@ -103,7 +103,7 @@ def _suites(data: dict) -> list[SuiteSpec]:
     for i, item in enumerate(raw):
         where = f"suites[{i}]"
         if isinstance(item, str):
-            entries.append((item, None, {}))
+            entries.append((check_value(item, str, where), None, {}))
             continue
         if not isinstance(item, dict):
             raise UserError(f"{where} must be a suite name or a table {{suite = \"persona\", name = \"...\", <training "
@@ -111,6 +111,7 @@ def _suites(data: dict) -> list[SuiteSpec]:
         suite = item.get("suite")
         if not isinstance(suite, str):
             raise UserError(f"{where} must name its suite: {{suite = \"persona\", ...}}")
+        suite = check_value(suite, str, f"{where}.suite")
         name = item.get("name")
         where = f"{where} ({suite[:64]})"
         settings = check_fields(TrainConfig, {k: v for k, v in item.items() if k not in SUITE_ONLY}, where,
