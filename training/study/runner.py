@@ -11,7 +11,7 @@ from typing import Callable
 
 from interp.core.errors import UserError
 from interp.core.models import quiet_known_warnings
-from interp.core.runs import read_model_eval
+from interp.core.runs import RUN_FILE, TRAIN_CONFIG_FILE, read_model_eval
 from interp.core.store import folder_lock
 from training.checkpoints import list_checkpoints as checkpoints
 from training.evaluate import evaluate_run
@@ -26,7 +26,7 @@ from training.trainer import train
 def run_cell(cell: Cell, on_step=None) -> None:
     """Train (or resume, or skip) one cell, then evaluate its student (and the base model, once per run folder)."""
     if not cell.trained():
-        resume = bool(checkpoints(cell.out)) and (cell.out / "train_config.json").exists()
+        resume = bool(checkpoints(cell.out)) and (cell.out / TRAIN_CONFIG_FILE).exists()
         train(cell.config(), resume=resume, overwrite=not resume, progress=False, on_step=on_step)
     if not cell.evaluated():
         evaluate_run(cell.run_dir, settings=cell.study.eval, models=[cell.student.name], layers=False)
@@ -126,7 +126,7 @@ def _run_parallel(study: Study, todo: list[int], jobs: int, bar, eval_steps: int
 
     cells = study.cells()
     for run_dir in dict.fromkeys(cells[i].run_dir for i in todo):
-        if read_model_eval(run_dir, "base") is None and (run_dir / "run.json").exists():
+        if read_model_eval(run_dir, "base") is None and (run_dir / RUN_FILE).exists():
             evaluate_run(run_dir, settings=study.eval, models=[], layers=False)
     ctx = mp.get_context("spawn")
     threads = max(1, (os.cpu_count() or 1) // jobs)
