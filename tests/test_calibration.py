@@ -1,5 +1,13 @@
-"""The calibration gate: healthy and absorbing on every suite, the healthiest passing setting chosen (rule written here)."""
+"""The calibration gate: healthy and absorbing on every suite, the healthiest passing setting chosen (rule written here);
+and a study trained in the regime a calibration chose (`calibrated_by`)."""
 
+import json
+import re
+
+import pytest
+
+from interp.core.errors import UserError
+from training.study import load_study
 from training.study.calibration import choose, markdown, verdicts
 
 
@@ -43,3 +51,82 @@ def test_a_setting_missing_a_suite_does_not_pass():
     data = _data([_row("a", "x", 0.0, 0.9)])
     assert choose(data)[:2] == ("x", False)
     assert verdicts({"suites": [], "eval": {"max_new_tokens": 96}, "settings": []}) == []
+
+
+# ---- a study trained in the regime a calibration chose (`calibrated_by`) ----
+
+def _calibration(folder, choice="lr2_mask", passes=True, model="tiny-random-llama"):
+    folder.mkdir(parents=True, exist_ok=True)
+    data = {"name": "cal", "model": model, "steps": 7, "train": {"batch_size": 2, "max_new_tokens": 8, "no_context": "neutral"},
+            "students": [{"name": "lr1", "settings": {"lr": 1e-4}, "seeds": None},
+                         {"name": "lr2_mask", "settings": {"lr": 2e-4, "loop_mask": True}, "seeds": None}],
+            "gate": {"choice": choice, "passes": passes, "absorb_share": 0.5}}
+    (folder / "study.json").write_text(json.dumps(data))
+    return folder
+
+
+def _main(tmp_path, cal, extra="", student="", steps=""):
+    path = tmp_path / "main.toml"
+    path.write_text(f'name = "main"\nmodel = "tiny-random-llama"\nsuites = ["facts", {{suite = "persona", no_context = "default"}}]\n'
+                    f'seeds = [0]\n{steps}calibrated_by = "{cal}"\n[train]\ncheckpoint_every = 3\n{extra}\n[eval]\nn_test = 4\n'
+                    f'max_new_tokens = 8\n[[students]]\nname = "unreg"\n{student}\n[[students]]\nname = "reg"\nlam = 0.1\n')
+    return path
+
+
+def test_a_calibrated_study_trains_in_the_chosen_regime(tmp_path):
+    cal = _calibration(tmp_path / "results" / "cal")
+    study = load_study(_main(tmp_path, cal), tmp_path / "runs", tmp_path / "out")
+    assert study.steps == 7 and study.calibration["choice"] == "lr2_mask" and study.calibration["passes"]
+    by = {(c.suite, c.student.name): c.config() for c in study.cells()}
+    for cfg in by.values():  # the chosen student's settings over the calibration's [train], the study's own added
+        assert (cfg.lr, cfg.loop_mask, cfg.batch_size, cfg.max_new_tokens, cfg.steps, cfg.checkpoint_every) == (2e-4, True, 2, 8, 7, 3)
+    assert by[("facts", "unreg")].no_context == "neutral" and by[("persona", "unreg")].no_context == "default"  # a suite departs
+    assert by[("facts", "reg")].lam == 0.1 and by[("facts", "unreg")].lam == 0.0
+
+
+@pytest.mark.parametrize("extra, student, steps, says", [
+    ("lr = 3e-4", "", "", "[train] lr = 0.0003 contradicts the calibrated regime (lr = 0.0002"),
+    ("", "loop_mask = false", "", "student 'unreg' sets loop_mask = False, which the calibration fixes"),
+    ("", "", "steps = 9\n", "steps = 9 contradicts the calibrated regime (steps = 7)"),
+])
+def test_contradicting_the_calibration_is_refused(tmp_path, extra, student, steps, says):
+    cal = _calibration(tmp_path / "cal")
+    with pytest.raises(UserError, match=re.escape(says)):
+        load_study(_main(tmp_path, cal, extra, student, steps))
+
+
+def test_a_calibration_without_results_or_choice_or_of_another_model_is_one_line(tmp_path):
+    with pytest.raises(UserError, match="does not exist; run the calibration study first"):
+        load_study(_main(tmp_path, tmp_path / "nowhere"))
+    with pytest.raises(UserError, match="no chosen setting yet"):
+        load_study(_main(tmp_path, _calibration(tmp_path / "a", choice=None)))
+    with pytest.raises(UserError, match="the calibration trained 'other'"):
+        load_study(_main(tmp_path, _calibration(tmp_path / "b", model="other")))
+
+
+def test_the_summary_names_the_calibration_and_its_verdict():
+    from training.study.results import markdown as study_markdown
+
+    data = {"settings": [], "budgets": [96], "eval": {"max_new_tokens": 96}, "summary": [],
+            "calibrated_by": {"from": "results/cal", "name": "cal", "choice": "lr1", "passes": False,
+                              "regime": {"lr": 1e-4}, "steps": 30}}
+    text = study_markdown(data)
+    assert "calibration `cal` (results/cal): `lr1`, which **fails the gate**" in text and "lr = 0.0001, 30 steps" in text
+
+
+def test_the_committed_calibrated_study_loads_once_its_calibration_has_chosen(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "studies" / "removability_calibrated.toml"
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="run the calibration study first"):
+        load_study(path)
+    cal = _calibration(tmp_path / "results" / "calibration", model="smollm2-135m-instruct")
+    data = json.loads((cal / "study.json").read_text())
+    data["train"] = {"batch_size": 8, "max_new_tokens": 96, "no_context": "neutral", "checkpoint_every": 5}
+    (cal / "study.json").write_text(json.dumps(data))
+    study = load_study(path)
+    cells = study.cells()
+    assert len(cells) == 3 * 5 * 2 + 3 * 3 * 2 + 3 * 4
+    assert {c.config().no_context for c in cells if c.suite == "persona"} == {"default"}
+    assert {(c.config().lr, c.config().loop_mask) for c in cells} == {(2e-4, True)}

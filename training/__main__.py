@@ -234,6 +234,80 @@ def cf_names(
                                 "rows": counterfactual.to_json(rows)})
 
 
+@app.command("loop-credit")
+def loop_credit(
+    suite: Optional[str] = typer.Option(None, help="the suite whose training prompts are sampled (default: the student's)"),
+    seed: Optional[int] = typer.Option(None, help="the suite's split seed, also the sampling seed (default: the student's)"),
+    run: Optional[Path] = typer.Option(None, help="a run folder: measure its --student instead of the base at step 0"),
+    student: Optional[str] = typer.Option(None, help="the student in --run whose rollouts are measured"),
+    model: str = typer.Option(EMBEDDED, help="the base model (without --run)"),
+    no_context: Optional[str] = typer.Option(None, help="the no-card turn: default, neutral or empty (default: the student's, else neutral)"),
+    temperature: Optional[float] = typer.Option(None, help="rollout temperature (default: the student's, else 1.0)"),
+    max_new_tokens: Optional[int] = typer.Option(None, help="rollout budget (default: the student's, else 96)"),
+    prompts: int = typer.Option(24, help="how many training prompts are sampled"),
+    samples: int = typer.Option(2, help="rollouts per prompt"),
+    out: Optional[Path] = typer.Option(None, help="also write the result as JSON to this file"),
+):
+    """Why distillation can teach loops: on rollouts sampled as the trainer samples them, the teacher's log-ratio
+    to the student and the share of tokens one step of the loss raises, for clean tokens, tokens before a loop and
+    tokens of the loop (training/loop_credit.py, docs/measures.md#loop-credit)."""
+    from interp.core.pairs import NO_CONTEXT  # lazy: the commands' help and bad input answer before torch loads
+    from interp.core.runs import TRAIN_CONFIG_FILE, check_student, student_dir  # lazy: as above
+    from interp.core.store import atomic_write_json, read_json  # lazy: as above
+
+    cfg: dict = {}
+    if (run is None) != (student is None):
+        raise UserError("--run and --student go together: name both to measure a trained student, neither for the base")
+    if run is not None and student is not None:
+        check_student(run, student)
+        cfg = read_json(student_dir(run, student) / TRAIN_CONFIG_FILE, expect=dict)
+    suite = suite or cfg.get("task")
+    seed = seed if seed is not None else cfg.get("seed")
+    no_context = no_context or cfg.get("no_context") or "neutral"
+    temperature = temperature if temperature is not None else float(cfg.get("temperature", 1.0))
+    max_new_tokens = max_new_tokens or int(cfg.get("max_new_tokens", 96))
+    if suite is None or seed is None:
+        raise UserError("name the suite and seed (--suite, --seed), or a trained student (--run, --student)")
+    if no_context not in NO_CONTEXT:
+        raise UserError(f"unknown --no-context '{no_context}'; use one of {', '.join(NO_CONTEXT)}")
+    for name, value, low in (("--prompts", prompts, 1), ("--samples", samples, 1), ("--max-new-tokens", max_new_tokens, 1)):
+        if value < low:
+            raise UserError(f"{name} must be at least {low} (got {value})")
+    if temperature <= 0:
+        raise UserError(f"--temperature must be above 0 (got {temperature}): greedy rollouts of one prompt are all the same")
+    if out is not None and (out.is_dir() or not out.parent.is_dir()):
+        raise UserError(f"--out {out} must be a file in an existing folder")
+
+    from tqdm.auto import tqdm
+
+    from interp.core.models import load_model  # lazy: as above
+    from interp.core.students import open_student  # lazy: as above
+    from training import loop_credit as lc  # lazy: as above
+    from training import stats  # lazy: as above
+    from training.tasks import load_task  # lazy: as above
+
+    task = load_task(suite, seed=seed, n_test=cfg.get("n_test", 40))
+    top_k = cfg.get("top_k")
+    if run is not None and student is not None:
+        lm, adapter = open_student(run, student)
+        spec, who = lm.spec, student
+    else:
+        lm, adapter, spec, who = load_model(model), None, model, "base (step 0)"
+    examples = task.train[:prompts]
+    bar = tqdm(total=len(examples) * samples, desc="loop-credit", unit="rollout")
+    scored = lc.measure(lm, examples, adapter=adapter, placement=cfg.get("placement") or task.placement, no_context=no_context,
+                        samples=samples, temperature=temperature, max_new_tokens=max_new_tokens, top_k=top_k, seed=seed,
+                        progress=bar.update)
+    bar.close()
+    n, looping = len(scored), sum(r.start is not None for r in scored)
+    wil = stats.wilson(looping, n)
+    result = lc.Credit(spec, who, suite, seed, no_context, temperature, max_new_tokens, top_k, n, looping,
+                       None if wil is None else list(wil), lc.summarize(scored))
+    print(lc.markdown(result))
+    if out is not None:
+        atomic_write_json(out, lc.to_json(result))
+
+
 def _print_main(text: str) -> None:
     if _state().is_main_process:
         print(text)

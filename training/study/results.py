@@ -63,6 +63,8 @@ def collect(study: Study) -> dict:
             "settings": settings, "comparisons": comparisons}
     pick, passes, _ = calibration.choose(data)
     data["gate"] = {"choice": pick, "passes": passes, "absorb_share": calibration.ABSORB_SHARE}
+    if study.calibration is not None:
+        data["calibrated_by"] = study.calibration
     return data
 
 
@@ -254,6 +256,12 @@ def markdown(data: dict) -> str:
              f"hierarchical bootstrap intervals (seeds, then examples); `seeds` counts the seeds that define the row. "
              f"Health: no-card loops minus the base's, unhealthy above {margin:.2f}. card effect: (ctx − no ctx) of the "
              "model minus the base's. harm: pooled over seeds, k/n.", ""]
+    cal = data.get("calibrated_by")
+    if cal:
+        regime = ", ".join(f"{k} = {v}" for k, v in sorted(cal["regime"].items()))
+        verdict = "passes the gate" if cal["passes"] else "**fails the gate**: no setting was healthy and absorbing on every suite"
+        lines += [f"Training regime chosen by the calibration `{cal.get('name')}` ({cal['from']}): `{cal['choice']}`, which "
+                  f"{verdict}. Regime: {regime}, {cal['steps']} steps; a suite's own settings override it where it lists them.", ""]
     head = ("| suite | model | seeds | health | `acc_noctx` | `acc_ctx` | `harm` | card effect: loops | card effect: acc | "
             "card effect: length | `follow_cf` clean | `loops_cf` | `stubborn_cf` | drift |")
     lines += [head, "|" + "---|" * (head.count("|") - 1)]

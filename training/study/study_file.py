@@ -11,7 +11,7 @@ from pathlib import Path
 from interp.core.errors import UserError
 from interp.core.models import model_window
 from interp.core.runs import RESERVED_NAMES
-from interp.core.store import NAME_PATTERN, NAME_RULE, check_name, is_regular, read_text_file, shown_name
+from interp.core.store import NAME_PATTERN, NAME_RULE, check_name, is_regular, read_json, read_text_file, shown_name
 from interp.core.typed import check_fields, check_value, field_types
 from training.config import MAX_SEED, TrainConfig, defaults
 from training.evaluate import EvalSettings
@@ -20,7 +20,7 @@ from training.study.seed_level import HEALTH_MARGIN
 from training.tasks import SUITES
 
 STUDY_KEYS = ("name", "model", "suites", "seeds", "steps", "train", "eval", "students", "runs_dir", "results_dir",
-              "health_margin", "allow_longer_eval")
+              "health_margin", "allow_longer_eval", "calibrated_by")
 STUDENT_ONLY = ("name", "seeds")
 SUITE_ONLY = ("suite", "name")
 # Settings that belong to the grid (suite, seed, model, steps, where) rather than to a student.
@@ -126,6 +126,52 @@ def _suites(data: dict) -> list[SuiteSpec]:
     return specs
 
 
+def _calibration(folder: str, model: str) -> dict:
+    """The regime a calibration study chose (training.study.calibration): its [train] settings with its chosen
+    student's settings over them, and its steps, read from `folder`/study.json (what `python -m training study`
+    wrote for the calibration). A calibration with no results, no choice or another model is a one-line error."""
+    path = Path(folder) / "study.json"
+    if not path.is_file():
+        raise UserError(f"calibrated_by: {path} does not exist; run the calibration study first (python -m training "
+                        f"study studies/<calibration>.toml), or name the folder its results are in")
+    data = read_json(path, expect=dict)
+    gate = data.get("gate")
+    choice = gate.get("choice") if isinstance(gate, dict) else None
+    chosen = next((s for s in data.get("students") or [] if isinstance(s, dict) and s.get("name") == choice), None)
+    if choice is None or chosen is None:
+        raise UserError(f"calibrated_by: {path} has no chosen setting yet (no evaluated cell); finish the calibration "
+                        "study first")
+    if data.get("model") != model:
+        raise UserError(f"calibrated_by: the calibration trained '{data.get('model')}', this study trains '{model}'; "
+                        "calibrate on the same model")
+    where = f"calibrated_by ({path})"
+    train = check_fields(TrainConfig, data.get("train") or {}, where, exclude=GRID_SETTINGS)
+    regime = {**train, **check_fields(TrainConfig, chosen.get("settings") or {}, where, exclude=GRID_SETTINGS)}
+    steps = check_value(data.get("steps"), field_types(TrainConfig)["steps"], f"{where}: steps")
+    return {"from": folder, "name": data.get("name"), "choice": choice, "passes": bool(gate.get("passes")),
+            "regime": regime, "steps": steps}
+
+
+def _calibrated(data: dict, calibration: dict, train: dict, students: list[Student]) -> tuple[dict, int]:
+    """The study's [train] and steps under a calibration: the calibrated regime, with what the study's own [train]
+    adds. The study's [train] and its students may not contradict the regime (a suite entry may depart from it, as
+    the grid's design: `{suite = "persona", no_context = "default"}`; the tables show each suite's settings)."""
+    regime = calibration["regime"]
+    for k, v in train.items():
+        if k in regime and regime[k] != v:
+            raise UserError(f"[train] {k} = {v!r} contradicts the calibrated regime ({k} = {regime[k]!r}, chosen by "
+                            f"{calibration['from']}); remove it")
+    for student in students:
+        k = next((k for k in student.settings if k in regime and student.settings[k] != regime[k]), None)
+        if k is not None:
+            raise UserError(f"student '{student.name}' sets {k} = {student.settings[k]!r}, which the calibration fixes "
+                            f"({k} = {regime[k]!r}); remove it")
+    steps = data.get("steps", calibration["steps"])
+    if steps != calibration["steps"]:
+        raise UserError(f"steps = {steps} contradicts the calibrated regime (steps = {calibration['steps']}); remove it")
+    return {**regime, **train}, calibration["steps"]
+
+
 def _student_name(entry: dict, where: str) -> str:
     name = entry.get("name")
     if name is None:
@@ -143,17 +189,18 @@ def _parse(data: dict, runs_dir: str | os.PathLike | None, results_dir: str | os
     if unknown:
         raise UserError(f"unknown key '{str(unknown[0])[:64]}'; a study has {', '.join(STUDY_KEYS)}")
     for key in ("name", "suites", "seeds", "steps", "students"):
-        if key not in data:
+        if key not in data and not (key == "steps" and "calibrated_by" in data):
             raise UserError(f"missing key '{key}'")
     types = field_types(TrainConfig)
     name = check_name(data["name"], "'name'")
     specs = _suites(data)
     seeds = _list(data, "seeds", types["seed"])
     _unique(seeds, "seeds")
-    steps = check_value(data["steps"], types["steps"], "steps")
     model = check_value(data.get("model", defaults()["model"]), types["model"], "model")
     if not model.strip():
         raise UserError("'model' must be a model spec, e.g. tiny-random-llama")
+    calibration = _calibration(check_value(data["calibrated_by"], str, "calibrated_by"), model) if "calibrated_by" in data else None
+    steps = check_value(data["steps"], types["steps"], "steps") if "steps" in data else None
     train = check_fields(TrainConfig, data.get("train", {}), "train", exclude=GRID_SETTINGS)
     ev = check_fields(EvalSettings, data.get("eval", {}), "eval", extra={"n_test": types["n_test"]})
     n_test = ev.pop("n_test", 40)
@@ -207,6 +254,9 @@ def _parse(data: dict, runs_dir: str | os.PathLike | None, results_dir: str | os
     longer = data.get("allow_longer_eval", False)
     if not isinstance(longer, bool):
         raise UserError(f"'allow_longer_eval' must be true or false (got {shown_name(longer)})")
+    if calibration is not None:
+        train, steps = _calibrated(data, calibration, train, students)
+    assert steps is not None  # required above unless a calibration gives it
     for student in students:  # one setting, one place: a suite entry and a student both setting it is ambiguous
         for spec in specs:
             both = next((k for k in student.settings if k in spec.settings), None)
@@ -214,7 +264,7 @@ def _parse(data: dict, runs_dir: str | os.PathLike | None, results_dir: str | os
                 raise UserError(f"suite '{spec.key}' and student '{student.name}' both set '{both}'; set it in one place")
     study = Study(name=name, model=model, suites=[spec.key for spec in specs], specs={spec.key: spec for spec in specs}, seeds=seeds, steps=steps, train=train, eval=eval_settings,
                   n_test=n_test, students=students, runs_dir=Path(where_runs), results_dir=Path(where_results), source=source,
-                  health_margin=float(margin), allow_longer_eval=longer)
+                  health_margin=float(margin), allow_longer_eval=longer, calibration=calibration)
     bad_seed = next((x for x in seeds if not 0 <= x <= MAX_SEED), None)
     if bad_seed is not None:
         raise UserError(f"seeds: {bad_seed} is out of range; seeds are 0..{MAX_SEED}")
