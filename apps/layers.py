@@ -16,13 +16,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import interp  # noqa: E402
 from interp import divergence  # noqa: E402
 from interp.causal import artifacts  # noqa: E402
-from interp.causal.forensics import explain  # noqa: E402
 from interp.core import runs  # noqa: E402
 from interp.core.errors import UserError  # noqa: E402
 from interp.core.adapters import adapter_key  # noqa: E402
-from interp.core.models import BUILTIN_SPECS  # noqa: E402
+from interp.core.specs import BUILTIN_SPECS  # noqa: E402
 from interp.core.settings import AnalysisSettings  # noqa: E402
-from interp.core.students import open_student  # noqa: E402
 from interp.core.studies import is_study, read_study  # noqa: E402
 from interp.views import causal as views_causal  # noqa: E402
 from interp.views import plots, tables  # noqa: E402
@@ -362,6 +360,9 @@ def show_internalization(path: str, chosen: dict | None) -> None:
 
 
 def _explain_live(summary, student: str, example: int):
+    from interp.causal.forensics import explain  # lazy: torch loads when a model is used, not before the first figure
+    from interp.core.students import open_student  # lazy: as above
+
     info = runs.read_info(summary.path)
     lm = cached_model(info["model"])
     row = {r.example: r for r in runs.model_rows(summary.path, student)}[example]

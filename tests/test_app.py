@@ -188,3 +188,26 @@ def test_live_view_on_the_embedded_model(monkeypatch, tmp_path):
     div, _, _ = at.session_state["live_result"]
     assert div.num_layers == 31 and div.attn_ctx.shape == (30, 9)
     assert div.cos[0] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_the_first_page_loads_no_torch(tmp_path):
+    # Importing torch costs seconds on a CPU machine: the first figure must not wait for it (live mode loads it).
+    import subprocess
+    import sys
+
+    script = f"""
+import os, sys
+sys.path.insert(0, {str(Path(APP).parents[1])!r})
+from interp.views.synthetic import write_synthetic_run
+from pathlib import Path
+write_synthetic_run(Path({str(tmp_path / "runs" / "r")!r}), n_examples=4, num_blocks=3, num_heads=2, tokens=5)
+os.environ["LAYERS_RUNS_DIR"] = {str(tmp_path / "runs")!r}
+from streamlit.testing.v1 import AppTest
+at = AppTest.from_file({APP!r}, default_timeout=120).run()
+assert not at.exception, [e.value for e in at.exception]
+assert at.get("plotly_chart"), "no figure on the first page"
+print(sorted(m for m in ("torch", "transformers", "peft", "scipy") if m in sys.modules))
+"""
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip().splitlines()[-1] == "[]"

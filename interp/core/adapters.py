@@ -8,9 +8,7 @@ import math
 import os
 from pathlib import Path
 
-import torch
 
-from interp.core.archs import embeddings
 from interp.core.errors import UserError
 from interp.core.runs import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_MODEL_FILE
 from interp.core.store import atomic_write_json, is_regular, read_json
@@ -132,6 +130,10 @@ def base_identity(lm) -> dict:
     of a sha256 of the input embedding matrix, rounded to bfloat16 so the fingerprint does not depend on the dtype
     the model was loaded in). Computed once per loaded model."""
     if lm._fingerprint is None:
+        import torch  # lazy: a loaded model has torch already; the app's first page reads adapters' names without it
+
+        from interp.core.archs import embeddings  # lazy: as above (archs imports torch)
+
         weight = torch.as_tensor(embeddings(lm.model).weight).detach()
         data = weight.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes()
         lm._fingerprint = hashlib.sha256(data).hexdigest()[:16]

@@ -20,18 +20,13 @@ import torch
 from interp.core import archs
 from interp.core.errors import UserError
 from interp.core.adapters import check_adapter, error_line, hub_adapter_folder, peft_name
+from interp.core.specs import BUILTIN_SPECS, EMBEDDED, TINY, TINY_FAMILIES, TINY_SPECS, cache_dir
 from interp.core.store import is_regular, read_json
 if TYPE_CHECKING:
     from peft import PeftModel
     from peft.tuners.tuners_utils import BaseTuner
     from transformers import PreTrainedTokenizerBase
 
-EMBEDDED = "smollm2-135m-instruct"
-TINY = "tiny-random-llama"
-# One tiny random model per supported family, built from its config class (nothing is downloaded): `tiny-random-<family>`.
-TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt-neox", "gpt2", "olmo2")
-TINY_SPECS = tuple(f"tiny-random-{f}" for f in TINY_FAMILIES)
-BUILTIN_SPECS = (EMBEDDED, *TINY_SPECS)
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
@@ -40,12 +35,6 @@ _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Seconds to wait for the hub before calling the machine offline.
 HUB_TIMEOUT_S = float(os.environ.get("CTXINT_HUB_TIMEOUT_S", "3"))
-
-
-def cache_dir() -> Path:
-    """Where converted models live: $CTXINT_CACHE, else ~/.cache/ctx-internalization."""
-    return Path(os.environ.get("CTXINT_CACHE", Path.home() / ".cache" / "ctx-internalization"))
-
 
 
 def is_hub_id(name: str) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
-from interp.core.models import EMBEDDED
+from interp.core.specs import EMBEDDED
 
 LENS_KINDS = ("logit", "tuned")
 LENS_HELP = ("Which lens reads the layers: 'logit' (unembed(final_norm(h)), the default) or 'tuned' (per-layer "

@@ -10,6 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from interp.core.runs import EVAL_METRICS, model_order, read_examples
+from interp.core.specs import BUILTIN_SPECS, EMBEDDED, cache_dir
 from interp.core.studies import format_stat
 
 
@@ -78,13 +79,15 @@ def match_example(div, context: str, prompt: str, example=None) -> int | None:
 def _decode_fn(spec: str):
     """Token id -> text for a model spec, from its tokenizer.json through the `tokenizers` library: a fraction of a
     second, where loading transformers' tokenizer takes seconds. Falls back to transformers; None if neither works."""
-    from interp.core.models import BUILTIN_SPECS, embedded_model_dir  # torch: tables and figures load none
-
     # Only tokenizers at hand: a hub id would reach for the network, and ids are an acceptable fallback.
     if not spec or (spec not in BUILTIN_SPECS and not Path(spec).is_dir()):
         return None
     try:
-        folder = embedded_model_dir() if spec in BUILTIN_SPECS else Path(spec)
+        folder = cache_dir() / EMBEDDED if spec in BUILTIN_SPECS else Path(spec)
+        if not (folder / "tokenizer.json").exists() and spec in BUILTIN_SPECS:
+            from interp.core.models import embedded_model_dir  # torch: only when the embedded model was never converted
+
+            folder = embedded_model_dir()
         if (folder / "tokenizer.json").exists():
             from tokenizers import Tokenizer
 
