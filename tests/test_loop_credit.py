@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from interp.core.generate import stop_ids
 from interp.core.models import load_model
 from interp.core.pairs import render_prompt_pair
 from training import loop_credit as lc
@@ -56,24 +57,26 @@ def test_rollouts_scored_as_a_plain_forward_scores_them(tiny):
         assert np.allclose(r.log_ratio, (pt - ps).numpy(), atol=1e-4)
         assert np.allclose(r.p_student, ps.exp().numpy(), atol=1e-5)
         assert set(np.unique(r.raised)) <= {0.0, 1.0}
+        assert r.stopped == (r.response_ids[-1] in set(stop_ids(tiny.model, tok)))
 
 
 def test_groups_split_every_token_once():
     rng = np.random.default_rng(0)
 
-    def row(n, start):
-        return lc.Scored(list(range(n)), start, *(rng.random(n) for _ in range(3)), (rng.random(n) > 0.5).astype(float))
+    def row(n, start, stopped=False):
+        return lc.Scored(list(range(n)), start, stopped, *(rng.random(n) for _ in range(3)), (rng.random(n) > 0.5).astype(float))
 
-    rows = [row(10, None), row(8, 3), row(6, None), row(9, 0)]
+    rows = [row(10, None), row(8, 3), row(6, None), row(9, 0), row(5, None, stopped=True)]
     groups = {g.group: g for g in lc.summarize(rows)}
-    assert [groups[g].tokens for g in lc.GROUPS] == [16, 3, 5 + 9]
-    assert [groups[g].rollouts for g in lc.GROUPS] == [2, 1, 2]  # a loop from token 0 has no "before" tokens
+    assert [groups[g].tokens for g in lc.GROUPS] == [16 + 4, 3, 5 + 9, 1]
+    assert [groups[g].rollouts for g in lc.GROUPS] == [3, 1, 2, 1]  # a loop from token 0 has no "before" tokens
+    assert groups["stop"].log_ratio == pytest.approx(rows[4].log_ratio[-1])
     loop = np.concatenate([rows[1].log_ratio[3:], rows[3].log_ratio])
     assert groups["loop"].log_ratio == pytest.approx(loop.mean())  # pooled over tokens
     assert groups["loop"].log_ratio_ci[0] <= groups["loop"].log_ratio <= groups["loop"].log_ratio_ci[1]
-    assert groups["clean"].raised == pytest.approx(np.concatenate([rows[0].raised, rows[2].raised]).mean())
+    assert groups["clean"].raised == pytest.approx(np.concatenate([rows[0].raised, rows[2].raised, rows[4].raised[:-1]]).mean())
     empty = lc.summarize([row(4, None)])
-    assert empty[2].tokens == 0 and empty[2].log_ratio is None
+    assert empty[2].tokens == 0 and empty[2].log_ratio is None and empty[3].tokens == 0
 
 
 @pytest.mark.parametrize("args, says", [

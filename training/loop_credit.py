@@ -15,10 +15,11 @@ teacher with it (docs/measures.md#loop-credit):
                 on the student's logits at t raises log p_S(y_t): Δ log p_S(y_t) ∝ −g_{y_t} + Σ_v p_S(v) g_v,
                 g = ∂L/∂z_t (the first-order change of a log-softmax under the step −g)
 
-Tokens fall in three groups: those of rollouts that never loop (`clean`), those of looping rollouts before the loop
-begins (`before`, interp.core.degenerate.loop_start), and from where it begins (`loop`: the tokens `loop_mask`
-leaves out of the loss). Each group's means come with a percentile bootstrap over rollouts (tokens of one rollout
-are not independent).
+Tokens fall in four groups: the stop token that ends a rollout (`stop`: does the loss teach the student to stop?),
+and the other tokens of rollouts that never loop (`clean`), of looping rollouts before the loop begins (`before`,
+interp.core.degenerate.loop_start), and from where it begins (`loop`: the tokens `loop_mask` leaves out of the
+loss). Each group's means come with a percentile bootstrap over rollouts (tokens of one rollout are not
+independent).
 """
 
 from __future__ import annotations
@@ -31,13 +32,14 @@ import numpy as np
 import torch
 
 from interp.core.degenerate import loop_start
+from interp.core.generate import stop_ids
 from interp.core.models import LoadedModel
 from interp.core.pairs import render_prompt_pair
 from training import stats
 from training.losses import reverse_kl
 from training.rollout import collate, response_logits, rollout
 
-GROUPS = ("clean", "before", "loop")
+GROUPS = ("clean", "before", "loop", "stop")
 
 
 def token_credit(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
@@ -116,6 +118,7 @@ class Scored:
 
     response_ids: list[int]
     start: int | None
+    stopped: bool  # the last token is a stop token (the rollout ended before the budget)
     p_student: np.ndarray
     p_teacher: np.ndarray
     log_ratio: np.ndarray
@@ -130,6 +133,7 @@ def measure(lm: LoadedModel, examples, *, adapter: str | None = None, placement:
     tok = lm.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
+    stops = set(stop_ids(lm.model, tok))
     jobs = [e for e in examples for _ in range(samples)]
     pps = [render_prompt_pair(tok, e.context, e.prompt, placement, no_context=no_context) for e in jobs]
     out = []
@@ -150,7 +154,8 @@ def measure(lm: LoadedModel, examples, *, adapter: str | None = None, placement:
             p_t = torch.softmax(t.float(), -1).gather(-1, y).squeeze(-1)
         for row, pair in enumerate(pairs):
             n = pair.response_len
-            out.append(Scored(list(pair.response_ids), loop_start(pair.response_ids, decode), p_s[row, :n].numpy(),
+            ids = list(pair.response_ids)
+            out.append(Scored(ids, loop_start(ids, decode), bool(ids) and ids[-1] in stops, p_s[row, :n].numpy(),
                               p_t[row, :n].numpy(), log_ratio[row, :n].numpy(), (change[row, :n] > 0).float().numpy()))
         if progress is not None:
             progress(len(pairs))
@@ -158,10 +163,14 @@ def measure(lm: LoadedModel, examples, *, adapter: str | None = None, placement:
 
 
 def summarize(scored: Sequence[Scored]) -> list[Group]:
-    """The three groups of tokens: clean rollouts', looping rollouts' before the loop, and the loop's."""
+    """The four groups of tokens: clean rollouts', looping rollouts' before the loop, the loop's, and the stop token
+    that ends a rollout (kept out of the other three)."""
     parts: dict[str, list] = {g: [] for g in GROUPS}
     for r in scored:
         cols = [r.p_student, r.p_teacher, r.log_ratio, r.raised]
+        if r.stopped:
+            parts["stop"].append([c[-1:] for c in cols])
+            cols = [c[:-1] for c in cols]
         if r.start is None:
             parts["clean"].append(cols)
         else:
