@@ -1,4 +1,4 @@
-"""Command line: `python -m training train | pair | eval | study | tasks | experience | cf-names` (also under `accelerate launch -m training` or
+"""Command line: `python -m training train | pair | eval | study | tasks | experience | cf-names | loop-credit | random-adapter` (also under `accelerate launch -m training` or
 `torchrun -m training`). The training options are built from `training.config.TrainConfig`'s fields."""
 
 from __future__ import annotations
@@ -306,6 +306,20 @@ def loop_credit(
     print(lc.markdown(result))
     if out is not None:
         atomic_write_json(out, lc.to_json(result))
+
+
+@app.command("random-adapter")
+def random_adapter(
+    like: Path = typer.Option(..., help="a trained student's adapter folder"),
+    out: Path = typer.Option(..., help="the control's new folder (a student folder: put it in a run to evaluate it)"),
+    seed: int = typer.Option(0, help="seed of the random directions"),
+):
+    """The drift control: an adapter that changes every adapted matrix by as much as the trained one (the same
+    Frobenius norm of its update) in random directions (training/drift_control.py)."""
+    from training.drift_control import write_random_like  # lazy: the commands' help and bad input answer before torch loads
+
+    n = write_random_like(like, out, seed)
+    print(f"{out}: {n} matrices, each changed by as much as in {like}, in random directions (seed {seed})")
 
 
 def _print_main(text: str) -> None:
