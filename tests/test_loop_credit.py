@@ -84,7 +84,8 @@ def test_groups_split_every_token_once():
     (["--suite", "persona_luna"], "name the suite and seed"),
     (["--suite", "persona_luna", "--seed", "1", "--prompts", "0"], "--prompts must be at least 1"),
     (["--suite", "persona_luna", "--seed", "1", "--no-context", "odd"], "unknown --no-context"),
-    (["--suite", "persona_luna", "--seed", "1", "--temperature", "0"], "--temperature must be above 0"),
+    (["--suite", "persona_luna", "--seed", "1", "--temperature", "-1"], "--temperature must be 0 (greedy) or more"),
+    (["--suite", "persona_luna", "--seed", "1", "--temperature", "0", "--samples", "2"], "use --samples 1"),
 ])
 def test_bad_input_is_one_line(args, says, tmp_path):
     import subprocess

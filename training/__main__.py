@@ -245,7 +245,7 @@ def loop_credit(
     temperature: Optional[float] = typer.Option(None, help="rollout temperature (default: the student's, else 1.0)"),
     max_new_tokens: Optional[int] = typer.Option(None, help="rollout budget (default: the student's, else 96)"),
     prompts: int = typer.Option(24, help="how many training prompts are sampled"),
-    samples: int = typer.Option(2, help="rollouts per prompt"),
+    samples: Optional[int] = typer.Option(None, help="rollouts per prompt (default: 2, or 1 for greedy rollouts)"),
     out: Optional[Path] = typer.Option(None, help="also write the result as JSON to this file"),
 ):
     """Why distillation can teach loops: on rollouts sampled as the trainer samples them, the teacher's log-ratio
@@ -266,6 +266,7 @@ def loop_credit(
     no_context = no_context or cfg.get("no_context") or "neutral"
     temperature = temperature if temperature is not None else float(cfg.get("temperature", 1.0))
     max_new_tokens = max_new_tokens or int(cfg.get("max_new_tokens", 96))
+    samples = samples if samples is not None else (1 if temperature == 0 else 2)
     if suite is None or seed is None:
         raise UserError("name the suite and seed (--suite, --seed), or a trained student (--run, --student)")
     if no_context not in NO_CONTEXT:
@@ -273,8 +274,10 @@ def loop_credit(
     for name, value, low in (("--prompts", prompts, 1), ("--samples", samples, 1), ("--max-new-tokens", max_new_tokens, 1)):
         if value < low:
             raise UserError(f"{name} must be at least {low} (got {value})")
-    if temperature <= 0:
-        raise UserError(f"--temperature must be above 0 (got {temperature}): greedy rollouts of one prompt are all the same")
+    if temperature < 0:
+        raise UserError(f"--temperature must be 0 (greedy) or more (got {temperature})")
+    if temperature == 0 and samples > 1:
+        raise UserError(f"greedy rollouts (temperature 0) of one prompt are all the same; use --samples 1 (got {samples})")
     if out is not None and (out.is_dir() or not out.parent.is_dir()):
         raise UserError(f"--out {out} must be a file in an existing folder")
 
