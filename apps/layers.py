@@ -21,7 +21,7 @@ from interp.core.errors import UserError  # noqa: E402
 from interp.core.adapters import adapter_key  # noqa: E402
 from interp.core.specs import BUILTIN_SPECS  # noqa: E402
 from interp.core.settings import AnalysisSettings  # noqa: E402
-from interp.core.studies import is_study, read_study  # noqa: E402
+from interp.core.studies import calibration_line, is_study, read_study  # noqa: E402
 from interp.views import causal as views_causal  # noqa: E402
 from interp.views import plots, tables  # noqa: E402
 
@@ -517,6 +517,9 @@ def show_study(results_root: str) -> None:
     budgets = data.get("budgets") or []
     st.caption(f"model **{data.get('model')}** · {data.get('steps')} steps · seeds {data.get('seeds')} · means over seeds "
                "with 95% hierarchical bootstrap intervals (seeds, then examples); health: no-card loops minus the base's")
+    regime = calibration_line(data)
+    if regime:
+        st.info(regime)
     budget = st.radio("Budget (tokens)", budgets, index=len(budgets) - 1, horizontal=True, key="study_budget") if budgets else None
     if data.get("settings"):
         st.dataframe(tables.study_setting_rows(data, budget), hide_index=True)

@@ -211,3 +211,20 @@ print(sorted(m for m in ("torch", "transformers", "peft", "scipy") if m in sys.m
     p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_study_view_names_the_calibrated_regime(monkeypatch, tmp_path):
+    from interp.core.store import atomic_write_json
+
+    row = {k: {"mean": 0.25, "sd": 0.05, "n": 2} for k in ("acc_noctx", "acc_ctx", "harm", "degenerate_ctx", "follow_cf",
+                                                            "ctx_drop", "truncated_ctx", "len_ratio", "drift")}
+    study = {"name": "s", "model": "tiny-random-llama", "steps": 30, "seeds": [0, 1], "cells": [], "paired": [],
+             "summary": [{"suite": "persona", "student": "unreg", "lam": 0.0, "seeds": [0, 1], **row}],
+             "calibrated_by": {"from": "results/cal", "name": "cal", "choice": "lr1e4_greedy", "passes": True,
+                               "regime": {"lr": 1e-4, "temperature": 0.0}, "steps": 30}}
+    atomic_write_json(tmp_path / "results" / "s" / "study.json", study)
+    monkeypatch.setenv("LAYERS_RESULTS_DIR", str(tmp_path / "results"))
+    at = _app(monkeypatch, tmp_path / "runs").run()
+    at.sidebar.radio(key="mode").set_value("Study").run()
+    _no_exception(at)
+    assert any("calibration `cal`" in i.value and "`lr1e4_greedy`, which passes the gate" in i.value for i in at.info)

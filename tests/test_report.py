@@ -116,6 +116,13 @@ def test_report_of_a_study(tmp_path):
     out = report.write_report([tmp_path / "results" / "s"], tmp_path / "rep", decode_tokens=False)
     page = (out / report.HTML_FILE).read_text()
     assert "Study s" in page and "0.25 ± 0.05" in page and "Removability frontier" in page
+    assert "calibration" not in page.lower()  # no regime line for a study without one
+    study["calibrated_by"] = {"from": "results/cal", "name": "cal<x>", "choice": "lr1e4", "passes": False,
+                              "regime": {"lr": 1e-4, "temperature": 0.0}, "steps": 30}
+    atomic_write_json(tmp_path / "results" / "s" / "study.json", study)
+    page = (report.write_report([tmp_path / "results" / "s"], tmp_path / "rep2", decode_tokens=False) / report.HTML_FILE).read_text()
+    assert ("Training regime chosen by the calibration <code>cal&lt;x&gt;</code> (results/cal): <code>lr1e4</code>, which "
+            "<b>fails the gate</b>") in page and "lr = 0.0001, temperature = 0.0, 30 steps" in page
 
 
 def test_report_on_a_bare_layers_folder(two_runs, tmp_path):

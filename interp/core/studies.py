@@ -96,3 +96,18 @@ def format_stat(m, sd=None) -> str:
     if isinstance(sd, float) and not math.isfinite(sd):
         return f"{m:.2f} ± NaN" if math.isnan(sd) else f"{m:.2f} ± ∞"
     return f"{m:.2f} ± {sd:.2f}"
+
+
+def calibration_line(study: dict) -> str | None:
+    """The training regime a study took from a calibration (`calibrated_by` in study.json), in one sentence (Markdown):
+    the calibration, its choice, whether that choice passed the gate, and the regime; None for a study without one.
+    summary.md, the app's Study view and the report all show this sentence."""
+    cal = study.get("calibrated_by")
+    if not isinstance(cal, dict):
+        return None
+    regime = ", ".join(f"{k} = {v}" for k, v in sorted((cal.get("regime") or {}).items()))
+    verdict = ("passes the gate" if cal.get("passes") else
+               "**fails the gate**: no setting was healthy and absorbing on every suite")
+    return (f"Training regime chosen by the calibration `{cal.get('name')}` ({cal.get('from')}): `{cal.get('choice')}`, "
+            f"which {verdict}. Regime: {regime}, {cal.get('steps')} steps; a suite's own settings override it where it "
+            "lists them.")

@@ -7,6 +7,7 @@ import html
 import io
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -16,7 +17,7 @@ import numpy as np
 from interp import divergence
 from interp.causal import artifacts
 from interp.core import runs
-from interp.core.studies import is_study, read_study
+from interp.core.studies import calibration_line, is_study, read_study
 from interp.views import causal as views_causal
 from interp.views import plots, tables
 from interp.core.errors import UserError
@@ -218,12 +219,20 @@ th { background: #e8eef7; }
 """
 
 
+def _markdown_inline(text: str) -> str:
+    """A sentence's inline Markdown (**bold**, `code`) as HTML, everything else escaped."""
+    out = html.escape(text)
+    out = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", out)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", out)
+
+
 def study_section(name: str, study: dict) -> str:
     """A study's summary table (mean ± sd over seeds), its frontier plot and the paired tests."""
     parts = [f"<h2>Study {html.escape(name)}</h2>",
              f"<p class='muted'>model {html.escape(str(study.get('model')))}, {study.get('steps')} steps, seeds {study.get('seeds')}; "
              "means over seeds with 95% hierarchical bootstrap intervals (seeds, then examples); health: no-card loops minus "
              "the base's; card effect: the setting's with/without-card difference minus the base's</p>",
+             *([f"<p>{_markdown_inline(regime)}</p>"] if (regime := calibration_line(study)) else []),
              _table_html(tables.study_setting_rows(study) if study.get("settings") else tables.study_rows(study)),
              _figure_html(plots.frontier_figure(study)),
              _figure_html(plots.frontier_figure(study, x="card_effect:acc"))]

@@ -9,7 +9,7 @@ import math
 from dataclasses import asdict
 from typing import Any
 
-from interp.core.studies import STUDY_ROWS_FILE, format_stat, write_study_rows
+from interp.core.studies import STUDY_ROWS_FILE, calibration_line, format_stat, write_study_rows
 from interp.core.store import atomic_write_json, atomic_write_text
 from training import stats
 from training.study import calibration
@@ -256,12 +256,9 @@ def markdown(data: dict) -> str:
              f"hierarchical bootstrap intervals (seeds, then examples); `seeds` counts the seeds that define the row. "
              f"Health: no-card loops minus the base's, unhealthy above {margin:.2f}. card effect: (ctx − no ctx) of the "
              "model minus the base's. harm: pooled over seeds, k/n.", ""]
-    cal = data.get("calibrated_by")
-    if cal:
-        regime = ", ".join(f"{k} = {v}" for k, v in sorted(cal["regime"].items()))
-        verdict = "passes the gate" if cal["passes"] else "**fails the gate**: no setting was healthy and absorbing on every suite"
-        lines += [f"Training regime chosen by the calibration `{cal.get('name')}` ({cal['from']}): `{cal['choice']}`, which "
-                  f"{verdict}. Regime: {regime}, {cal['steps']} steps; a suite's own settings override it where it lists them.", ""]
+    regime = calibration_line(data)
+    if regime:
+        lines += [regime, ""]
     head = ("| suite | model | seeds | health | `acc_noctx` | `acc_ctx` | `harm` | card effect: loops | card effect: acc | "
             "card effect: length | `follow_cf` clean | `loops_cf` | `stubborn_cf` | drift |")
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
