@@ -206,3 +206,36 @@ def test_the_training_bar_shows_the_loss_without_a_tracker(tmp_path):
                          env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert "loss=" in out.stderr and "loops=" in out.stderr and "len=" in out.stderr
+
+
+def test_stop_mask_keeps_the_final_stop_token_out_of_the_distillation_loss(tiny):
+    """opd_cuts: the loop mask cuts from the loop's start, the stop mask cuts the last token of a rollout that ends
+    in a stop token, both together the earlier of the two; a rollout that runs to the budget keeps its last token."""
+    from interp.core.pairs import pair_from_ids, render_prompt_pair
+    from training.rollout import collate
+    from training.step import opd_cuts
+
+    tok = tiny.tokenizer
+    pp = render_prompt_pair(tok, "Your name is Luna.", "Who are you?", "user")
+    stop = 2
+    rows = ([5, 6, 7, 8, 9, stop], [11, 12, 13], [5, stop], [7, 7, 7, stop])
+    pairs = [pair_from_ids(pp, ids, "c", "p", "r", "user") for ids in rows]
+    starts = [None, None, None, 1]
+    assert opd_cuts(pairs, starts, {stop}, loop_mask=False, stop_mask=False) is None
+    assert opd_cuts(pairs, starts, {stop}, loop_mask=False, stop_mask=True) == [5, None, 1, 3]
+    assert opd_cuts(pairs, starts, {stop}, loop_mask=True, stop_mask=False) == [None, None, None, 1]
+    assert opd_cuts(pairs, starts, {stop}, loop_mask=True, stop_mask=True) == [5, None, 1, 1]
+    batch = collate(pairs, 0, opd_cuts(pairs, starts, {stop}, loop_mask=False, stop_mask=True))
+    assert batch.opd_keep.tolist() == [[1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]]
+
+
+def test_training_takes_the_stop_mask(tmp_path):
+    import json
+
+    from training.config import TrainConfig
+    from training.trainer import train
+
+    cfg = TrainConfig(out=str(tmp_path / "run" / "s"), model="tiny-random-llama", task="persona", steps=1, batch_size=2,
+                      max_new_tokens=6, n_test=2, checkpoint_every=0, stop_mask=True, loop_mask=True)
+    result = train(cfg, progress=False)
+    assert json.loads((result.out / "train_config.json").read_text())["stop_mask"] is True

@@ -64,6 +64,8 @@ class TrainConfig:
                               "budget (96), so that every token an answer is judged on was trained")
     loop_mask: bool = opt(False, "keep a rollout's tokens from the point its answer starts to loop out of the distillation loss "
                           "(once a loop has begun every model here continues it, so the teacher's agreement there is no evidence)")
+    stop_mask: bool = opt(False, "keep the stop token that ends a rollout out of the distillation loss (the teacher with the "
+                          "context is less ready to stop there, so the student would learn to stop later: results/why_loops)")
     temperature: float = opt(1.0, "rollout temperature (0: greedy)")
     rollouts: str = opt("student", "who samples the responses: student (on-policy) or teacher (off-policy baseline, with the context)")
     guided_share: float = opt(0.0, "share of each batch's rollouts sampled from the teacher with the context (EDGE-OPD guided rollouts)")

@@ -84,13 +84,30 @@ def rollout_loops(pairs, tokenizer) -> list[int | None]:
     return [loop_start(p.response_ids, decode) for p in pairs]
 
 
+def opd_cuts(pairs, starts: Sequence[int | None], stops: set[int], *, loop_mask: bool, stop_mask: bool) -> list[int | None] | None:
+    """Per rollout, the index of its first response token the distillation loss leaves out (None: it keeps them all);
+    None when neither mask is on. `loop_mask`: from where the answer starts to loop (`starts`); `stop_mask`: the stop
+    token that ends it (its last token, when that is one of `stops`)."""
+    if not (loop_mask or stop_mask):
+        return None
+    out: list[int | None] = []
+    for pair, start in zip(pairs, starts):
+        cut = start if loop_mask else None
+        if stop_mask and pair.response_ids and pair.response_ids[-1] in stops:
+            last = pair.response_len - 1
+            cut = last if cut is None else min(cut, last)
+        out.append(cut)
+    return out
+
+
 def step_losses(model, peft_model, teacher_lm, cfg: TrainConfig, pairs, pad_id: int, lam: float, ema, accelerator,
                 teacher_kv: dict | None = None, loop_starts: Sequence[int | None] | None = None) -> dict:
     """Forward, losses and backward over micro-batches of `cfg.batch_size` pairs. Each micro-batch's token sums
     are divided by the whole batch's token count, so the accumulated gradient equals one pass over all pairs.
 
-    `loop_starts` (with `loop_mask`): per pair, the response tokens from that index on (where its answer has begun to
-    loop) are left out of the distillation loss; the consistency loss still sees every token."""
+    `loop_starts` (`opd_cuts`, with `loop_mask` or `stop_mask`): per pair, the response tokens from that index on (where
+    its answer has begun to loop, or its final stop token) are left out of the distillation loss; the consistency
+    loss still sees every token."""
     starts = list(loop_starts) if loop_starts is not None else [None] * len(pairs)
     total = sum(p.response_len for p in pairs)
     sums: dict[str, Any] = {"loss": 0.0, "L_opd": 0.0, "L_cons": 0.0, "evidence_share": 0.0}

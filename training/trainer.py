@@ -33,7 +33,7 @@ from training.checkpoints import truncate_metrics as _truncate_metrics
 from training.config import TrainConfig
 from training.data_order import batch_indices
 from training.losses import lam_at
-from training.step import load_teacher, lora_model, rollout_loops, sample_rollouts, step_losses, update_ema
+from training.step import load_teacher, lora_model, opd_cuts, rollout_loops, sample_rollouts, step_losses, update_ema
 from training.student_folder import clear_out, config_dict, prepare_out, remove_adapter, save_adapter, update_run_json
 from training.tasks import load_task
 
@@ -178,7 +178,7 @@ def _train(cfg: TrainConfig, *, resume: bool, overwrite: bool, progress: bool, l
             # 2-3. forward passes and losses, micro-batch by micro-batch; gradients add up to the full batch's
             model.train()
             parts = step_losses(model, peft_model, teacher_lm, cfg, pairs, pad_id, lam, ema, accelerator, teacher_kv,
-                                starts if cfg.loop_mask else None)
+                                opd_cuts(pairs, starts, stops, loop_mask=cfg.loop_mask, stop_mask=cfg.stop_mask))
 
             loss = parts["loss"]
             if bool(accelerator.reduce(torch.tensor(0.0 if math.isfinite(loss) else 1.0, device=accelerator.device), "max")):
