@@ -116,7 +116,7 @@ def _train(cfg: TrainConfig, *, resume: bool, overwrite: bool, progress: bool, l
     peft_model = lora_model(lm, cfg)
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing needs no inputs that require grad, so frozen embeddings are fine with LoRA.
-        peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        peft_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
     # Only now, with every setting checked, is the folder touched.
     accelerator.wait_for_everyone()
