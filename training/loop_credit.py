@@ -77,6 +77,9 @@ class Group:
 
 @dataclass
 class Credit:
+    """One measurement: whose rollouts (the base at step 0, or a trained student), how they were sampled, how many
+    loop (with a Wilson interval), and the four groups."""
+
     model: str
     student: str
     suite: str
