@@ -11,7 +11,7 @@ On the embedded model, 32 pairs with responses of about 32 tokens, everything me
 - loss memory: peak resident memory of L_opd + L_cons, forward and backward, on bf16 logits [8, 128, 49152]
   (a bf16 model's output at the embedded vocabulary), chunked (training.losses) against the unchunked formula.
 
-    python bench/capture.py [--pairs 32] [--repeats 3] [--backend nnsight] [--memory-only] [--loss-only]
+    python bench/capture.py [--pairs 32] [--repeats 3] [--backend nnsight] [--lens-chunk 256] [--memory-only] [--loss-only]
 """
 
 from __future__ import annotations
@@ -193,13 +193,13 @@ def child(kind: str, args) -> None:
         if kind == "plain":
             plain_forwards(lm.model, pairs, args.batch_size, lm.tokenizer.pad_token_id)
         else:
-            interp.analyze(lm, pairs, backend=args.backend, batch_size=args.batch_size)
+            interp.analyze(lm, pairs, backend=args.backend, batch_size=args.batch_size, lens_chunk=args.lens_chunk)
     print(json.dumps({"peak_mib": peak.peak, "before_mib": before}))
 
 
 def peak_memory(kind: str, args, pairs_file: str) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--model", args.model, "--pairs-file", pairs_file,
-           "--batch-size", str(args.batch_size), "--backend", args.backend]
+           "--batch-size", str(args.batch_size), "--backend", args.backend, "--lens-chunk", str(args.lens_chunk)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
     return json.loads(out)
 
@@ -212,6 +212,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--backend", default="nnsight")
+    parser.add_argument("--lens-chunk", type=int, default=DEFAULT_CHUNK, help="tokens per lens chunk (memory against speed)")
     parser.add_argument("--child", choices=["plain", "capture", "loss-chunked", "loss-unchunked"])
     parser.add_argument("--pairs-file", help=argparse.SUPPRESS)
     parser.add_argument("--memory-only", action="store_true", help="Measure only mem_ratio.")
@@ -272,10 +273,11 @@ def main() -> None:
                  for s in range(0, len(pairs), args.batch_size)]
         hidden[which] = torch.cat(parts, dim=1)
     targets = torch.cat([make_batch(pairs[s : s + args.batch_size], "ctx", pad_id=pad).targets for s in range(0, len(pairs), args.batch_size)])
-    lens_statistics(lm.model, hidden["ctx"][:, :DEFAULT_CHUNK], hidden["noctx"][:, :DEFAULT_CHUNK], targets[:DEFAULT_CHUNK])  # compile once
+    c = args.lens_chunk
+    lens_statistics(lm.model, hidden["ctx"][:, :c], hidden["noctx"][:, :c], targets[:c], chunk=c)  # compile once
     t_bare, t_lens = timed_pair(
-        lambda: bare_projections(lm.model, hidden["ctx"], hidden["noctx"], DEFAULT_CHUNK),
-        lambda: lens_statistics(lm.model, hidden["ctx"], hidden["noctx"], targets),
+        lambda: bare_projections(lm.model, hidden["ctx"], hidden["noctx"], c),
+        lambda: lens_statistics(lm.model, hidden["ctx"], hidden["noctx"], targets, chunk=c),
         max(1, args.repeats - 1),
     )
     print(f"bare projections lm_head(final_norm(h)), {lm.num_layers} layers x {2 * n_tokens} tokens: {t_bare:.2f} s")
