@@ -13,7 +13,7 @@ from typing import Optional
 import typer
 
 from interp.core.errors import UserError
-from interp.core.models import EMBEDDED
+from interp.core.specs import EMBEDDED
 from training.config import TrainConfig, flag
 from training.experience import command as experience_command
 

@@ -11,7 +11,8 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from interp.core.errors import UserError
-from interp.core.models import EMBEDDED, model_window
+from interp.core.models import model_window
+from interp.core.specs import EMBEDDED
 from interp.core.pairs import NO_CONTEXT, PLACEMENTS
 from interp.core.runs import RESERVED_NAMES
 from interp.core.store import NAME_PATTERN, NAME_RULE

@@ -32,7 +32,7 @@ from typing import Optional, Sequence
 import typer
 
 from interp.core.errors import UserError
-from interp.core.models import EMBEDDED
+from interp.core.specs import EMBEDDED
 from interp.core.generate import generate
 from interp.core.models import load_model
 from interp.core.pairs import has_chat_template, render_prompt_pair

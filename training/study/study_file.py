@@ -152,7 +152,7 @@ def _calibration(folder: str, model: str) -> dict:
             "regime": regime, "steps": steps}
 
 
-def _calibrated(data: dict, calibration: dict, train: dict, students: list[Student]) -> tuple[dict, int]:
+def _calibrated(calibration: dict, train: dict, students: list[Student], steps: int | None) -> tuple[dict, int]:
     """The study's [train] and steps under a calibration: the calibrated regime, with what the study's own [train]
     adds. The study's [train] and its students may not contradict the regime (a suite entry may depart from it, as
     the grid's design: `{suite = "persona", no_context = "default"}`; the tables show each suite's settings)."""
@@ -166,8 +166,7 @@ def _calibrated(data: dict, calibration: dict, train: dict, students: list[Stude
         if k is not None:
             raise UserError(f"student '{student.name}' sets {k} = {student.settings[k]!r}, which the calibration fixes "
                             f"({k} = {regime[k]!r}); remove it")
-    steps = data.get("steps", calibration["steps"])
-    if steps != calibration["steps"]:
+    if steps is not None and steps != calibration["steps"]:
         raise UserError(f"steps = {steps} contradicts the calibrated regime (steps = {calibration['steps']}); remove it")
     return {**regime, **train}, calibration["steps"]
 
@@ -255,7 +254,7 @@ def _parse(data: dict, runs_dir: str | os.PathLike | None, results_dir: str | os
     if not isinstance(longer, bool):
         raise UserError(f"'allow_longer_eval' must be true or false (got {shown_name(longer)})")
     if calibration is not None:
-        train, steps = _calibrated(data, calibration, train, students)
+        train, steps = _calibrated(calibration, train, students, steps)
     assert steps is not None  # required above unless a calibration gives it
     for student in students:  # one setting, one place: a suite entry and a student both setting it is ambiguous
         for spec in specs:
