@@ -18,20 +18,27 @@ def _hand_reverse_kl(z, t):
     return (ls.exp() * (ls - lt)).sum()
 
 
-@pytest.mark.parametrize("top_k", [None, 11])
-def test_change_is_the_first_order_effect_of_a_small_step(top_k):
+def _hand_forward_kl(z, t):
+    """Σ_t Σ_v p_t (log p_t − log p_s) over the full vocabulary, written out."""
+    ls, lt = torch.log_softmax(z, -1), torch.log_softmax(t, -1)
+    return (lt.exp() * (lt - ls)).sum()
+
+
+@pytest.mark.parametrize("top_k,loss", [(None, "reverse_kl"), (11, "reverse_kl"), (None, "forward_kl")])
+def test_change_is_the_first_order_effect_of_a_small_step(top_k, loss):
     g = torch.Generator().manual_seed(0)
     z, t = torch.randn(2, 5, 11, generator=g), torch.randn(2, 5, 11, generator=g)
     y = torch.randint(0, 11, (2, 5), generator=g)
     mask = torch.ones(2, 5)
     mask[1, 3:] = 0
-    log_ratio, change = lc.token_credit(z, t, y, mask, top_k)
+    log_ratio, change = lc.token_credit(z, t, y, mask, top_k, loss)
     ls, lt = torch.log_softmax(z, -1), torch.log_softmax(t, -1)
     want = (lt.gather(-1, y[..., None]) - ls.gather(-1, y[..., None])).squeeze(-1) * mask
     assert torch.allclose(log_ratio, want, atol=1e-6)
     # A small gradient step on the hand-written loss, position by position, changes log p_S(y_t) by eps × change.
     zz = z.clone().requires_grad_(True)
-    (grad,) = torch.autograd.grad(_hand_reverse_kl(zz[mask.bool()], t[mask.bool()]), zz)
+    hand = _hand_reverse_kl if loss == "reverse_kl" else _hand_forward_kl
+    (grad,) = torch.autograd.grad(hand(zz[mask.bool()], t[mask.bool()]), zz)
     eps = 1e-3
     stepped = torch.log_softmax(z - eps * grad, -1).gather(-1, y[..., None]).squeeze(-1)
     finite = (stepped - ls.gather(-1, y[..., None]).squeeze(-1)) / eps * mask
@@ -86,6 +93,7 @@ def test_groups_split_every_token_once():
     (["--suite", "persona_luna", "--seed", "1", "--no-context", "odd"], "unknown --no-context"),
     (["--suite", "persona_luna", "--seed", "1", "--temperature", "-1"], "--temperature must be 0 (greedy) or more"),
     (["--suite", "persona_luna", "--seed", "1", "--temperature", "0", "--samples", "2"], "use --samples 1"),
+    (["--suite", "persona_luna", "--seed", "1", "--loss", "ce"], "--loss must be reverse_kl or forward_kl"),
 ])
 def test_bad_input_is_one_line(args, says, tmp_path):
     import subprocess

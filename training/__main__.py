@@ -246,6 +246,7 @@ def loop_credit(
     max_new_tokens: Optional[int] = typer.Option(None, help="rollout budget (default: the student's, else 96)"),
     prompts: int = typer.Option(24, help="how many training prompts are sampled"),
     samples: Optional[int] = typer.Option(None, help="rollouts per prompt (default: 2, or 1 for greedy rollouts)"),
+    loss: Optional[str] = typer.Option(None, help="whose one step is measured: reverse_kl or forward_kl (default: the student's, else reverse_kl)"),
     out: Optional[Path] = typer.Option(None, help="also write the result as JSON to this file"),
 ):
     """Why distillation can teach loops: on rollouts sampled as the trainer samples them, the teacher's log-ratio
@@ -267,6 +268,7 @@ def loop_credit(
     temperature = temperature if temperature is not None else float(cfg.get("temperature", 1.0))
     max_new_tokens = max_new_tokens or int(cfg.get("max_new_tokens", 96))
     samples = samples if samples is not None else (1 if temperature == 0 else 2)
+    loss = loss or cfg.get("loss") or "reverse_kl"
     if suite is None or seed is None:
         raise UserError("name the suite and seed (--suite, --seed), or a trained student (--run, --student)")
     if no_context not in NO_CONTEXT:
@@ -276,6 +278,8 @@ def loop_credit(
             raise UserError(f"{name} must be at least {low} (got {value})")
     if temperature < 0:
         raise UserError(f"--temperature must be 0 (greedy) or more (got {temperature})")
+    if loss not in ("reverse_kl", "forward_kl"):
+        raise UserError(f"--loss must be reverse_kl or forward_kl (got '{loss}'); loop credit measures a distillation step")
     if temperature == 0 and samples > 1:
         raise UserError(f"greedy rollouts (temperature 0) of one prompt are all the same; use --samples 1 (got {samples})")
     if out is not None and (out.is_dir() or not out.parent.is_dir()):
@@ -290,7 +294,7 @@ def loop_credit(
     from training.tasks import load_task  # lazy: as above
 
     task = load_task(suite, seed=seed, n_test=cfg.get("n_test", 40))
-    top_k = cfg.get("top_k")
+    top_k = cfg.get("top_k") if loss == "reverse_kl" else None
     if run is not None and student is not None:
         lm, adapter = open_student(run, student)
         spec, who = lm.spec, student
@@ -299,13 +303,13 @@ def loop_credit(
     examples = task.train[:prompts]
     bar = tqdm(total=len(examples) * samples, desc="loop-credit", unit="rollout")
     scored = lc.measure(lm, examples, adapter=adapter, placement=cfg.get("placement") or task.placement, no_context=no_context,
-                        samples=samples, temperature=temperature, max_new_tokens=max_new_tokens, top_k=top_k, seed=seed,
-                        progress=bar.update)
+                        samples=samples, temperature=temperature, max_new_tokens=max_new_tokens, top_k=top_k, loss=loss,
+                        seed=seed, progress=bar.update)
     bar.close()
     n, looping = len(scored), sum(r.start is not None for r in scored)
     wil = stats.wilson(looping, n)
     result = lc.Credit(spec, who, suite, seed, no_context, temperature, max_new_tokens, top_k, n, looping,
-                       None if wil is None else list(wil), lc.summarize(scored))
+                       None if wil is None else list(wil), lc.summarize(scored), loss)
     print(lc.markdown(result))
     if out is not None:
         atomic_write_json(out, lc.to_json(result))

@@ -11,9 +11,10 @@ suite, seed, no-context turn, temperature, budget) by the base model (a student 
 teacher with it (docs/measures.md#loop-credit):
 
   log_ratio_t = log p_T(y_t) − log p_S(y_t)
-  raised_t    = 1 when one gradient step of the trainer's own loss (training.losses.reverse_kl, its top-k included)
-                on the student's logits at t raises log p_S(y_t): Δ log p_S(y_t) ∝ −g_{y_t} + Σ_v p_S(v) g_v,
-                g = ∂L/∂z_t (the first-order change of a log-softmax under the step −g)
+  raised_t    = 1 when one gradient step of the trainer's own loss (training.losses.reverse_kl, its top-k included,
+                or training.losses.forward_kl with `--loss forward_kl`) on the student's logits at t raises
+                log p_S(y_t): Δ log p_S(y_t) ∝ −g_{y_t} + Σ_v p_S(v) g_v, g = ∂L/∂z_t (the first-order change of a
+                log-softmax under the step −g)
 
 Tokens fall in four groups: the stop token that ends a rollout (`stop`: does the loss teach the student to stop?),
 and the other tokens of rollouts that never loop (`clean`), of looping rollouts before the loop begins (`before`,
@@ -36,20 +37,24 @@ from interp.core.generate import stop_ids
 from interp.core.models import LoadedModel
 from interp.core.pairs import render_prompt_pair
 from training import stats
-from training.losses import reverse_kl
+from training.losses import forward_kl, reverse_kl
 from training.rollout import collate, response_logits, rollout
 
 GROUPS = ("clean", "before", "loop", "stop")
+LOSSES = ("reverse_kl", "forward_kl")  # the distillation losses whose step is measured
 
 
 def token_credit(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
-                 top_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 top_k: int | None = None, loss: str = "reverse_kl") -> tuple[torch.Tensor, torch.Tensor]:
     """Per response position [B, R]: (log p_T(y_t) − log p_S(y_t), the first-order change of log p_S(y_t) under one
-    unit gradient step of the reverse KL on the student's logits at t). Padded positions are 0."""
+    unit gradient step of the loss (reverse or forward KL) on the student's logits at t). Padded positions are 0."""
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES} (got {loss!r})")
     z = student_logits.detach().float().requires_grad_(True)
     t = teacher_logits.detach().float()
-    loss = reverse_kl(z, t, mask, top_k) * mask.sum()  # the token sum: each position's gradient is its own KL's
-    (g,) = torch.autograd.grad(loss, z)
+    kl = reverse_kl(z, t, mask, top_k) if loss == "reverse_kl" else forward_kl(z, t, mask)
+    loss_sum = kl * mask.sum()  # the token sum: each position's gradient is its own KL's
+    (g,) = torch.autograd.grad(loss_sum, z)
     with torch.no_grad():
         logp_s = torch.log_softmax(z, -1)
         logp_t = torch.log_softmax(t, -1)
@@ -92,6 +97,7 @@ class Credit:
     looping: int
     looping_ci: list | None
     groups: list[Group]
+    loss: str = "reverse_kl"  # whose one step `raised` measures
 
 
 def _group(name: str, per_rollout: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]) -> Group:
@@ -130,7 +136,7 @@ class Scored:
 
 def measure(lm: LoadedModel, examples, *, adapter: str | None = None, placement: str, no_context: str = "neutral",
             samples: int = 2, temperature: float = 1.0, max_new_tokens: int = 96, top_k: int | None = None,
-            seed: int = 0, batch_size: int = 8, progress=None) -> list[Scored]:
+            loss: str = "reverse_kl", seed: int = 0, batch_size: int = 8, progress=None) -> list[Scored]:
     """Sample `samples` rollouts per example from `lm` with `adapter` (None: the base) without the context, as the
     trainer does, and score each token under the student and under the teacher (the base with the context)."""
     tok = lm.tokenizer
@@ -150,7 +156,7 @@ def measure(lm: LoadedModel, examples, *, adapter: str | None = None, placement:
                 s = response_logits(lm.model, batch.noctx)
             with lm.use(None):
                 t = response_logits(lm.model, batch.ctx)
-        log_ratio, change = token_credit(s, t, batch.targets, batch.mask, top_k)
+        log_ratio, change = token_credit(s, t, batch.targets, batch.mask, top_k, loss)
         with torch.no_grad():
             y = batch.targets.unsqueeze(-1)
             p_s = torch.softmax(s.float(), -1).gather(-1, y).squeeze(-1)
@@ -188,7 +194,7 @@ def markdown(c: Credit) -> str:
     h = lambda x, ci: "–" if x is None else f"{x:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")  # noqa: E731
     share = c.looping / c.rollouts if c.rollouts else math.nan
     head = (f"{c.student} on {c.suite} (seed {c.seed}, no-context '{c.no_context}', temperature {c.temperature}, "
-            f"{c.max_new_tokens} tokens): {c.looping}/{c.rollouts} rollouts loop ({share:.2f}"
+            f"{c.max_new_tokens} tokens, one step of {c.loss}): {c.looping}/{c.rollouts} rollouts loop ({share:.2f}"
             + (f", Wilson [{c.looping_ci[0]:.2f}, {c.looping_ci[1]:.2f}])" if c.looping_ci else ")"))
     lines = [head, "", "| tokens | rollouts | tokens n | p_S(y) | p_T(y) | log p_T − log p_S [95% CI] | raised by the loss [95% CI] |",
              "|---|---|---|---|---|---|---|"]
