@@ -46,6 +46,30 @@ def test_change_is_the_first_order_effect_of_a_small_step(top_k, loss):
     assert (change[1, 3:] == 0).all() and (log_ratio[1, 3:] == 0).all()
 
 
+@pytest.mark.parametrize("loss", ["reverse_kl", "forward_kl"])
+def test_stop_mass_change_is_the_first_order_effect_of_a_small_step(loss):
+    g = torch.Generator().manual_seed(1)
+    z, t = torch.randn(2, 4, 9, generator=g), torch.randn(2, 4, 9, generator=g)
+    mask = torch.ones(2, 4)
+    mask[0, 2:] = 0
+    stops = [7, 2]
+    p_s, p_t, ratio, change = lc.stop_credit(z, t, stops, mask, None, loss)
+    ls, lt = torch.log_softmax(z, -1), torch.log_softmax(t, -1)
+    want_s = (ls[..., 2].exp() + ls[..., 7].exp()) * mask
+    assert torch.allclose(p_s, want_s, atol=1e-6)
+    assert torch.allclose(p_t, (lt[..., 2].exp() + lt[..., 7].exp()) * mask, atol=1e-6)
+    assert torch.allclose(ratio, (torch.log(p_t + (1 - mask)) - torch.log(p_s + (1 - mask))), atol=1e-5)
+    zz = z.clone().requires_grad_(True)
+    hand = _hand_reverse_kl if loss == "reverse_kl" else _hand_forward_kl
+    (grad,) = torch.autograd.grad(hand(zz[mask.bool()], t[mask.bool()]), zz)
+    eps = 1e-3
+    after = torch.log_softmax(z - eps * grad, -1)
+    stepped = torch.log(after[..., 2].exp() + after[..., 7].exp())
+    finite = (stepped - torch.log(ls[..., 2].exp() + ls[..., 7].exp())) / eps * mask
+    assert torch.allclose(change, finite, atol=1e-3)
+    assert (change[0, 2:] == 0).all()
+
+
 def test_rollouts_scored_as_a_plain_forward_scores_them(tiny):
     task = load_task("persona_luna", seed=3, n_test=8)
     scored = lc.measure(tiny, task.train[:3], placement=task.placement, samples=2, max_new_tokens=6, seed=3, batch_size=4)
@@ -65,6 +89,11 @@ def test_rollouts_scored_as_a_plain_forward_scores_them(tiny):
         assert np.allclose(r.p_student, ps.exp().numpy(), atol=1e-5)
         assert set(np.unique(r.raised)) <= {0.0, 1.0}
         assert r.stopped == (r.response_ids[-1] in set(stop_ids(tiny.model, tok)))
+        stops = sorted(set(stop_ids(tiny.model, tok)))
+        mass_s = s[len(pp.noctx_ids) - 1 : len(pp.noctx_ids) - 1 + n][:, stops].exp().sum(-1)
+        mass_t = t[len(pp.ctx_ids) - 1 : len(pp.ctx_ids) - 1 + n][:, stops].exp().sum(-1)
+        assert np.allclose(r.stop_mass[0], mass_s.numpy(), atol=1e-5)
+        assert np.allclose(r.stop_mass[2], (mass_t.log() - mass_s.log()).numpy(), atol=1e-3)
 
 
 def test_groups_split_every_token_once():
@@ -84,6 +113,21 @@ def test_groups_split_every_token_once():
     assert groups["clean"].raised == pytest.approx(np.concatenate([rows[0].raised, rows[2].raised, rows[4].raised[:-1]]).mean())
     empty = lc.summarize([row(4, None)])
     assert empty[2].tokens == 0 and empty[2].log_ratio is None and empty[3].tokens == 0
+    assert lc.STOP_MASS not in {g.group for g in empty}  # not measured: no row
+
+
+def test_stop_mass_is_read_where_the_rollout_went_on():
+    rng = np.random.default_rng(1)
+
+    def row(n, stopped):
+        mass = tuple(rng.random(n) for _ in range(4))
+        return lc.Scored(list(range(n)), None, stopped, *(rng.random(n) for _ in range(4)), mass)
+
+    rows = [row(6, True), row(4, False)]
+    got = {g.group: g for g in lc.summarize(rows)}[lc.STOP_MASS]
+    assert got.tokens == 5 + 4
+    want = np.concatenate([rows[0].stop_mass[2][:-1], rows[1].stop_mass[2]]).mean()
+    assert got.log_ratio == pytest.approx(want)
 
 
 @pytest.mark.parametrize("args, says", [

@@ -41,27 +41,52 @@ from training.losses import forward_kl, reverse_kl
 from training.rollout import collate, response_logits, rollout
 
 GROUPS = ("clean", "before", "loop", "stop")
+STOP_MASS = "stop_mass"  # the stop tokens' total probability where a rollout went on (stop_credit)
 LOSSES = ("reverse_kl", "forward_kl")  # the distillation losses whose step is measured
+
+
+def _step(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, top_k: int | None,
+          loss: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(g = ∂L/∂z per position, log p_S, log p_T), all [B, R, V] in float32, L the token sum of the loss."""
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES} (got {loss!r})")
+    z = student_logits.detach().float().requires_grad_(True)
+    t = teacher_logits.detach().float()
+    kl = reverse_kl(z, t, mask, top_k) if loss == "reverse_kl" else forward_kl(z, t, mask)
+    (g,) = torch.autograd.grad(kl * mask.sum(), z)  # the token sum: each position's gradient is its own KL's
+    with torch.no_grad():
+        return g, torch.log_softmax(z, -1), torch.log_softmax(t, -1)
 
 
 def token_credit(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
                  top_k: int | None = None, loss: str = "reverse_kl") -> tuple[torch.Tensor, torch.Tensor]:
     """Per response position [B, R]: (log p_T(y_t) − log p_S(y_t), the first-order change of log p_S(y_t) under one
     unit gradient step of the loss (reverse or forward KL) on the student's logits at t). Padded positions are 0."""
-    if loss not in LOSSES:
-        raise ValueError(f"loss must be one of {LOSSES} (got {loss!r})")
-    z = student_logits.detach().float().requires_grad_(True)
-    t = teacher_logits.detach().float()
-    kl = reverse_kl(z, t, mask, top_k) if loss == "reverse_kl" else forward_kl(z, t, mask)
-    loss_sum = kl * mask.sum()  # the token sum: each position's gradient is its own KL's
-    (g,) = torch.autograd.grad(loss_sum, z)
+    g, logp_s, logp_t = _step(student_logits, teacher_logits, mask, top_k, loss)
+    return _credit(g, logp_s, logp_t, targets.unsqueeze(-1), mask)
+
+
+def stop_credit(student_logits: torch.Tensor, teacher_logits: torch.Tensor, stops: Sequence[int], mask: torch.Tensor,
+                top_k: int | None = None, loss: str = "reverse_kl") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same for the stop tokens' total probability P(S) = Σ_{s∈S} p(s) at every position, whatever was sampled
+    there: (P_S(S), P_T(S), log P_T(S) − log P_S(S), the first-order change of log P_S(S) under one step), [B, R].
+    Does the loss teach the student to stop less everywhere, not only where a rollout stopped?"""
+    g, logp_s, logp_t = _step(student_logits, teacher_logits, mask, top_k, loss)
+    idx = torch.tensor(sorted(set(stops)), dtype=torch.long).expand(*logp_s.shape[:-1], -1)
+    ratio, change = _credit(g, logp_s, logp_t, idx, mask)
     with torch.no_grad():
-        logp_s = torch.log_softmax(z, -1)
-        logp_t = torch.log_softmax(t, -1)
-        y = targets.unsqueeze(-1)
-        log_ratio = (logp_t.gather(-1, y) - logp_s.gather(-1, y)).squeeze(-1)
-        change = -g.gather(-1, y).squeeze(-1) + (logp_s.exp() * g).sum(-1)
-    return log_ratio * mask, change * mask
+        return (logp_s.gather(-1, idx).exp().sum(-1) * mask, logp_t.gather(-1, idx).exp().sum(-1) * mask, ratio, change)
+
+
+def _credit(g: torch.Tensor, logp_s: torch.Tensor, logp_t: torch.Tensor, idx: torch.Tensor, mask: torch.Tensor):
+    """For the token set idx [B, R, k] at each position: log P_T − log P_S of the set, and Δ log P_S(set) =
+    −Σ_{v∈set} p_S(v) g_v / P_S(set) + Σ_v p_S(v) g_v (the first-order change under the step −g)."""
+    with torch.no_grad():
+        set_s = torch.logsumexp(logp_s.gather(-1, idx), -1)
+        set_t = torch.logsumexp(logp_t.gather(-1, idx), -1)
+        p_in = (logp_s.gather(-1, idx) - set_s.unsqueeze(-1)).exp()  # p_S(v | set)
+        change = -(p_in * g.gather(-1, idx)).sum(-1) + (logp_s.exp() * g).sum(-1)
+        return (set_t - set_s) * mask, change * mask
 
 
 @dataclass
@@ -132,6 +157,8 @@ class Scored:
     p_teacher: np.ndarray
     log_ratio: np.ndarray
     raised: np.ndarray
+    # The stop tokens' total probability at every position (stop_credit): P_S(S), P_T(S), log-ratio, raised.
+    stop_mass: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
 
 
 def measure(lm: LoadedModel, examples, *, adapter: str | None = None, placement: str, no_context: str = "neutral",
@@ -157,6 +184,7 @@ def measure(lm: LoadedModel, examples, *, adapter: str | None = None, placement:
             with lm.use(None):
                 t = response_logits(lm.model, batch.ctx)
         log_ratio, change = token_credit(s, t, batch.targets, batch.mask, top_k, loss)
+        mass_s, mass_t, mass_ratio, mass_change = stop_credit(s, t, sorted(stops), batch.mask, top_k, loss)
         with torch.no_grad():
             y = batch.targets.unsqueeze(-1)
             p_s = torch.softmax(s.float(), -1).gather(-1, y).squeeze(-1)
@@ -164,8 +192,10 @@ def measure(lm: LoadedModel, examples, *, adapter: str | None = None, placement:
         for row, pair in enumerate(pairs):
             n = pair.response_len
             ids = list(pair.response_ids)
+            mass = (mass_s[row, :n].numpy(), mass_t[row, :n].numpy(), mass_ratio[row, :n].numpy(),
+                    (mass_change[row, :n] > 0).float().numpy())
             out.append(Scored(ids, loop_start(ids, decode), bool(ids) and ids[-1] in stops, p_s[row, :n].numpy(),
-                              p_t[row, :n].numpy(), log_ratio[row, :n].numpy(), (change[row, :n] > 0).float().numpy()))
+                              p_t[row, :n].numpy(), log_ratio[row, :n].numpy(), (change[row, :n] > 0).float().numpy(), mass))
         if progress is not None:
             progress(len(pairs))
     return out
@@ -173,9 +203,13 @@ def measure(lm: LoadedModel, examples, *, adapter: str | None = None, placement:
 
 def summarize(scored: Sequence[Scored]) -> list[Group]:
     """The four groups of tokens: clean rollouts', looping rollouts' before the loop, the loop's, and the stop token
-    that ends a rollout (kept out of the other three)."""
+    that ends a rollout (kept out of the other three); then `stop_mass`: the stop tokens' total probability at every
+    position where the rollout went on (all but a final stop token), when measured."""
     parts: dict[str, list] = {g: [] for g in GROUPS}
+    mass: list = []
     for r in scored:
+        if r.stop_mass is not None:
+            mass.append([c[:-1] if r.stopped else c for c in r.stop_mass])
         cols = [r.p_student, r.p_teacher, r.log_ratio, r.raised]
         if r.stopped:
             parts["stop"].append([c[-1:] for c in cols])
@@ -185,7 +219,7 @@ def summarize(scored: Sequence[Scored]) -> list[Group]:
         else:
             parts["before"].append([c[: r.start] for c in cols])
             parts["loop"].append([c[r.start :] for c in cols])
-    return [_group(g, parts[g]) for g in GROUPS]
+    return [_group(g, parts[g]) for g in GROUPS] + ([_group(STOP_MASS, mass)] if mass else [])
 
 
 def markdown(c: Credit) -> str:
@@ -201,6 +235,9 @@ def markdown(c: Credit) -> str:
     for gr in c.groups:
         lines.append(f"| {gr.group} | {gr.rollouts} | {gr.tokens} | {f(gr.p_student)} | {f(gr.p_teacher)} | "
                      f"{g(gr.log_ratio, gr.log_ratio_ci)} | {h(gr.raised, gr.raised_ci)} |")
+    if any(gr.group == STOP_MASS for gr in c.groups):
+        lines += ["", f"`{STOP_MASS}`: y is the set of stop tokens, P(S) = Σ p(stop) at every position where the rollout "
+                  "went on; 'raised' is the share of those positions where one step raises the student's P(S)."]
     return "\n".join(lines)
 
 
