@@ -121,7 +121,7 @@ def test_the_committed_calibrated_study_loads_once_its_calibration_has_chosen(tm
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError, match="run the calibration study first"):
         load_study(path)
-    cal = _calibration(tmp_path / "results" / "calibration", model="smollm2-135m-instruct")
+    cal = _calibration(tmp_path / "results" / "calibration_confirm", model="smollm2-135m-instruct")
     data = json.loads((cal / "study.json").read_text())
     data["train"] = {"batch_size": 8, "max_new_tokens": 96, "no_context": "neutral", "checkpoint_every": 5}
     (cal / "study.json").write_text(json.dumps(data))
@@ -130,3 +130,25 @@ def test_the_committed_calibrated_study_loads_once_its_calibration_has_chosen(tm
     assert len(cells) == 3 * 5 * 2 + 3 * 3 * 2 + 3 * 4
     assert {c.config().no_context for c in cells if c.suite == "persona"} == {"default"}
     assert {(c.config().lr, c.config().loop_mask) for c in cells} == {(2e-4, True)}
+
+
+def test_the_confirming_calibration_reads_only_cells_no_screening_saw():
+    """Round 3's gate: seeds disjoint from the screening rounds' (100) and from the main study's, every suite the
+    main study calibrates on, and the regime fields the main study would take from its choice all valid."""
+    from pathlib import Path
+
+    studies = Path(__file__).resolve().parents[1] / "studies"
+    confirm = load_study(studies / "calibration_confirm.toml")
+    screening = {*load_study(studies / "calibration.toml").seeds, *load_study(studies / "calibration_fkl.toml").seeds}
+    assert not set(confirm.seeds) & {100}
+    assert set(load_study(studies / "calibration_fkl.toml").seeds) == {100} and 100 in screening
+    import tomllib
+
+    main_seeds = set(tomllib.loads((studies / "removability_calibrated.toml").read_text())["seeds"])
+    assert main_seeds == {0, 1, 2, 3, 4}
+    assert not set(confirm.seeds) & main_seeds
+    assert set(confirm.suites) == {"persona_luna", "facts"}
+    cells = confirm.cells()
+    assert len(cells) == len(confirm.students) * 4
+    assert cells[-1].student.name == "rkl"  # the reference runs last: a session cut short loses it first
+    assert all(c.config().max_new_tokens == 96 and c.config().steps == 30 for c in cells)
