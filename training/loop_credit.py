@@ -71,7 +71,10 @@ def stop_credit(student_logits: torch.Tensor, teacher_logits: torch.Tensor, stop
     """The same for the stop tokens' total probability P(S) = Σ_{s∈S} p(s) at every position, whatever was sampled
     there: (P_S(S), P_T(S), log P_T(S) − log P_S(S), the first-order change of log P_S(S) under one step), [B, R].
     Does the loss teach the student to stop less everywhere, not only where a rollout stopped?"""
-    g, logp_s, logp_t = _step(student_logits, teacher_logits, mask, top_k, loss)
+    return _stop_mass(*_step(student_logits, teacher_logits, mask, top_k, loss), stops, mask)
+
+
+def _stop_mass(g: torch.Tensor, logp_s: torch.Tensor, logp_t: torch.Tensor, stops: Sequence[int], mask: torch.Tensor):
     idx = torch.tensor(sorted(set(stops)), dtype=torch.long).expand(*logp_s.shape[:-1], -1)
     ratio, change = _credit(g, logp_s, logp_t, idx, mask)
     with torch.no_grad():
@@ -183,8 +186,10 @@ def measure(lm: LoadedModel, examples, *, adapter: str | None = None, placement:
                 s = response_logits(lm.model, batch.noctx)
             with lm.use(None):
                 t = response_logits(lm.model, batch.ctx)
-        log_ratio, change = token_credit(s, t, batch.targets, batch.mask, top_k, loss)
-        mass_s, mass_t, mass_ratio, mass_change = stop_credit(s, t, sorted(stops), batch.mask, top_k, loss)
+        g, logp_s, logp_t = _step(s, t, batch.mask, top_k, loss)  # one backward serves both readings
+        log_ratio, change = _credit(g, logp_s, logp_t, batch.targets.unsqueeze(-1), batch.mask)
+        mass_s, mass_t, mass_ratio, mass_change = _stop_mass(g, logp_s, logp_t, sorted(stops), batch.mask)
+        del g, logp_s, logp_t
         with torch.no_grad():
             y = batch.targets.unsqueeze(-1)
             p_s = torch.softmax(s.float(), -1).gather(-1, y).squeeze(-1)
