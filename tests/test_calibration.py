@@ -55,12 +55,13 @@ def test_a_setting_missing_a_suite_does_not_pass():
 
 # ---- a study trained in the regime a calibration chose (`calibrated_by`) ----
 
-def _calibration(folder, choice="lr2_mask", passes=True, model="tiny-random-llama"):
+def _calibration(folder, choice="lr2_mask", passes=True, model="tiny-random-llama", cells=(4, 4)):
     folder.mkdir(parents=True, exist_ok=True)
     data = {"name": "cal", "model": model, "steps": 7, "train": {"batch_size": 2, "max_new_tokens": 8, "no_context": "neutral"},
             "students": [{"name": "lr1", "settings": {"lr": 1e-4}, "seeds": None},
                          {"name": "lr2_mask", "settings": {"lr": 2e-4, "loop_mask": True}, "seeds": None}],
-            "gate": {"choice": choice, "passes": passes, "absorb_share": 0.5}}
+            "gate": {"choice": choice, "passes": passes, "absorb_share": 0.5, "cells": list(cells),
+                     "complete": cells[0] == cells[1]}}
     (folder / "study.json").write_text(json.dumps(data))
     return folder
 
@@ -102,6 +103,23 @@ def test_a_calibration_without_results_or_choice_or_of_another_model_is_one_line
         load_study(_main(tmp_path, _calibration(tmp_path / "a", choice=None)))
     with pytest.raises(UserError, match="the calibration trained 'other'"):
         load_study(_main(tmp_path, _calibration(tmp_path / "b", model="other")))
+
+
+def test_a_partial_calibration_is_refused_and_marked(tmp_path):
+    """A calibration cut short (a session ended, a cell failed) has a choice in study.json, but one that can change:
+    the main study refuses it, and its summary says it is partial."""
+    with pytest.raises(UserError, match=r"is a partial calibration \(3 of 12 cells evaluated\); finish"):
+        load_study(_main(tmp_path, _calibration(tmp_path / "p", cells=(3, 12))))
+    old = _calibration(tmp_path / "old")  # a study.json written before the gate recorded its completeness
+    data = json.loads((old / "study.json").read_text())
+    del data["gate"]["complete"], data["gate"]["cells"]
+    (old / "study.json").write_text(json.dumps(data))
+    with pytest.raises(UserError, match="it does not say that every cell was evaluated"):
+        load_study(_main(tmp_path, old))
+    table = _data([_row("a", "x", 0.0, 0.9), _row("b", "x", 0.0, 0.9)])
+    assert "Partial" not in markdown(table)
+    table["gate"] = {"cells": [2, 8], "complete": False}
+    assert "**Partial: 2 of 8 cells evaluated.**" in markdown(table)
 
 
 def test_the_summary_names_the_calibration_and_its_verdict():

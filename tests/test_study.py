@@ -39,6 +39,7 @@ def test_smoke_study_killed_and_resumed_ends_like_an_uninterrupted_one(tmp_path)
     data, csv_whole = _summary(tmp_path / "a" / "results")
     cells = load_study(SMOKE).cells()
     assert len(data["cells"]) == len(cells) == 8  # 2 suites × 2 seeds × 2 students
+    assert data["gate"]["cells"] == [8, 8] and data["gate"]["complete"] is True
     assert {(c["suite"], c["seed"], c["student"]) for c in data["cells"]} == {(c.suite, c.seed, c.student.name) for c in cells}
     for c in data["cells"]:
         assert set(c["scores"]) >= {"acc_noctx", "acc_ctx", "harm", "degenerate_ctx", "follow_cf", "drift", "truncated_ctx"}

@@ -77,6 +77,11 @@ def markdown(data: dict) -> str:
         ci = f" [{v.excess_ci[0]:+.2f}, {v.excess_ci[1]:+.2f}]" if v.excess_ci else ""
         lines.append(f"| {v.student} | {v.suite} | {f(v.excess_loops)}{ci} | {'yes' if v.healthy else '**no**'} | "
                      f"{g(v.acc_noctx)} | {g(v.teacher_acc_ctx)} | {'yes' if v.absorbs else '**no**'} | {v.seeds} |")
+    gate = data.get("gate") or {}
+    if pick is not None and gate.get("complete") is False:
+        done, planned = gate["cells"]
+        lines.append(f"\n**Partial: {done} of {planned} cells evaluated.** The choice below can change until "
+                     "every cell is; a main study refuses a partial calibration (`calibrated_by`).")
     if pick is None:
         lines.append("\nNo evaluated cell yet.")
     elif ok:

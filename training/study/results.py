@@ -62,7 +62,9 @@ def collect(study: Study) -> dict:
             "cells": cells, "references": references, "summary": summary, "paired": _paired(study),
             "settings": settings, "comparisons": comparisons}
     pick, passes, _ = calibration.choose(data)
-    data["gate"] = {"choice": pick, "passes": passes, "absorb_share": calibration.ABSORB_SHARE}
+    planned = len(study.cells())
+    data["gate"] = {"choice": pick, "passes": passes, "absorb_share": calibration.ABSORB_SHARE,
+                    "cells": [len(cells), planned], "complete": len(cells) == planned}
     if study.calibration is not None:
         data["calibrated_by"] = study.calibration
     return data

@@ -141,6 +141,12 @@ def _calibration(folder: str, model: str) -> dict:
     if choice is None or chosen is None:
         raise UserError(f"calibrated_by: {path} has no chosen setting yet (no evaluated cell); finish the calibration "
                         "study first")
+    if gate.get("complete") is not True:
+        cells = gate.get("cells")
+        done = (f"{cells[0]} of {cells[1]} cells evaluated" if isinstance(cells, list) and len(cells) == 2
+                else "it does not say that every cell was evaluated")
+        raise UserError(f"calibrated_by: {path} is a partial calibration ({done}); finish the calibration study "
+                        "(rerun its command: it resumes) before the main study takes its choice")
     if data.get("model") != model:
         raise UserError(f"calibrated_by: the calibration trained '{data.get('model')}', this study trains '{model}'; "
                         "calibrate on the same model")
