@@ -441,15 +441,17 @@ def read_model_eval(run_dir: str | os.PathLike, model: str) -> ModelEval | None:
     path = model_eval_path(run_dir, model)
     if not path.exists():
         return None
-    data = read_json(path)
+    return model_eval_from_json(read_json(path), model, path, "delete it and rerun `python -m training eval`")
+
+
+def model_eval_from_json(data, model: str, where, fix: str) -> ModelEval:
+    """A ModelEval from what ModelEval.to_json wrote; anything else is a one-line error naming `where` and `fix`."""
     if not isinstance(data, dict) or not all(k in data for k in ("settings", "scores", "intervals", "rows")):
-        raise UserError(f"{path} is damaged; delete it and rerun `python -m training eval`")
+        raise UserError(f"{where} is damaged; {fix}")
     if not isinstance(data["rows"], list) or not isinstance(data["settings"], dict) or not isinstance(data["scores"], dict):
-        raise UserError(f"{path} is damaged; delete it and rerun `python -m training eval`")
-    rows = [ExampleRow.from_json(r, f"{path}, row {i}") for i, r in enumerate(data["rows"])]
+        raise UserError(f"{where} is damaged; {fix}")
+    rows = [ExampleRow.from_json(r, f"{where}, row {i}") for i, r in enumerate(data["rows"])]
     return ModelEval(model, data["settings"], data["scores"], data["intervals"], rows)
-
-
 
 
 def append_metrics(student_dir: str | os.PathLike, row: dict) -> None:

@@ -15,6 +15,7 @@ from training.checkpoints import list_checkpoints as checkpoints
 from training.config import TrainConfig
 from training.evaluate import EvalSettings, fingerprint, rescored
 from training.student_folder import config_conflict
+from training.study import records
 from training.study.seed_level import HEALTH_MARGIN
 from training.tasks import Example, load_task, trains_as
 
@@ -110,7 +111,8 @@ class Study:
         """`ev` as this suite entry's verifiers judge its answers (training.evaluate.rescored): the same numbers for
         the suite it was answered as, a re-scoring for one that differs only in its verifiers or whose verifier
         changed. Answers to other examples than the suite has now are an error, not a silent mismatch."""
-        stamp = lambda model: _stamp(model_eval_path(self.run_dir(suite, seed), model))  # noqa: E731
+        stamp = lambda model: (_stamp(model_eval_path(self.run_dir(suite, seed), model)),  # noqa: E731
+                               _stamp(records.record_path(self, suite, seed, model)))
         memo = (suite, seed, ev.model, stamp(ev.model), stamp("base") if base is not None else None)
         if memo not in self._judged:
             out = rescored(ev, self.examples(suite, seed), self.decode, base)
@@ -126,11 +128,17 @@ class Study:
         return self._tokenizer.decode(ids, skip_special_tokens=True)
 
     def base_evaluation(self, suite: str, seed: int) -> ModelEval | None:
-        """The base model's evaluation in a suite entry's run folder with the study's settings, judged by its verifiers."""
+        """The base model's evaluation with the study's settings, judged by the suite entry's verifiers: the run
+        folder's, else its record's (training.study.records)."""
+        ev = self.local_base(suite, seed) or records.recorded_base(self, suite, seed)
+        return None if ev is None else self.judged(suite, seed, ev)
+
+    def local_base(self, suite: str, seed: int) -> ModelEval | None:
+        """The base model's evaluation in a suite entry's run folder with the study's settings, as stored."""
         ev = read_model_eval(self.run_dir(suite, seed), "base")
         if ev is None or {k: v for k, v in ev.settings.items() if k != "adapter"} != asdict(self.eval):
             return None
-        return self.judged(suite, seed, ev)
+        return ev
 
     def fingerprint(self) -> dict:
         """What a results folder must agree with to be this study's."""
@@ -162,29 +170,49 @@ class Cell:
                               "steps": s.steps, "out": str(self.out), "n_test": s.n_test})
 
     def trained_steps(self) -> int:
-        """Steps the student has trained: its last checkpoint's or, saved without checkpoints, its record's."""
+        """Steps the student has trained: its last checkpoint's or, saved without checkpoints, its train record's;
+        with no adapter here, its cell record's (the study's steps when the record still describes the cell)."""
         found = checkpoints(self.out)
         if found:
             return int(found[-1].name.split("-")[-1])
         if (self.out / ADAPTER_WEIGHTS).exists() and (self.out / TRAIN_CONFIG_FILE).exists():
             return int(read_json(self.out / TRAIN_CONFIG_FILE, expect=dict).get("steps", 0))
+        if self._from_record():
+            return self.study.steps
         return 0
 
     def trained(self) -> bool:
         """Its adapter is whole (the weights are written last) and of the study's step count: a study whose
-        `steps` was raised continues its cells from their last checkpoints."""
-        return (self.out / ADAPTER_WEIGHTS).exists() and self.trained_steps() == self.study.steps
+        `steps` was raised continues its cells from their last checkpoints. A cell whose run folder holds nothing of
+        it is trained when its record says so (training.study.records)."""
+        if (self.out / ADAPTER_WEIGHTS).exists():
+            return self.trained_steps() == self.study.steps
+        return self._from_record()
+
+    def _from_record(self) -> bool:
+        """No adapter and no checkpoint here, and a cell record that describes this cell as the study gives it now."""
+        if (self.out / ADAPTER_WEIGHTS).exists() or checkpoints(self.out):
+            return False
+        return records.recorded_evaluation(self) is not None
+
+    def record_path(self) -> Path:
+        return records.record_path(self.study, self.suite, self.seed, self.student.name)
+
+    def resolved_config(self) -> TrainConfig:
+        """The cell's training settings with the placement resolved as training resolves it (left to the suite)."""
+        cfg = self.config()
+        if cfg.placement is None:
+            cfg.resolve(load_task(self.spec.task, seed=self.seed, n_test=self.study.n_test).placement)
+        return cfg
 
     def check(self) -> None:
         """A cell trained with other settings than the study's now are is refused, not silently reused."""
         record = self.out / TRAIN_CONFIG_FILE
         if not record.exists():
+            self._check_record()
             return
         where = f"{self.study.source or 'the study'}: {self.label()} ({self.out})"
-        cfg = self.config()
-        if cfg.placement is None:  # left to the suite, as training resolves it
-            cfg.resolve(load_task(self.spec.task, seed=self.seed, n_test=self.study.n_test).placement)
-        conflict = config_conflict(read_json(record, expect=dict), cfg)
+        conflict = config_conflict(read_json(record, expect=dict), self.resolved_config())
         if conflict:
             k, theirs, ours = conflict
             raise UserError(f"{where} was trained with {k}={theirs!r}, the study now says {k}={ours!r}; give the "
@@ -192,6 +220,19 @@ class Cell:
         if (steps := self.trained_steps()) > self.study.steps:
             raise UserError(f"{where} has trained {steps} steps, more than the study's steps={self.study.steps}; "
                             f"raise 'steps', or delete that folder to train it anew")
+
+    def _check_record(self) -> None:
+        """A cell record made with other training settings than the study gives the cell now is refused, as a run
+        folder's student is (check)."""
+        saved = records.read_record(self.record_path())
+        if saved is None or saved["model"] != self.student.name:
+            return
+        conflict = config_conflict(saved["config"], self.resolved_config())
+        if conflict:
+            k, theirs, ours = conflict
+            raise UserError(f"{self.study.source or 'the study'}: {self.label()} is recorded in {self.record_path()} as trained "
+                            f"with {k}={theirs!r}, the study now says {k}={ours!r}; give the student another name, or "
+                            f"delete that record to train it anew")
 
     def evaluation(self):
         """The student's evaluation with the study's settings and of its current adapter (a ModelEval), judged by
@@ -202,13 +243,22 @@ class Cell:
         base = self.study.base_evaluation(self.suite, self.seed)
         return self.study.judged(self.suite, self.seed, ev, base) if base is not None else None
 
-    def _stored(self):
-        ev = read_model_eval(self.run_dir, self.student.name) if self.trained() else None
+    def local_evaluation(self):
+        """The run folder's evaluation of this cell's current adapter with the study's settings, as stored (no record)."""
+        if not (self.out / ADAPTER_WEIGHTS).exists() or not self.trained():
+            return None
+        ev = read_model_eval(self.run_dir, self.student.name)
         if ev is None or {k: v for k, v in ev.settings.items() if k != "adapter"} != asdict(self.study.eval):
             return None
         if ev.settings.get("adapter") != fingerprint(self.out):
             return None  # evaluated before the adapter changed (a study's steps raised): evaluate again
         return ev
+
+    def _stored(self):
+        """The run folder's evaluation, else (nothing of the cell here) its record's."""
+        if (self.out / ADAPTER_WEIGHTS).exists() or checkpoints(self.out):
+            return self.local_evaluation()
+        return records.recorded_evaluation(self)
 
     def evaluated(self) -> bool:
         return self._stored() is not None
@@ -290,6 +340,7 @@ def plan(study: Study) -> str:
     for c in cells:
         steps = c.trained_steps()
         state = ("done" if c.evaluated() else "trained") if c.trained() else (f"{steps}/{study.steps}" if steps else "todo")
+        state = "recorded" if state == "done" and c._from_record() else state
         settings = ", ".join(f"{k}={v}" for k, v in {**c.spec.settings, **c.student.settings}.items()) or "defaults"
         if c.spec.folder != c.suite:
             settings += f" (re-scored from {c.spec.folder}'s answers)"

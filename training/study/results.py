@@ -13,6 +13,7 @@ from interp.core.studies import STUDY_ROWS_FILE, calibration_line, format_stat, 
 from interp.core.store import atomic_write_json, atomic_write_text
 from training import stats
 from training.study import calibration
+from training.study.records import write_records
 from training.study.plan import Cell, Study, check_results, suite_settings
 from training.study.seed_level import COMPARED, compare, holm_family, measure_model, measure_setting
 
@@ -160,9 +161,11 @@ CSV_COLUMNS = ["suite", "student", "lam", "seeds"] + [f"{k}_{p}" for k in SUMMAR
 
 def write_results(study: Study) -> dict:
     """results/<study>/study.json, study.csv (one row per suite and student, mean and sd over seeds), summary.md (the
-    same as markdown tables, with the gate and the comparisons) and rows.jsonl.gz (every answer). The figures are the
+    same as markdown tables, with the gate and the comparisons), rows.jsonl.gz (every answer) and cells/ (each
+    finished cell's record, training.study.records). The figures are the
     views' (interp.views.plots.write_study_figures), written by the study command after each of these."""
     folder = check_results(study)
+    write_records(study)  # first: each finished cell kept beside the results, for a resume on another machine
     data = collect(study)
     atomic_write_json(folder / "study.json", data)
     buf = io.StringIO()
