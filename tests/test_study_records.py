@@ -142,3 +142,47 @@ def test_a_record_of_fewer_steps_than_the_study_now_asks_is_not_done(finished, t
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+def test_a_jobs_2_study_ends_like_a_jobs_1_study(finished, tmp_path):
+    path, results = finished
+    original, rows = _results(results / "carry")
+    data = run_study(load_study(path, tmp_path / "runs", tmp_path / "results"), jobs=2, progress=False)
+    assert [c["student"] for c in data["cells"]] == [c["student"] for c in original["cells"]]
+    for mine, theirs in zip(data["cells"], original["cells"]):
+        for k, v in theirs["scores"].items():
+            assert mine["scores"][k] == (None if v is None else pytest.approx(v, rel=1e-5, abs=1e-7)), k
+
+
+def test_hours_starts_no_cell_that_would_not_end_in_time_and_the_next_run_goes_on(finished, tmp_path, capsys):
+    from training.study.runner import Budget
+
+    path, _ = finished
+    study = load_study(path, tmp_path / "runs", tmp_path / "results")
+    first = Budget(study, 1.0).estimate(study.cells()[0])
+    assert first > 0
+    # a budget that holds the first cell's estimate and not two: one cell runs (the second's estimate is then
+    # scaled by how long the first really took), the other is left
+    data = run_study(study, hours=1.5 * first / 3600)
+    assert data["gate"]["cells"] == [1, 2] and [c["student"] for c in data["cells"]] == ["unreg"]
+    out = capsys.readouterr().out
+    assert "1 cell(s) left for the next run" in out and "--hours" in out
+    # nothing fits: nothing starts, the results are written all the same
+    again = run_study(load_study(path, tmp_path / "runs", tmp_path / "results"), hours=1e-9, progress=False)
+    assert again["gate"]["cells"] == [1, 2] and not (tmp_path / "runs" / "carry" / "persona" / "seed-0" / "reg").exists()
+    done = run_study(load_study(path, tmp_path / "runs", tmp_path / "results"), progress=False)
+    assert done["gate"]["cells"] == [2, 2]
+    with pytest.raises(UserError, match="--hours must be a positive number"):
+        run_study(study, hours=0.0)
+
+
+def test_cli_bad_hours_exits_2_in_one_line(finished, tmp_path):
+    import subprocess
+    import sys
+
+    path, _ = finished
+    for value in ("0", "-1", "nan"):
+        r = subprocess.run([sys.executable, "-m", "training", "study", str(path), "--hours", value, "--runs-dir",
+                            str(tmp_path / "runs"), "--results-dir", str(tmp_path / "results")], capture_output=True, text=True)
+        assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "--hours must be a positive number" in r.stderr
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 import sys
 import typing
 from dataclasses import fields, replace
@@ -133,6 +134,9 @@ def study(
     dry_run: bool = typer.Option(False, "--dry-run", help="print the plan and the estimated time, train nothing"),
     runs_dir: Optional[str] = typer.Option(None, "--runs-dir", help="where the cells' run folders go (default: the file's runs_dir or runs/)"),
     results_dir: Optional[str] = typer.Option(None, "--results-dir", help="where results/<study>/ goes (default: results/)"),
+    hours: Optional[float] = typer.Option(None, "--hours", help="start no cell that would not end within this many hours of wall "
+                                          "time (by the measured rates, corrected by this run's finished cells); the rest "
+                                          "wait for the next run, here or on another machine with results/<study>/"),
 ):
     """Train, evaluate and summarize a grid of suites × seeds × students; resumable, skips finished cells."""
     from interp.views.plots import write_study_figures  # lazy: the commands' help and bad input answer before torch loads
@@ -141,11 +145,13 @@ def study(
     spec = load_study(file, runs_dir, results_dir)
     if jobs < 1:
         raise UserError(f"--jobs must be at least 1 (got {jobs})")
+    if hours is not None and not (hours > 0 and math.isfinite(hours)):
+        raise UserError(f"--hours must be a positive number of hours (got {hours})")
     check_results(spec)
     print(plan(spec))
     if dry_run:
         return
-    data = run_study(spec, jobs=jobs, on_results=write_study_figures)
+    data = run_study(spec, jobs=jobs, on_results=write_study_figures, hours=hours)
     print(markdown(data))
     print(f"wrote {spec.results_dir / spec.name}/study.json, study.csv, summary.md and frontier.html")
 

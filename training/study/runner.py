@@ -3,6 +3,7 @@ bar and, at the end, the time each cell took. A killed study resumes where it st
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
@@ -16,7 +17,7 @@ from interp.core.store import folder_lock
 from training.checkpoints import list_checkpoints as checkpoints
 from training.evaluate import evaluate_run
 from training.study import records
-from training.study.plan import Cell, Study, check_cells, check_results, format_hours
+from training.study.plan import Cell, Study, check_cells, check_results, estimate, format_hours
 from training.study.results import write_results
 from training.study.study_file import load_study
 from training.trainer import train
@@ -58,18 +59,53 @@ def _worker(args):
     return index, time.time() - t0
 
 
-def run_study(study: Study, jobs: int = 1, progress: bool = True, on_results: Callable[[Path, dict], None] | None = None) -> dict:
+def run_study(study: Study, jobs: int = 1, progress: bool = True, on_results: Callable[[Path, dict], None] | None = None,
+              hours: float | None = None) -> dict:
     """Run every unfinished cell (`jobs` processes at a time), then write the study's results; `on_results(folder,
-    data)` is called after each writing (the study command writes the figures there). The results folder is locked for the whole run: a second study writing the same results/<name>/ is refused, not interleaved."""
+    data)` is called after each writing (the study command writes the figures there). The results folder is locked for the whole run: a second study writing the same results/<name>/ is refused, not interleaved.
+    With `hours`, no cell starts that would not end within that much wall time (see Budget); the cells left wait
+    for the next run, which resumes from the cell records on any machine."""
     if jobs < 1:
         raise UserError(f"--jobs must be at least 1 (got {jobs})")
+    if hours is not None and not (hours > 0 and math.isfinite(hours)):
+        raise UserError(f"--hours must be a positive number of hours (got {hours})")
     check_results(study)
     with folder_lock(study.results_dir / study.name, hint="another study writes these results; wait for it to finish "
                                                           "or choose another --results-dir"):
-        return _run_study(study, jobs, progress, on_results)
+        return _run_study(study, jobs, progress, on_results, hours)
 
 
-def _run_study(study: Study, jobs: int, progress: bool, on_results) -> dict:
+class Budget:
+    """Which cells may still start within a wall-time budget. A cell starts when its estimated time (plan.estimate,
+    from measured rates), scaled by how long this run's finished cells took against their own estimates, ends
+    before the budget does. Cells start in the study's order and the first that does not fit stops the starting, so
+    a budget never lets a later (one-seed) setting overtake a main student's cell."""
+
+    def __init__(self, study: Study, hours: float | None):
+        self.study, self.seconds = study, (None if hours is None else hours * 3600.0)
+        self.t0 = time.perf_counter()
+        self.spent = self.expected = 0.0
+        self.closed = False
+
+    def estimate(self, cell: Cell) -> float:
+        return estimate(self.study, [cell])
+
+    def scale(self) -> float:
+        return self.spent / self.expected if self.expected > 0 else 1.0
+
+    def admits(self, cell: Cell) -> bool:
+        if self.seconds is None:
+            return True
+        if not self.closed:
+            self.closed = time.perf_counter() - self.t0 + self.estimate(cell) * self.scale() > self.seconds
+        return not self.closed
+
+    def finished(self, expected: float, seconds: float) -> None:
+        self.expected += expected
+        self.spent += seconds
+
+
+def _run_study(study: Study, jobs: int, progress: bool, on_results, hours: float | None = None) -> dict:
     def results() -> dict:
         data = write_results(study)
         if on_results is not None:
@@ -92,23 +128,32 @@ def _run_study(study: Study, jobs: int, progress: bool, on_results) -> dict:
     bar = tqdm(total=total, initial=done, desc=f"study {study.name}", unit="step", disable=not progress, smoothing=0.05)
     times: dict[str, float] = {}
     t_start = time.perf_counter()
+    budget = Budget(study, hours)
     try:
         if jobs == 1:
             for i in todo:
                 cell = cells[i]
+                if not budget.admits(cell):
+                    break
                 bar.set_postfix_str(cell.label())
-                t0 = time.perf_counter()
+                t0, expected = time.perf_counter(), budget.estimate(cell)
                 run_cell(cell, on_step=lambda s, n: bar.update(1))
                 times[cell.label()] = time.perf_counter() - t0
+                budget.finished(expected, times[cell.label()])
                 bar.update(eval_steps)
                 results()
         else:
-            times.update(_run_parallel(study, todo, jobs, bar, eval_steps, results))
+            times.update(_run_parallel(study, todo, jobs, bar, eval_steps, results, budget))
     finally:
         bar.close()
     data = results()
     if times and progress:
         print(cell_times(times, time.perf_counter() - t_start, jobs))
+    left = len(todo) - len(times)
+    if budget.closed and left and progress:
+        print(f"{left} cell(s) left for the next run: the next would not have ended within --hours {hours:g} "
+              f"(estimates scaled by {budget.scale():.2f}, this run's measured against estimated). Run the same command "
+              f"again to go on, here or on another machine with results/{study.name}/ (its cells/ records).")
     return data
 
 
@@ -121,7 +166,7 @@ def cell_times(times: dict[str, float], wall: float, jobs: int) -> str:
     return "\n".join(lines)
 
 
-def _run_parallel(study: Study, todo: list[int], jobs: int, bar, eval_steps: int, results) -> dict[str, float]:
+def _run_parallel(study: Study, todo: list[int], jobs: int, bar, eval_steps: int, results, budget: Budget | None = None) -> dict[str, float]:
     """Cells in `jobs` spawned processes, each with its share of the cores; the base model's evaluation of a run
     folder is done before its students' cells start, so two processes never evaluate it at once."""
     import multiprocessing as mp
@@ -142,19 +187,30 @@ def _run_parallel(study: Study, todo: list[int], jobs: int, bar, eval_steps: int
     manager.start(_die_with_parent)
     with manager:
         queue = manager.Queue()
+        budget = budget or Budget(study, None)
         with ctx.Pool(jobs, initializer=_die_with_parent) as pool:
-            args = [(study.source, str(study.runs_dir), str(study.results_dir), i, threads, queue) for i in todo]
-            pending = pool.imap_unordered(_worker, args)
+            waiting = list(todo)
+            running: dict[int, tuple] = {}  # cell index -> (its AsyncResult, its estimate)
             times: dict[str, float] = {}
-            while len(times) < len(todo):
+            while waiting or running:
+                while waiting and len(running) < jobs and budget.admits(cells[waiting[0]]):
+                    i = waiting.pop(0)
+                    args = (study.source, str(study.runs_dir), str(study.results_dir), i, threads, queue)
+                    running[i] = (pool.apply_async(_worker, (args,)), budget.estimate(cells[i]))
+                if budget.closed:
+                    waiting.clear()
                 while not queue.empty():
                     queue.get()
                     bar.update(1)
-                try:
-                    index, seconds = pending.next(timeout=1.0)
-                except mp.TimeoutError:
+                done = [i for i, (r, _) in running.items() if r.ready()]
+                if not done:
+                    time.sleep(0.5)
                     continue
-                times[cells[index].label()] = seconds
-                bar.update(eval_steps)
-                results()
+                for i in done:
+                    result, expected = running.pop(i)
+                    index, seconds = result.get()  # a cell's error is raised here, as the study's
+                    times[cells[index].label()] = seconds
+                    budget.finished(expected, seconds)
+                    bar.update(eval_steps)
+                    results()
     return times
