@@ -217,6 +217,8 @@ def main() -> None:
     parser.add_argument("--pairs-file", help=argparse.SUPPRESS)
     parser.add_argument("--memory-only", action="store_true", help="Measure only mem_ratio.")
     parser.add_argument("--loss-only", action="store_true", help="Measure only the loss memory, chunked and unchunked.")
+    parser.add_argument("--lens-only", default=None, metavar="CHUNKS",
+                        help="Measure only lens_ratio, at each of these comma-separated chunk sizes (e.g. 32,64,128,256).")
     args = parser.parse_args()
     if args.child:
         return child(args.child, args)
@@ -230,6 +232,11 @@ def main() -> None:
     pad = lm.tokenizer.pad_token_id
     print(f"{len(pairs)} pairs, {n_tokens} measured tokens, {lm.num_layers} layers, backend {args.backend}, "
           f"{torch.get_num_threads()} threads")
+    if args.lens_only:
+        for c in (int(x) for x in args.lens_only.split(",")):
+            t_bare, t_lens = lens_timings(lm, pairs, args, c, n_tokens)
+            print(f"lens_chunk={c} lens_ratio={t_lens / t_bare:.2f} lens_s={t_lens:.2f} bare_s={t_bare:.2f}")
+        return
 
     pairs_file = tempfile.NamedTemporaryFile(suffix=".pkl", delete=False).name
     with open(pairs_file, "wb") as f:
@@ -266,14 +273,21 @@ def main() -> None:
           f"({t_bf16 / t_capture:.2f}x the fp32 capture)")
     del half
 
-    # The lens on the measured tokens of both runs, against the bare projections of the same tokens.
+    t_bare, t_lens = lens_timings(lm, pairs, args, args.lens_chunk, n_tokens)
+    report_loss_memory()
+    print(f"capture_ratio={t_capture / t_plain:.2f} lens_ratio={t_lens / t_bare:.2f} "
+          f"mem_ratio={mem_ratio:.2f} bf16_over_fp32={t_bf16 / t_capture:.2f}")
+
+
+def lens_timings(lm, pairs, args, c: int, n_tokens: int) -> tuple[float, float]:
+    """The lens on the measured tokens of both runs, against the bare projections of the same tokens (seconds)."""
+    pad = lm.tokenizer.pad_token_id
     hidden = {}
     for which in ("ctx", "noctx"):
         parts = [capture_torch(lm, make_batch(pairs[s : s + args.batch_size], which, pad_id=pad), attention=False).hidden
                  for s in range(0, len(pairs), args.batch_size)]
         hidden[which] = torch.cat(parts, dim=1)
     targets = torch.cat([make_batch(pairs[s : s + args.batch_size], "ctx", pad_id=pad).targets for s in range(0, len(pairs), args.batch_size)])
-    c = args.lens_chunk
     lens_statistics(lm.model, hidden["ctx"][:, :c], hidden["noctx"][:, :c], targets[:c], chunk=c)  # compile once
     t_bare, t_lens = timed_pair(
         lambda: bare_projections(lm.model, hidden["ctx"], hidden["noctx"], c),
@@ -282,10 +296,7 @@ def main() -> None:
     )
     print(f"bare projections lm_head(final_norm(h)), {lm.num_layers} layers x {2 * n_tokens} tokens: {t_bare:.2f} s")
     print(f"logit-lens statistics, same layers and tokens: {t_lens:.2f} s")
-
-    report_loss_memory()
-    print(f"capture_ratio={t_capture / t_plain:.2f} lens_ratio={t_lens / t_bare:.2f} "
-          f"mem_ratio={mem_ratio:.2f} bf16_over_fp32={t_bf16 / t_capture:.2f}")
+    return t_bare, t_lens
 
 
 if __name__ == "__main__":

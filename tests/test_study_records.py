@@ -148,6 +148,9 @@ def test_a_jobs_2_study_ends_like_a_jobs_1_study(finished, tmp_path):
     path, results = finished
     original, rows = _results(results / "carry")
     data = run_study(load_study(path, tmp_path / "runs", tmp_path / "results"), jobs=2, progress=False)
+    times = json.loads((tmp_path / "results" / "carry" / "cell_times.json").read_text())
+    assert sorted(times) == ["persona/seed-0/reg", "persona/seed-0/unreg"]
+    assert all(t["seconds"] > 0 and t["estimate"] > 0 and t["jobs"] == 2 and t["device"] == "cpu" for t in times.values())
     assert [c["student"] for c in data["cells"]] == [c["student"] for c in original["cells"]]
     for mine, theirs in zip(data["cells"], original["cells"]):
         for k, v in theirs["scores"].items():
@@ -165,6 +168,8 @@ def test_hours_starts_no_cell_that_would_not_end_in_time_and_the_next_run_goes_o
     # scaled by how long the first really took), the other is left
     data = run_study(study, hours=1.5 * first / 3600)
     assert data["gate"]["cells"] == [1, 2] and [c["student"] for c in data["cells"]] == ["unreg"]
+    times = json.loads((tmp_path / "results" / "carry" / "cell_times.json").read_text())
+    assert list(times) == ["persona/seed-0/unreg"] and times["persona/seed-0/unreg"]["jobs"] == 1
     out = capsys.readouterr().out
     assert "1 cell(s) left for the next run" in out and "--hours" in out
     # nothing fits: nothing starts, the results are written all the same

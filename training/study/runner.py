@@ -13,7 +13,7 @@ from typing import Callable
 from interp.core.errors import UserError
 from interp.core.models import quiet_known_warnings
 from interp.core.runs import RUN_FILE, TRAIN_CONFIG_FILE, read_model_eval
-from interp.core.store import folder_lock
+from interp.core.store import atomic_write_json, folder_lock, read_json
 from training.checkpoints import list_checkpoints as checkpoints
 from training.evaluate import evaluate_run
 from training.study import records
@@ -140,6 +140,7 @@ def _run_study(study: Study, jobs: int, progress: bool, on_results, hours: float
                 run_cell(cell, on_step=lambda s, n: bar.update(1))
                 times[cell.label()] = time.perf_counter() - t0
                 budget.finished(expected, times[cell.label()])
+                record_time(study, cell, times[cell.label()], expected, jobs=1, threads=torch_threads())
                 bar.update(eval_steps)
                 results()
         else:
@@ -155,6 +156,31 @@ def _run_study(study: Study, jobs: int, progress: bool, on_results, hours: float
               f"(estimates scaled by {budget.scale():.2f}, this run's measured against estimated). Run the same command "
               f"again to go on, here or on another machine with results/{study.name}/ (its cells/ records).")
     return data
+
+
+TIMES_FILE = "cell_times.json"
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def record_time(study: Study, cell: Cell, seconds: float, expected: float, jobs: int, threads: int) -> None:
+    """results/<study>/cell_times.json: per cell, the wall time its last run took (training from where it stood, and
+    its evaluation), the plan's estimate, and how the machine was shared, so that a study's cost is committed with
+    its results (the study writes it under its lock on the results folder)."""
+    import datetime
+
+    import torch
+
+    path = study.results_dir / study.name / TIMES_FILE
+    data = read_json(path, expect=dict) if path.exists() else {}
+    data[cell.label()] = {"seconds": round(seconds, 1), "estimate": round(expected, 1), "jobs": jobs, "threads": threads,
+                          "cpus": os.cpu_count(), "device": "cuda" if torch.cuda.is_available() else "cpu",
+                          "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    atomic_write_json(path, dict(sorted(data.items())))
 
 
 def cell_times(times: dict[str, float], wall: float, jobs: int) -> str:
@@ -211,6 +237,7 @@ def _run_parallel(study: Study, todo: list[int], jobs: int, bar, eval_steps: int
                     index, seconds = result.get()  # a cell's error is raised here, as the study's
                     times[cells[index].label()] = seconds
                     budget.finished(expected, seconds)
+                    record_time(study, cells[index], seconds, expected, jobs=jobs, threads=threads)
                     bar.update(eval_steps)
                     results()
     return times
