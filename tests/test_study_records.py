@@ -121,7 +121,8 @@ def test_a_record_of_other_evaluation_settings_does_not_count_as_done(finished, 
     assert study.base_evaluation("persona", 0) is None
 
 
-@pytest.mark.parametrize("content", [b"", b"not gzip", gzip.compress(b"[1, 2]"), gzip.compress(b'{"model": "reg", "run": {}}')])
+@pytest.mark.parametrize("content", [b"", b"not gzip", gzip.compress(b"[1, 2]", mtime=0), gzip.compress(b'{"model": "reg", "run": {}}', mtime=0)],
+                         ids=["empty", "not-gzip", "a-list", "no-config"])
 def test_a_damaged_record_is_a_one_line_error(finished, tmp_path, content):
     path, results = finished
     moved = _copy(results, tmp_path / "results")
