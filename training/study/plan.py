@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 from interp.core.errors import UserError
 from interp.core.models import load_tokenizer
-from interp.core.runs import ADAPTER_WEIGHTS, TRAIN_CONFIG_FILE, ModelEval, model_eval_path, read_model_eval
+from interp.core.runs import ADAPTER_WEIGHTS, RUN_FILE, TRAIN_CONFIG_FILE, ModelEval, model_eval_path, read_model_eval, write_model_eval
 from interp.core.store import check_name, check_out, read_json
 from training.checkpoints import list_checkpoints as checkpoints
 from training.config import TrainConfig
@@ -112,7 +112,7 @@ class Study:
         the suite it was answered as, a re-scoring for one that differs only in its verifiers or whose verifier
         changed. Answers to other examples than the suite has now are an error, not a silent mismatch."""
         stamp = lambda model: (_stamp(model_eval_path(self.run_dir(suite, seed), model)),  # noqa: E731
-                               _stamp(records.record_path(self, suite, seed, model)))
+                               _stamp(self.record_path(suite, seed, model)))
         memo = (suite, seed, ev.model, stamp(ev.model), stamp("base") if base is not None else None)
         if memo not in self._judged:
             out = rescored(ev, self.examples(suite, seed), self.decode, base)
@@ -130,8 +130,33 @@ class Study:
     def base_evaluation(self, suite: str, seed: int) -> ModelEval | None:
         """The base model's evaluation with the study's settings, judged by the suite entry's verifiers: the run
         folder's, else its record's (training.study.records)."""
-        ev = self.local_base(suite, seed) or records.recorded_base(self, suite, seed)
+        ev = self.local_base(suite, seed) or self.recorded_base(suite, seed)
         return None if ev is None else self.judged(suite, seed, ev)
+
+    def record_path(self, suite: str, seed: int, model: str) -> Path:
+        """results/<study>/cells/<run folder>/seed-<s>/<model>.json.gz (training.study.records)."""
+        return records.record_path(self.results_dir / self.name, self.specs[suite].folder, seed, model)
+
+    def recorded_base(self, suite: str, seed: int) -> ModelEval | None:
+        """The base model's recorded evaluation for a suite entry and seed, when made with the study's settings."""
+        record = records.read_record(self.record_path(suite, seed, "base"))
+        if record is None or record["model"] != "base" or not records.same_eval(record["eval"], asdict(self.eval)):
+            return None
+        return record["eval"]
+
+    def restore_base(self, suite: str, seed: int) -> bool:
+        """Put a run folder's recorded base evaluation back into it (eval/base.json), so that a study resumed on a
+        fresh machine does not answer the base model again: only into a run folder that exists, describes the same
+        run as the record and has no base evaluation of its own. True when restored."""
+        run_dir = self.run_dir(suite, seed)
+        if not (run_dir / RUN_FILE).exists() or model_eval_path(run_dir, "base").exists():
+            return False
+        ev = self.recorded_base(suite, seed)
+        record = records.read_record(self.record_path(suite, seed, "base")) if ev is not None else None
+        if ev is None or record is None or record["run"] != records.run_description(run_dir):
+            return False
+        write_model_eval(run_dir, ev)
+        return True
 
     def local_base(self, suite: str, seed: int) -> ModelEval | None:
         """The base model's evaluation in a suite entry's run folder with the study's settings, as stored."""
@@ -193,10 +218,22 @@ class Cell:
         """No adapter and no checkpoint here, and a cell record that describes this cell as the study gives it now."""
         if (self.out / ADAPTER_WEIGHTS).exists() or checkpoints(self.out):
             return False
-        return records.recorded_evaluation(self) is not None
+        return self.recorded_evaluation() is not None
 
     def record_path(self) -> Path:
-        return records.record_path(self.study, self.suite, self.seed, self.student.name)
+        return self.study.record_path(self.suite, self.seed, self.student.name)
+
+    def recorded_evaluation(self) -> ModelEval | None:
+        """The cell's recorded evaluation when the record still describes it: trained for the study's steps with the
+        settings the study gives the cell now, evaluated with the study's evaluation settings; else None (the cell
+        then trains anew)."""
+        record = records.read_record(self.record_path())
+        if record is None or record["model"] != self.student.name:
+            return None
+        if record["config"].get("steps") != self.study.steps or config_conflict(record["config"], self.resolved_config()) is not None:
+            return None  # trained for another step count (a study's steps raised: no checkpoint here to go on from)
+        ev: ModelEval = record["eval"]
+        return ev if records.same_eval(ev, asdict(self.study.eval)) else None
 
     def resolved_config(self) -> TrainConfig:
         """The cell's training settings with the placement resolved as training resolves it (left to the suite)."""
@@ -258,7 +295,7 @@ class Cell:
         """The run folder's evaluation, else (nothing of the cell here) its record's."""
         if (self.out / ADAPTER_WEIGHTS).exists() or checkpoints(self.out):
             return self.local_evaluation()
-        return records.recorded_evaluation(self)
+        return self.recorded_evaluation()
 
     def evaluated(self) -> bool:
         return self._stored() is not None

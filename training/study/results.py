@@ -7,13 +7,14 @@ import csv
 import io
 import math
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
+from interp.core.runs import RUN_FILE, TRAIN_CONFIG_FILE
 from interp.core.studies import STUDY_ROWS_FILE, calibration_line, format_stat, write_study_rows
-from interp.core.store import atomic_write_json, atomic_write_text
+from interp.core.store import atomic_write_json, atomic_write_text, read_json
 from training import stats
-from training.study import calibration
-from training.study.records import write_records
+from training.study import calibration, records
 from training.study.plan import Cell, Study, check_results, suite_settings
 from training.study.seed_level import COMPARED, compare, holm_family, measure_model, measure_setting
 
@@ -181,6 +182,28 @@ def write_results(study: Study) -> dict:
     atomic_write_text(folder / "summary.md", markdown(data))
     write_study_rows(folder / STUDY_ROWS_FILE, study_rows_records(study))
     return data
+
+
+def write_records(study: Study) -> int:
+    """Record every cell the run folders hold evaluated, and each run folder's base model (training.study.records);
+    returns how many records were written or rewritten. Called with the results, so records follow each cell."""
+    written = 0
+    bases: set[Path] = set()
+    for c in study.cells():
+        if c.run_dir in bases or not (c.run_dir / RUN_FILE).exists():
+            continue
+        ev = study.local_base(c.suite, c.seed)
+        if ev is not None:
+            bases.add(c.run_dir)
+            written += records.write_record(study.record_path(c.suite, c.seed, "base"), "base", c.run_dir, ev)
+    cells = study.cells()
+    for i in study.trained_cells():
+        c = cells[i]
+        ev = c.local_evaluation()
+        if ev is not None:
+            config = read_json(c.out / TRAIN_CONFIG_FILE, expect=dict)
+            written += records.write_record(c.record_path(), c.student.name, c.run_dir, ev, config)
+    return written
 
 
 def study_rows_records(study: Study) -> list[dict]:

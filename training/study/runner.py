@@ -16,7 +16,6 @@ from interp.core.runs import RUN_FILE, TRAIN_CONFIG_FILE, read_model_eval
 from interp.core.store import atomic_write_json, folder_lock, read_json
 from training.checkpoints import list_checkpoints as checkpoints
 from training.evaluate import evaluate_run
-from training.study import records
 from training.study.plan import Cell, Study, check_cells, check_results, estimate, format_hours
 from training.study.results import write_results
 from training.study.study_file import load_study
@@ -31,7 +30,7 @@ def run_cell(cell: Cell, on_step=None) -> None:
         resume = bool(checkpoints(cell.out)) and (cell.out / TRAIN_CONFIG_FILE).exists()
         train(cell.config(), resume=resume, overwrite=not resume, progress=False, on_step=on_step)
     if not cell.evaluated():
-        records.restore_base(cell.study, cell.suite, cell.seed)  # a base answered on another machine is not answered again
+        cell.study.restore_base(cell.suite, cell.seed)  # a base answered on another machine is not answered again
         evaluate_run(cell.run_dir, settings=cell.study.eval, models=[cell.student.name], layers=False)
 
 
@@ -199,7 +198,7 @@ def _run_parallel(study: Study, todo: list[int], jobs: int, bar, eval_steps: int
 
     cells = study.cells()
     for i in todo:
-        records.restore_base(study, cells[i].suite, cells[i].seed)
+        study.restore_base(cells[i].suite, cells[i].seed)
     for run_dir in dict.fromkeys(cells[i].run_dir for i in todo):
         if read_model_eval(run_dir, "base") is None and (run_dir / RUN_FILE).exists():
             evaluate_run(run_dir, settings=study.eval, models=[], layers=False)
