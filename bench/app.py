@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
 from apps.serve import APP, CHROMIUM_ARGS, running_app  # noqa: E402
+from bench.machine import load_line  # noqa: E402
 from interp.views.synthetic import write_synthetic_run  # noqa: E402
 
 DIVERGENCE = ".st-key-fig_run_layer_divergence .js-plotly-plot .scatterlayer .trace"
@@ -83,6 +84,7 @@ def main() -> None:
     parser.add_argument("--starts", type=int, default=3, help="app starts to time (alternating with the baseline)")
     parser.add_argument("--rounds", type=int, default=3, help="view-switch rounds (each visits every view)")
     args = parser.parse_args()
+    print(load_line(), flush=True)
     chromium = shutil.which("chromium")
     if not chromium:
         sys.exit("Debian's chromium is needed: `make browser` (apt-get install chromium)")

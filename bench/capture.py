@@ -16,6 +16,7 @@ On the embedded model, 32 pairs with responses of about 32 tokens, everything me
 
 from __future__ import annotations
 
+from pathlib import Path
 import argparse
 import json
 import os
@@ -28,6 +29,8 @@ import time
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the checkout's bench/ beside interp/
+from bench.machine import load_line  # noqa: E402
 import interp
 from interp.capture import capture_torch
 from interp.core.models import EMBEDDED
@@ -220,6 +223,7 @@ def main() -> None:
     parser.add_argument("--lens-only", default=None, metavar="CHUNKS",
                         help="Measure only lens_ratio, at each of these comma-separated chunk sizes (e.g. 32,64,128,256).")
     args = parser.parse_args()
+    print(load_line(), flush=True)
     if args.child:
         return child(args.child, args)
     if args.loss_only:

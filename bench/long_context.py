@@ -22,6 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from train_step import trl_step_times  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the checkout's bench/ beside interp/
+from bench.machine import load_line  # noqa: E402
 from interp.core.models import EMBEDDED, load_tokenizer  # noqa: E402
 from interp.core.runs import METRICS_FILE  # noqa: E402
 from interp.core.store import read_jsonl  # noqa: E402
@@ -65,6 +67,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
     args = parser.parse_args()
+    print(load_line(), flush=True)
     lengths = [int(x) for x in args.lengths.split(",")]
     med = {}
     with tempfile.TemporaryDirectory() as tmp:

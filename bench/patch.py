@@ -14,10 +14,14 @@ Last line: patch_ratio=<x> (goal ≤ 1.3).
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the checkout's bench/ beside interp/
+from bench.machine import load_line  # noqa: E402
 import interp
 from interp.core.models import EMBEDDED
 from interp.hooks import make_batch
@@ -55,6 +59,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--backend", default="nnsight")
     args = parser.parse_args()
+    print(load_line(), flush=True)
 
     lm = interp.load_model(args.model, device="cpu", attn_implementation="sdpa")
     records = [{"context": CARD, "prompt": PROMPTS[i % len(PROMPTS)] + f" (#{i})", "reference": "Nova"} for i in range(args.pairs)]

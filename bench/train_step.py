@@ -7,6 +7,7 @@ The last line is `step_vs_trl=<ours/TRL> reg_overhead=<ours λ>0 / ours λ=0>`.
 
 from __future__ import annotations
 
+import sys
 import argparse
 import statistics
 import tempfile
@@ -15,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the checkout's bench/ beside interp/
+from bench.machine import load_line  # noqa: E402
 from interp.core.models import EMBEDDED, load_model
 from interp.core.runs import METRICS_FILE
 from interp.core.store import read_jsonl
@@ -87,6 +90,7 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=100, help="TRL's default top-k support")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per trainer, after one warm-up step")
     args = parser.parse_args()
+    print(load_line(), flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
