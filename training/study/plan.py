@@ -75,6 +75,7 @@ class Study:
     _examples: dict = field(default_factory=dict, repr=False, compare=False)
     _judged: dict = field(default_factory=dict, repr=False, compare=False)
     _tokenizer: Any = field(default=None, repr=False, compare=False)
+    _records: dict = field(default_factory=dict, repr=False, compare=False)
 
     def cells(self) -> list["Cell"]:
         """Every (suite, seed, student) in the order they run: first the main students (those on every seed), suite
@@ -137,9 +138,17 @@ class Study:
         """results/<study>/cells/<run folder>/seed-<s>/<model>.json.gz (training.study.records)."""
         return records.record_path(self.results_dir / self.name, self.specs[suite].folder, seed, model)
 
+    def read_record(self, path: Path) -> dict | None:
+        """records.read_record, read once per version of the file (its modification time and size): a study asks
+        for each cell's record several times while it plans, runs and writes its results."""
+        key = (path, _stamp(path))
+        if key not in self._records:
+            self._records[key] = records.read_record(path)
+        return self._records[key]
+
     def recorded_base(self, suite: str, seed: int) -> ModelEval | None:
         """The base model's recorded evaluation for a suite entry and seed, when made with the study's settings."""
-        record = records.read_record(self.record_path(suite, seed, "base"))
+        record = self.read_record(self.record_path(suite, seed, "base"))
         if record is None or record["model"] != "base" or not records.same_eval(record["eval"], asdict(self.eval)):
             return None
         return record["eval"]
@@ -152,7 +161,7 @@ class Study:
         if not (run_dir / RUN_FILE).exists() or model_eval_path(run_dir, "base").exists():
             return False
         ev = self.recorded_base(suite, seed)
-        record = records.read_record(self.record_path(suite, seed, "base")) if ev is not None else None
+        record = self.read_record(self.record_path(suite, seed, "base")) if ev is not None else None
         if ev is None or record is None or record["run"] != records.run_description(run_dir):
             return False
         write_model_eval(run_dir, ev)
@@ -227,7 +236,7 @@ class Cell:
         """The cell's recorded evaluation when the record still describes it: trained for the study's steps with the
         settings the study gives the cell now, evaluated with the study's evaluation settings; else None (the cell
         then trains anew)."""
-        record = records.read_record(self.record_path())
+        record = self.study.read_record(self.record_path())
         if record is None or record["model"] != self.student.name:
             return None
         if record["config"].get("steps") != self.study.steps or config_conflict(record["config"], self.resolved_config()) is not None:
@@ -261,7 +270,7 @@ class Cell:
     def _check_record(self) -> None:
         """A cell record made with other training settings than the study gives the cell now is refused, as a run
         folder's student is (check)."""
-        saved = records.read_record(self.record_path())
+        saved = self.study.read_record(self.record_path())
         if saved is None or saved["model"] != self.student.name:
             return
         conflict = config_conflict(saved["config"], self.resolved_config())
