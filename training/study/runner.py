@@ -139,7 +139,7 @@ def _run_study(study: Study, jobs: int, progress: bool, on_results, hours: float
                 run_cell(cell, on_step=lambda s, n: bar.update(1))
                 times[cell.label()] = time.perf_counter() - t0
                 budget.finished(expected, times[cell.label()])
-                record_time(study, cell, times[cell.label()], expected, jobs=1, threads=torch_threads())
+                record_time(study, cell, times[cell.label()], expected, jobs=1)
                 bar.update(eval_steps)
                 results()
         else:
@@ -160,13 +160,7 @@ def _run_study(study: Study, jobs: int, progress: bool, on_results, hours: float
 TIMES_FILE = "cell_times.json"
 
 
-def torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
-
-
-def record_time(study: Study, cell: Cell, seconds: float, expected: float, jobs: int, threads: int) -> None:
+def record_time(study: Study, cell: Cell, seconds: float, expected: float, jobs: int, threads: int | None = None) -> None:
     """results/<study>/cell_times.json: per cell, the wall time its last run took (training from where it stood, and
     its evaluation), the plan's estimate, and how the machine was shared, so that a study's cost is committed with
     its results (the study writes it under its lock on the results folder)."""
@@ -176,7 +170,8 @@ def record_time(study: Study, cell: Cell, seconds: float, expected: float, jobs:
 
     path = study.results_dir / study.name / TIMES_FILE
     data = read_json(path, expect=dict) if path.exists() else {}
-    data[cell.label()] = {"seconds": round(seconds, 1), "estimate": round(expected, 1), "jobs": jobs, "threads": threads,
+    data[cell.label()] = {"seconds": round(seconds, 1), "estimate": round(expected, 1), "jobs": jobs,
+                          "threads": torch.get_num_threads() if threads is None else threads,
                           "cpus": os.cpu_count(), "device": "cuda" if torch.cuda.is_available() else "cpu",
                           "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     atomic_write_json(path, dict(sorted(data.items())))
