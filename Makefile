@@ -31,7 +31,7 @@ app: model
 	$(VENV)/bin/streamlit run apps/layers.py --server.address $(HOST) --server.port $(PORT) --server.headless true
 
 test: model
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25
 
 test-fast: model
 	$(PY) -m pytest -q -m "not embedded and not browser"

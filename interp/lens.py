@@ -94,6 +94,12 @@ def _call_stats(rows, *args):
         return _layer_stats(*args)
 
 
+def _both(model, h_ctx: torch.Tensor, h_noctx: torch.Tensor) -> torch.Tensor:
+    """Both runs' lens logits from one vocabulary projection, the ctx rows first: one product of 2c rows is faster
+    than two of c (the unembedding's weights are read once; measured in docs/benchmarks.md)."""
+    return logit_lens(model, torch.cat([h_ctx, h_noctx]))
+
+
 def _final(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Probabilities and entropy of the final layer's logits."""
     logp = torch.log_softmax(z, dim=-1)
@@ -134,8 +140,7 @@ def lens_statistics(model, hidden_ctx: torch.Tensor, hidden_noctx: torch.Tensor,
             h_c, h_n = hidden_ctx[layer, a:b], hidden_noctx[layer, a:b]
             if tuned is not None:
                 h_c, h_n = tuned.translate(h_c, layer), tuned.translate(h_n, layer)
-            z_ctx = logit_lens(model, h_c)
-            z_noctx = logit_lens(model, h_n)
+            z_ctx, z_noctx = _both(model, h_c, h_n).chunk(2)
             ctx, noctx, kl = _call_stats(L * n, z_ctx, z_noctx, p_ctx, p_noctx, h_ctx, h_noctx, tgt)
             for run, values in (("ctx", ctx), ("noctx", noctx)):
                 for stat, value in zip(LENS_STATS, values):

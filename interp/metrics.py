@@ -168,7 +168,8 @@ class CKAAccumulator:
         x, y = x - self._shift[0].to(dev), y - self._shift[1].to(dev)
         p, q = (x * x).sum(-1), (y * y).sum(-1)  # raw (uncentred) squared row norms [L, n]
         s = self._s
-        s["xx"] += x.mT @ x; s["yy"] += y.mT @ y; s["xy"] += x.mT @ y  # noqa: E702
+        # In place: `s += x.mT @ x` would hold a second [L, d, d] float64 product (82 MB at the embedded model's size).
+        s["xx"].baddbmm_(x.mT, x); s["yy"].baddbmm_(y.mT, y); s["xy"].baddbmm_(x.mT, y)  # noqa: E702
         s["x"] += x.sum(1); s["y"] += y.sum(1)  # noqa: E702
         s["px"] += (p[..., None] * x).sum(1); s["qy"] += (q[..., None] * y).sum(1)  # noqa: E702
         s["py"] += (p[..., None] * y).sum(1); s["qx"] += (q[..., None] * x).sum(1)  # noqa: E702

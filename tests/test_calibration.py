@@ -47,6 +47,22 @@ def test_when_nothing_passes_the_healthiest_is_named_as_failing():
     assert "No setting passes the gate" in markdown(data)
 
 
+def test_a_calibrated_study_reports_the_gate_and_chooses_nothing():
+    """A main study (`calibrated_by`) runs in its calibration's regime: its summary lists who passes the gate, and
+    never says that a main study will run at one of its own settings."""
+    rows = [_row("a", "lr1", 0.01, 0.5), _row("b", "lr1", 0.04, 0.45), _row("a", "lr2", 0.00, 0.6),
+            _row("b", "lr2", 0.02, 0.41), _row("a", "lr4", 0.30, 0.9), _row("b", "lr4", 0.0, 0.9)]
+    main = {**_data(rows), "calibrated_by": {"name": "cal", "choice": "fkl", "passes": False}}
+    text = markdown(main)
+    assert "Healthy and absorbing on every suite: **lr2**, **lr1**." in text
+    assert "Chosen" not in text and "main study runs at" not in text
+    failing = {**_data([_row("a", "x", 0.2, 0.1), _row("b", "x", 0.3, 0.9)]), "calibrated_by": {"name": "cal"},
+               "gate": {"complete": False, "cells": [2, 60]}}
+    text = markdown(failing)
+    assert "Healthy and absorbing on every suite: **none**." in text and "**Partial: 2 of 60 cells evaluated.**" in text
+    assert "refuses a partial calibration" not in text and "No setting passes" not in text
+
+
 def test_a_setting_missing_a_suite_does_not_pass():
     data = _data([_row("a", "x", 0.0, 0.9)])
     assert choose(data)[:2] == ("x", False)

@@ -67,6 +67,18 @@ def choose(data: dict) -> tuple[str | None, bool, list[Verdict]]:
     return pick, bool(passing), vs
 
 
+def passing(data: dict) -> list[str]:
+    """Every student setting that is healthy and absorbs on every suite, healthiest first."""
+    pick, ok, vs = choose(data)
+    if not ok or pick is None:
+        return []
+    suites = set(data.get("suites") or [])
+    students = list(dict.fromkeys(v.student for v in vs))
+    good = [s for s in students if {v.suite for v in vs if v.student == s} >= suites
+            and all(v.healthy and v.absorbs for v in vs if v.student == s)]
+    return [pick] + [s for s in good if s != pick]
+
+
 def markdown(data: dict) -> str:
     pick, ok, vs = choose(data)
     lines = ["| setting | suite | no-card loops − base's [95% CI] | healthy | acc_noctx | teacher acc_ctx | absorbs | seeds |",
@@ -78,12 +90,19 @@ def markdown(data: dict) -> str:
         lines.append(f"| {v.student} | {v.suite} | {f(v.excess_loops)}{ci} | {'yes' if v.healthy else '**no**'} | "
                      f"{g(v.acc_noctx)} | {g(v.teacher_acc_ctx)} | {'yes' if v.absorbs else '**no**'} | {v.seeds} |")
     gate = data.get("gate") or {}
+    # A study that takes its regime from a calibration (`calibrated_by`) chooses nothing: it only reports the gate.
+    main = bool(data.get("calibrated_by"))
     if pick is not None and gate.get("complete") is False:
         done, planned = gate["cells"]
-        lines.append(f"\n**Partial: {done} of {planned} cells evaluated.** The choice below can change until "
-                     "every cell is; a main study refuses a partial calibration (`calibrated_by`).")
+        lines.append(f"\n**Partial: {done} of {planned} cells evaluated.**" + ("" if main else
+                     " The choice below can change until every cell is; a main study refuses a partial calibration "
+                     "(`calibrated_by`)."))
     if pick is None:
         lines.append("\nNo evaluated cell yet.")
+    elif main:
+        good = passing(data)
+        lines.append("\nHealthy and absorbing on every suite: " + (", ".join(f"**{s}**" for s in good) if good else "**none**")
+                     + ". This study's regime was fixed by its calibration; the gate here is a report, not a choice.")
     elif ok:
         lines.append(f"\nChosen: **{pick}**, healthy and absorbing on every suite, the smallest worst-suite excess of loops.")
     else:
