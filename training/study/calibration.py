@@ -49,34 +49,29 @@ def verdicts(data: dict) -> list[Verdict]:
 def choose(data: dict) -> tuple[str | None, bool, list[Verdict]]:
     """(the chosen student setting, whether it passes the gate, every verdict); (None, False, []) with no rows."""
     vs = verdicts(data)
-    suites = set(data.get("suites") or [])
     students = list(dict.fromkeys(v.student for v in vs))
     if not students:
         return None, False, vs
+    good = passing(data, vs)
+    return (good[0] if good else min(students, key=lambda s: _worst(vs, s))), bool(good), vs
 
-    def worst(student: str) -> float:
-        excess = [v.excess_loops for v in vs if v.student == student]
-        return max((e for e in excess if e is not None), default=float("inf"))
+
+def passing(data: dict, vs: list[Verdict] | None = None) -> list[str]:
+    """Every student setting that is healthy and absorbs on every suite, healthiest (smallest worst-suite excess of
+    loops) first."""
+    vs = verdicts(data) if vs is None else vs
+    suites = set(data.get("suites") or [])
 
     def passes(student: str) -> bool:
         mine = [v for v in vs if v.student == student]
         return {v.suite for v in mine} >= suites and all(v.healthy and v.absorbs for v in mine)
 
-    passing = [s for s in students if passes(s)]
-    pick = min(passing or students, key=worst)
-    return pick, bool(passing), vs
+    return sorted((s for s in dict.fromkeys(v.student for v in vs) if passes(s)), key=lambda s: _worst(vs, s))
 
 
-def passing(data: dict) -> list[str]:
-    """Every student setting that is healthy and absorbs on every suite, healthiest first."""
-    pick, ok, vs = choose(data)
-    if not ok or pick is None:
-        return []
-    suites = set(data.get("suites") or [])
-    students = list(dict.fromkeys(v.student for v in vs))
-    good = [s for s in students if {v.suite for v in vs if v.student == s} >= suites
-            and all(v.healthy and v.absorbs for v in vs if v.student == s)]
-    return [pick] + [s for s in good if s != pick]
+def _worst(vs: list[Verdict], student: str) -> float:
+    excess = [v.excess_loops for v in vs if v.student == student]
+    return max((e for e in excess if e is not None), default=float("inf"))
 
 
 def markdown(data: dict) -> str:
