@@ -95,7 +95,7 @@ def markdown(data: dict) -> str:
     if pick is None:
         lines.append("\nNo evaluated cell yet.")
     elif main:
-        good = passing(data)
+        good = passing(data, vs)
         lines.append("\nHealthy and absorbing on every suite: " + (", ".join(f"**{s}**" for s in good) if good else "**none**")
                      + ". This study's regime was fixed by its calibration; the gate here is a report, not a choice.")
     elif ok:
