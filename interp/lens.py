@@ -39,8 +39,9 @@ def logit_lens(model, hidden: torch.Tensor, layer: int | None = None) -> torch.T
     return apply_softcap(head(norm(hidden.to(device=param.device, dtype=param.dtype))).float(), softcap(model))
 
 
-def _run_stats(z, p_final, h_final, targets):
-    """Statistics of one run's lens logits z [c, vocab], as reductions over each row (fused when compiled)."""
+def _run_stats(z, pz_final, h_final, targets):
+    """Statistics of one run's lens logits z [c, vocab], as reductions over each row (fused when compiled);
+    `pz_final` [c] is sum_v p_final,v z_v, the final distribution's expectation of these logits."""
     m, top1 = z.max(dim=-1)
     e = torch.exp(z - m[:, None])
     s = e.sum(-1)
@@ -49,14 +50,14 @@ def _run_stats(z, p_final, h_final, targets):
     target_logit = z.gather(-1, targets[:, None])
     target_prob = torch.exp(target_logit.squeeze(-1) - lse)
     rank = (z > target_logit).sum(-1)
-    kl_final = -h_final - (p_final * z).sum(-1) + lse  # KL(final || lens) = -H(final) - sum p_final log p_lens
+    kl_final = -h_final - pz_final + lse  # KL(final || lens) = -H(final) - sum p_final log p_lens
     return e, s, lse, top1, 1.0 / s, target_prob, rank, entropy, kl_final
 
 
-def _layer_stats(z_ctx, z_noctx, p_final_ctx, p_final_noctx, h_final_ctx, h_final_noctx, targets):
+def _layer_stats(z_ctx, z_noctx, pz_final_ctx, pz_final_noctx, h_final_ctx, h_final_noctx, targets):
     """Both runs' statistics at one layer, plus KL(lens^noctx || lens^ctx), for a chunk of tokens."""
-    ctx = _run_stats(z_ctx, p_final_ctx, h_final_ctx, targets)
-    noctx = _run_stats(z_noctx, p_final_noctx, h_final_noctx, targets)
+    ctx = _run_stats(z_ctx, pz_final_ctx, h_final_ctx, targets)
+    noctx = _run_stats(z_noctx, pz_final_noctx, h_final_noctx, targets)
     e_n, s_n, lse_c, entropy_n = noctx[0], noctx[1], ctx[2], noctx[7]
     kl_noctx_ctx = -entropy_n - (e_n * z_ctx).sum(-1) / s_n + lse_c
     return ctx[3:], noctx[3:], kl_noctx_ctx
@@ -94,19 +95,45 @@ def _call_stats(rows, *args):
         return _layer_stats(*args)
 
 
-def _both(model, h_ctx: torch.Tensor, h_noctx: torch.Tensor) -> torch.Tensor:
-    """Both runs' lens logits from one vocabulary projection, the ctx rows first: one product of 2c rows is faster
-    than two of c (the unembedding's weights are read once; measured in docs/benchmarks.md)."""
-    return logit_lens(model, torch.cat([h_ctx, h_noctx]))
+class _Projection:
+    """The lens's vocabulary projection z = softcap(W norm(h) + b), and sum_v p_v z_v for a fixed distribution p.
 
+    Without a softcap z is linear in norm(h), so sum_v p_v z_v = (p W) . norm(h) + p . b: the final distribution
+    enters each layer's statistics as a [c, d] matrix instead of a [c, vocab] one (the lens holds 2 x 50 MB less per
+    256-token chunk at a 49k vocabulary, and reads that much less per layer). A soft-capped model (Gemma 2/3) or
+    weights in another dtype than float32 keep p itself and take the sum over the vocabulary.
+    """
 
-def _final(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Probabilities and entropy of the final layer's logits."""
-    logp = torch.log_softmax(z, dim=-1)
-    p = logp.exp()
-    return p, -(p * logp).sum(-1)
+    def __init__(self, model):
+        model = model if isinstance(model, torch.nn.Module) else getattr(model, "model", model)  # a LoadedModel too
+        self.model, self.norm, self.head = model, final_norm(model), unembed(model)
+        self.weight = cast(torch.Tensor, self.head.weight)  # nn.Module attributes are typed Tensor | Module
+        self.linear = softcap(model) is None and self.weight.dtype == torch.float32
 
+    def normed(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.norm(hidden.to(device=self.weight.device, dtype=self.weight.dtype))
 
+    def logits(self, normed: torch.Tensor) -> torch.Tensor:
+        return apply_softcap(self.head(normed).float(), softcap(self.model))
+
+    def final(self, hidden: torch.Tensor):
+        """The final layer's entropy, and what `expect` needs of its distribution: p W and p . b, or p itself."""
+        logp = torch.log_softmax(self.logits(self.normed(hidden)), dim=-1)
+        p = logp.exp()
+        entropy = -logp.mul_(p).sum(-1)  # in place: no third [c, vocab] tensor
+        del logp
+        if not self.linear:
+            return entropy, p
+        bias = getattr(self.head, "bias", None)
+        return entropy, (p @ self.weight, p @ bias.float() if bias is not None else None)
+
+    def expect(self, final, normed: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """sum_v p_final,v z_v per row, for the lens logits z = logits(normed)."""
+        if not self.linear:
+            return (final * z).sum(-1)
+        pw, pb = final
+        out = (pw * normed.float()).sum(-1)
+        return out + pb if pb is not None else out
 
 
 @torch.no_grad()
@@ -131,17 +158,23 @@ def lens_statistics(model, hidden_ctx: torch.Tensor, hidden_noctx: torch.Tensor,
     device = cast(torch.Tensor, unembed(model).weight).device
     # The per-token arrays fill on the model's device and cross to the host once, at the end (no per-chunk copies).
     out = {name: torch.empty(L, n, dtype=torch.long if name in integer else torch.float32, device=device) for name in lens_field_names()}
+    proj = _Projection(model)
     for a in range(0, n, chunk):
         b = min(a + chunk, n)
         tgt = targets[a:b].to(device)
-        p_ctx, h_ctx = _final(logit_lens(model, hidden_ctx[-1, a:b]))
-        p_noctx, h_noctx = _final(logit_lens(model, hidden_noctx[-1, a:b]))
+        h_ctx, f_ctx = proj.final(hidden_ctx[-1, a:b])
+        h_noctx, f_noctx = proj.final(hidden_noctx[-1, a:b])
         for layer in range(L):
             h_c, h_n = hidden_ctx[layer, a:b], hidden_noctx[layer, a:b]
             if tuned is not None:
                 h_c, h_n = tuned.translate(h_c, layer), tuned.translate(h_n, layer)
-            z_ctx, z_noctx = _both(model, h_c, h_n).chunk(2)
-            ctx, noctx, kl = _call_stats(L * n, z_ctx, z_noctx, p_ctx, p_noctx, h_ctx, h_noctx, tgt)
+            # Both runs' chunk in one vocabulary projection (2c rows): faster than two of c (docs/benchmarks.md).
+            normed = proj.normed(torch.cat([h_c, h_n]))
+            z = proj.logits(normed)
+            z_ctx, z_noctx = z.chunk(2)
+            n_ctx, n_noctx = normed.chunk(2)
+            pz_ctx, pz_noctx = proj.expect(f_ctx, n_ctx, z_ctx), proj.expect(f_noctx, n_noctx, z_noctx)
+            ctx, noctx, kl = _call_stats(L * n, z_ctx, z_noctx, pz_ctx, pz_noctx, h_ctx, h_noctx, tgt)
             for run, values in (("ctx", ctx), ("noctx", noctx)):
                 for stat, value in zip(LENS_STATS, values):
                     out[f"lens_{stat}_{run}"][layer, a:b] = value.to(out[f"lens_{stat}_{run}"].dtype)

@@ -117,6 +117,7 @@ class CKAAccumulator:
         self.num_layers, self.d, self._n = int(num_layers), int(d), 0
         self._s: dict[str, torch.Tensor] | None = None
         self._shift: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._iu: torch.Tensor | None = None
 
     @property
     def n(self) -> int:
@@ -138,9 +139,26 @@ class CKAAccumulator:
 
     def _zero(self, dev) -> None:
         L, d = self.num_layers, self.d
-        self._s = {k: torch.zeros(L, d, d, dtype=torch.float64, device=dev) for k in ("xx", "yy", "xy")}
+        # x xᵀ and y yᵀ are symmetric: only their upper triangles are kept, packed row by row ([L, d(d+1)/2]).
+        packed = d * (d + 1) // 2
+        self._s = {k: torch.zeros(L, packed, dtype=torch.float64, device=dev) for k in ("xx", "yy")}
+        self._s["xy"] = torch.zeros(L, d, d, dtype=torch.float64, device=dev)
         self._s |= {k: torch.zeros(L, d, dtype=torch.float64, device=dev) for k in ("x", "y", "px", "qy", "py", "qx")}
         self._s |= {k: torch.zeros(L, dtype=torch.float64, device=dev) for k in ("p", "q", "pq", "pp", "qq")}
+
+    def _upper(self, dev) -> torch.Tensor:
+        """Flat indices of a [d, d] matrix's upper triangle (diagonal included), in the packed order."""
+        if self._iu is None or self._iu.device != dev:
+            r, c = torch.triu_indices(self.d, self.d, device=dev)
+            self._iu = r * self.d + c
+        return self._iu
+
+    def _unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        """The full symmetric [d, d] matrix from one layer's packed upper triangle."""
+        full = torch.zeros(self.d * self.d, dtype=packed.dtype, device=packed.device)
+        full[self._upper(packed.device)] = packed
+        full = full.view(self.d, self.d)
+        return full + full.triu(1).mT
 
     def all_reduce(self) -> None:
         """Add up the statistics of every process (torch.distributed; a no-op in a single process). The shift must
@@ -159,47 +177,55 @@ class CKAAccumulator:
         if x.shape[1] == 0:
             return
         dev = _f64_device(x.device)  # sums stay on the model's device in float64; MPS has no float64
-        x, y = x.detach().to(dev, torch.float64), y.detach().to(dev, torch.float64)
         if self._shift is None:
             # Statistics of raw sums lose precision when the mean is large against the spread (LLM hidden states
             # have huge outlier dimensions); CKA is translation invariant, so accumulate x - x_first instead.
             self.set_shift(x[:, :1], y[:, :1])
         assert self._shift is not None and self._s is not None  # set by set_shift
-        x, y = x - self._shift[0].to(dev), y - self._shift[1].to(dev)
-        p, q = (x * x).sum(-1), (y * y).sum(-1)  # raw (uncentred) squared row norms [L, n]
-        s = self._s
-        # In place: `s += x.mT @ x` would hold a second [L, d, d] float64 product (82 MB at the embedded model's size).
-        s["xx"].baddbmm_(x.mT, x); s["yy"].baddbmm_(y.mT, y); s["xy"].baddbmm_(x.mT, y)  # noqa: E702
-        s["x"] += x.sum(1); s["y"] += y.sum(1)  # noqa: E702
-        s["px"] += (p[..., None] * x).sum(1); s["qy"] += (q[..., None] * y).sum(1)  # noqa: E702
-        s["py"] += (p[..., None] * y).sum(1); s["qx"] += (q[..., None] * x).sum(1)  # noqa: E702
-        s["p"] += p.sum(1); s["q"] += q.sum(1); s["pq"] += (p * q).sum(1)  # noqa: E702
-        s["pp"] += (p * p).sum(1); s["qq"] += (q * q).sum(1)  # noqa: E702
+        s, upper = self._s, self._upper(dev)
+        # One layer at a time: the float64 copies of a batch are then [n_batch, d], not [L, n_batch, d].
+        for layer in range(self.num_layers):
+            xl = x[layer].detach().to(dev, torch.float64) - self._shift[0][layer].to(dev)
+            yl = y[layer].detach().to(dev, torch.float64) - self._shift[1][layer].to(dev)
+            p, q = (xl * xl).sum(-1), (yl * yl).sum(-1)  # raw (uncentred) squared row norms [n]
+            s["xx"][layer] += (xl.mT @ xl).view(-1)[upper]
+            s["yy"][layer] += (yl.mT @ yl).view(-1)[upper]
+            s["xy"][layer].addmm_(xl.mT, yl)
+            s["x"][layer] += xl.sum(0); s["y"][layer] += yl.sum(0)  # noqa: E702
+            s["px"][layer] += p @ xl; s["qy"][layer] += q @ yl  # noqa: E702
+            s["py"][layer] += p @ yl; s["qx"][layer] += q @ xl  # noqa: E702
+            s["p"][layer] += p.sum(); s["q"][layer] += q.sum(); s["pq"][layer] += p @ q  # noqa: E702
+            s["pp"][layer] += p @ p; s["qq"][layer] += q @ q  # noqa: E702
         self._n += x.shape[1]
 
     def result(self, debiased: bool = False) -> np.ndarray:
         """CKA per layer [num_layers] over every token seen (nan for a layer whose states are constant)."""
         _check_n(self._n, debiased)
-        # Combined where the sums live (a [L, d, d] float64 set is GBs at d=4096); only [L] numbers reach the host.
+        # Combined where the sums live, one layer at a time (a [d, d] float64 matrix is 134 MB at d=4096); only
+        # [L] numbers reach the host.
         s, n = self._s, float(self._n)
         assert s is not None  # _check_n passed, so an update (and set_shift) ran
-        mx, my = s["x"] / n, s["y"] / n
 
         def cross(m, sx, sy):  # ||centred cross-product||_F^2 from raw sums: C = M - sx sy^T / n
-            return (m - sx[:, :, None] * sy[:, None, :] / n).square().sum((1, 2))
+            return (m - sx[:, None] * sy[None, :] / n).square().sum()
 
         def row_products(spq, sp_v, sq_u, sp, sq, m, su, sv, mu, mv):
             # sum_i a_i b_i with a_i = ||u_i - mu||^2 = p_i - 2 u_i.mu + |mu|^2 and b_i = q_i - 2 v_i.mv + |mv|^2,
             # expanded term by term; sp_v = sum p_i v_i, sq_u = sum q_i u_i, m = sum u_i v_i^T.
-            mu2, mv2 = (mu * mu).sum(1), (mv * mv).sum(1)
-            return (spq - 2 * (mv * sp_v).sum(1) - 2 * (mu * sq_u).sum(1) + mv2 * sp + mu2 * sq
-                    + 4 * torch.einsum("li,lij,lj->l", mu, m, mv)
-                    - 2 * mv2 * (mu * su).sum(1) - 2 * mu2 * (mv * sv).sum(1) + n * mu2 * mv2)
+            mu2, mv2 = mu @ mu, mv @ mv
+            return (spq - 2 * (mv @ sp_v) - 2 * (mu @ sq_u) + mv2 * sp + mu2 * sq + 4 * (mu @ m @ mv)
+                    - 2 * mv2 * (mu @ su) - 2 * mu2 * (mv @ sv) + n * mu2 * mv2)
 
-        sa, sb = s["p"] - n * (mx * mx).sum(1), s["q"] - n * (my * my).sum(1)
-        ab = row_products(s["pq"], s["py"], s["qx"], s["p"], s["q"], s["xy"], s["x"], s["y"], mx, my)
-        aa = row_products(s["pp"], s["px"], s["px"], s["p"], s["p"], s["xx"], s["x"], s["x"], mx, mx)
-        bb = row_products(s["qq"], s["qy"], s["qy"], s["q"], s["q"], s["yy"], s["y"], s["y"], my, my)
-        stats = [cross(s["xy"], s["x"], s["y"]), cross(s["xx"], s["x"], s["x"]), cross(s["yy"], s["y"], s["y"]),
-                 ab, aa, bb, sa, sb]
-        return _cka_from_stats(*(t.cpu().numpy() for t in stats), n=n, debiased=debiased)
+        layers = []
+        for k in range(self.num_layers):
+            g = {name: v[k] for name, v in s.items()}
+            xx, yy = self._unpack(g["xx"]), self._unpack(g["yy"])
+            mx, my = g["x"] / n, g["y"] / n
+            sa, sb = g["p"] - n * (mx @ mx), g["q"] - n * (my @ my)
+            ab = row_products(g["pq"], g["py"], g["qx"], g["p"], g["q"], g["xy"], g["x"], g["y"], mx, my)
+            aa = row_products(g["pp"], g["px"], g["px"], g["p"], g["p"], xx, g["x"], g["x"], mx, mx)
+            bb = row_products(g["qq"], g["qy"], g["qy"], g["q"], g["q"], yy, g["y"], g["y"], my, my)
+            layers.append(torch.stack([cross(g["xy"], g["x"], g["y"]), cross(xx, g["x"], g["x"]), cross(yy, g["y"], g["y"]),
+                                       ab, aa, bb, sa, sb]))
+        stats = torch.stack(layers, dim=1)  # [8, L]
+        return _cka_from_stats(*stats.cpu().numpy(), n=n, debiased=debiased)

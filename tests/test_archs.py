@@ -12,7 +12,7 @@ from interp import UserError, analyze, make_pairs
 from interp.core.archs import ARCHS, arch_of, eager_attention, final_norm, inner_model, softcap
 from interp.capture import BACKENDS, get_backend
 from interp.hooks import make_batch
-from interp.lens import logit_lens
+from interp.lens import lens_statistics, logit_lens
 from interp.core.models import TINY_SPECS, load_model, load_tokenizer, resolve_dtype
 
 _models: dict = {}
@@ -73,6 +73,14 @@ def test_softcap_is_applied_and_bites(spec, records):
     lens = logit_lens(lm.model, got.hidden[-1])
     assert lens.abs().max() < 2.0 <= raw.abs().max()  # without the cap the lens would miss the logits
     assert softcap(tiny_lm("tiny-random-llama").model) is None
+    # The lens statistics on a capped model (the final distribution kept over the vocabulary): KL to the final layer
+    # against the formula in float64 on the capped logits.
+    stats = lens_statistics(lm.model, got.hidden, got.hidden, batch.targets, chunk=5)
+    logp_final = torch.log_softmax(lens.double(), -1)
+    for layer in range(got.hidden.shape[0]):
+        logp = torch.log_softmax(logit_lens(lm.model, got.hidden[layer]).double(), -1)
+        kl = (logp_final.exp() * (logp_final - logp)).sum(-1)
+        torch.testing.assert_close(stats["lens_kl_final_ctx"][layer].double(), kl, atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("spec", TINY_SPECS)

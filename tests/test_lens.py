@@ -6,6 +6,7 @@ import torch
 from interp import analyze, make_pairs
 from interp.capture import capture_torch
 from interp.hooks import make_batch
+from interp import lens as lens_module
 from interp.lens import lens_statistics, logit_lens
 
 
@@ -49,9 +50,20 @@ def test_last_layer_lens_equals_model_logits_on_embedded(smol, records):
     torch.testing.assert_close(logit_lens(smol.model, got.hidden[-1]), logits, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("linear", [True, False])
 @pytest.mark.parametrize("compiled", ["0", "1"])
-def test_statistics_match_full_softmax(tiny, records, compiled, monkeypatch):
+def test_statistics_match_full_softmax(tiny, records, compiled, linear, monkeypatch):
     monkeypatch.setenv("CTXINT_LENS_COMPILE", compiled)  # the fused path and the eager path give the same numbers
+    if not linear:  # the path soft-capped and non-float32 models take: the final distribution kept over the vocabulary
+        init = lens_module._Projection.__init__
+
+        def general(self, model):
+            init(self, model)
+            self.linear = False
+
+        monkeypatch.setattr(lens_module._Projection, "__init__", general)
+    else:
+        assert lens_module._Projection(tiny.model).linear
     _, batch, ctx, noctx = _captured(tiny, records)
     stats = lens_statistics(tiny.model, ctx.hidden, noctx.hidden, batch.targets, chunk=7)  # odd chunk: crosses rows
     for run, got in (("ctx", ctx), ("noctx", noctx)):
