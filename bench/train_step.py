@@ -32,8 +32,11 @@ def ours(args, lam: float, root: Path) -> list[float]:
         placement="user", checkpoint_every=0, lora_r=16, lora_alpha=32,
     )
     result = train(cfg, progress=False)
-    lines = read_jsonl(result.out / METRICS_FILE)
-    return [x["step_s"] for x in lines[1:]]
+    lines = read_jsonl(result.out / METRICS_FILE)[1:]
+    print(f"ours lam={lam:g}: rollout {statistics.mean(x['rollout_s'] for x in lines):.2f} s of "
+          f"{statistics.mean(x['step_s'] for x in lines):.2f} s per step, mean response "
+          f"{statistics.mean(x['response_len'] for x in lines):.1f} tokens", flush=True)
+    return [x["step_s"] for x in lines]
 
 
 def trl(args, root: Path) -> list[float]:
@@ -56,13 +59,17 @@ def trl_step_times(args, root: Path, task: str, placement_user: bool = False) ->
 
     class Timer(TrainerCallback):
         def __init__(self):
-            self.times, self.t0 = [], 0.0
+            self.times, self.t0, self.lengths = [], 0.0, []
 
         def on_step_begin(self, *a, **k):
             self.t0 = time.perf_counter()
 
         def on_step_end(self, *a, **k):
             self.times.append(time.perf_counter() - self.t0)
+
+        def on_log(self, args, state, control, logs=None, **k):
+            if logs and "completions/mean_length" in logs:
+                self.lengths.append((logs["completions/mean_length"], logs.get("completions/max_length", float("nan"))))
 
     timer = Timer()
     config = SDFTConfig(
@@ -78,6 +85,9 @@ def trl_step_times(args, root: Path, task: str, placement_user: bool = False) ->
         peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"),
     )
     trainer.train()
+    if timer.lengths[1:]:
+        print(f"trl: mean completion {statistics.mean(m for m, _ in timer.lengths[1:]):.1f} tokens, longest "
+              f"{statistics.mean(x for _, x in timer.lengths[1:]):.1f} (the decoding steps of its batch)", flush=True)
     return timer.times[1:]
 
 
