@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import sys
 import threading
-import time
 from pathlib import Path
 
 import streamlit as st
@@ -27,8 +26,26 @@ from interp.views import plots, tables  # noqa: E402
 
 VIEWS = ("Layer divergence", "Logit lens", "Attention", "Internalization", "Training")
 LIVE_DEFAULT_MODEL = AnalysisSettings.model
-# Seconds the hidden views wait on a session's first page (see draw_first_view_first).
-FIRST_PAINT_S = float(os.environ.get("LAYERS_FIRST_PAINT_S", "1.5"))
+# The longest the hidden views wait on a session's first page for the browser to report the first figure drawn
+# (see first_page_waits); 0 draws everything at once.
+FIRST_PAINT_S = float(os.environ.get("LAYERS_FIRST_PAINT_S", "15"))
+# Runs in the page (st.components.v2: no iframe): reports once the first figure's traces are in the document, or
+# after the wait above, whichever comes first.
+FIRST_FIGURE_JS = """
+export default function(component) {
+    const { data, setTriggerValue } = component;
+    const started = performance.now();
+    const check = () => {
+        if (document.querySelector(data.selector) || performance.now() - started > data.wait_ms) {
+            setTriggerValue("drawn", true);
+        } else {
+            setTimeout(check, 25);
+        }
+    };
+    check();
+}
+"""
+FIRST_FIGURE_SELECTOR = ".st-key-fig_run_layer_divergence .js-plotly-plot .scatterlayer .trace"
 NO_ADAPTER = "none (base model)"
 OTHER_ADAPTER = "another adapter folder…"
 # LAYERS_LIVE_RUNS_ONLY=1: live mode loads only the models the runs name and the adapters inside the runs folder,
@@ -231,10 +248,12 @@ def show_examples_table(table: list[dict]) -> None:
                "Select a row to show that example above.")
 
 
-def show_run(summary) -> None:
+def show_run(summary) -> bool:
+    """The run's page; True while its first page waits for the browser to report the first figure drawn (the
+    caller's own tables wait too)."""
     if summary.error:
         st.error(f"Run '{summary.name}' could not be read: {summary.error}")
-        return
+        return False
     path, stamp = str(summary.path), runs.signature(summary.path)
     st.header(summary.name)
     st.caption(f"task **{summary.task or '?'}** · model **{summary.model or '?'}** · students: "
@@ -245,8 +264,11 @@ def show_run(summary) -> None:
         divs = cached_layers(path, stamp)
     except UserError as err:
         st.error(f"Run '{summary.name}' is damaged: {err}")
-        return
-    if eval_rows:
+        return False
+    wait = bool(divs) and first_page_waits()
+    if eval_rows and wait:
+        st.caption("Drawing the evaluation table…")
+    elif eval_rows:
         st.dataframe(eval_rows, hide_index=True, column_order=["model", *runs.EVAL_METRICS, "n"],
                      column_config={m: st.column_config.NumberColumn(format="%.3f") for m in runs.EVAL_METRICS})
     else:
@@ -268,7 +290,8 @@ def show_run(summary) -> None:
         if chosen:
             st.markdown(f"**Example #{chosen['example']}** · prompt: {chosen['prompt'][:200]}")
             with st.expander("What each model answered on this example"):
-                st.dataframe(tables.example_responses(cached_example_rows(path, stamp), chosen["example"]), hide_index=True)
+                if not wait:
+                    st.dataframe(tables.example_responses(cached_example_rows(path, stamp), chosen["example"]), hide_index=True)
             with st.expander("Why this flip", expanded=bool(chosen.get("flipped_any"))):
                 show_why_this_flip(summary, chosen)
         # Tabs, not a rerun per view: every view is drawn once, so a switch is instant in the browser. The first
@@ -276,10 +299,11 @@ def show_run(summary) -> None:
         tabs = st.tabs(VIEWS, key="view")
         with tabs[0]:
             show_layer_divergence(divs, "run")
-    if table:
+    if table and not wait:
         show_examples_table(table)
-    if divs:
-        draw_first_view_first(tabs[1:])
+    if wait:
+        report_first_figure(tabs[1:])
+    elif divs:
         with tabs[1]:
             show_logit_lens(divs, examples, "run")
         with tabs[2]:
@@ -288,21 +312,36 @@ def show_run(summary) -> None:
             show_internalization(path, chosen)
         with tabs[4]:
             show_training(path, stamp)
+    return wait
 
 
-def draw_first_view_first(hidden_tabs) -> None:
-    """On a session's first page, send the hidden tabs' figures a moment later (a rerun): the browser draws every
-    plotly figure it holds once plotly.js has loaded, so figures sent along with the first one delay it (by about
-    2 s on two busy cores, measured with bench/app.py). Streamlit's lazy tabs (`on_change="rerun"`, drawing only the
-    open tab) were measured as the alternative: first figure 5.39 s against 5.24 s here, and a switch 0.70 s against
-    0.12 s, since every switch becomes a rerun."""
-    if st.session_state.get("_first_page_drawn"):
-        return
+def _first_figure_drawn() -> None:
     st.session_state["_first_page_drawn"] = True
+
+
+def first_page_waits() -> bool:
+    """On a session's first run page, everything but the first figure (the tables, the hidden views) waits until the
+    browser reports that figure drawn (`report_first_figure`; the report reruns the page). The browser draws every
+    plotly figure it holds once plotly.js has loaded, so figures that arrive before the first one is drawn delay it,
+    and a table sent before it makes the browser fetch and draw the grid before it asks for plotly.js. A fixed
+    1.5 s wait before the hidden views lost that race on busy cores (first figure 12–20 s in timelines of single
+    starts, 7 s where the figure won; docs/benchmarks.md). Streamlit's lazy tabs (`on_change="rerun"`, drawing only
+    the open tab) were measured as the alternative: first figure 5.39 s against 5.24 s, and a switch 0.70 s
+    against 0.12 s, since every switch becomes a rerun."""
+    return FIRST_PAINT_S > 0 and not st.session_state.get("_first_page_drawn")
+
+
+def report_first_figure(hidden_tabs) -> None:
+    """Mark the hidden views as coming, and mount the in-page script that reports the first figure drawn."""
     for tab in hidden_tabs:
         tab.caption("Drawing…")
-    time.sleep(FIRST_PAINT_S)
-    st.rerun()
+    _first_figure_reporter()(data={"selector": FIRST_FIGURE_SELECTOR, "wait_ms": int(FIRST_PAINT_S * 1000)},
+                             key="first_figure_drawn", on_drawn_change=_first_figure_drawn)
+
+
+@st.cache_resource
+def _first_figure_reporter():
+    return st.components.v2.component("layers_first_figure_drawn", js=FIRST_FIGURE_JS)
 
 
 def show_training(path: str, stamp: tuple) -> None:
@@ -564,15 +603,20 @@ def main() -> None:
             "point the sidebar at another folder, or switch to **Live** to analyze a pair now."
         )
     else:
-        with st.expander(f"{len(found)} run(s) under `{root}`"):
-            st.dataframe(overview(found), hide_index=True)
+        runs_list = st.expander(f"{len(found)} run(s) under `{root}`")
+        waits = False
         try:
-            show_run(summary)
+            waits = show_run(summary)
         except UserError as err:
             st.error(f"Run '{summary.name}' is damaged: {err}")
         except Exception as err:  # noqa: BLE001 - one odd run folder must not take the app down
             st.error(f"Run '{summary.name}' could not be shown ({type(err).__name__}: {err}); "
                      "rerun the command that wrote it")
+        # Filled after the run's page, above it: on a first page it waits for the first figure like the run's tables.
+        if waits:
+            runs_list.caption("Drawing…")
+        else:
+            runs_list.dataframe(overview(found), hide_index=True)
 
 
 main()

@@ -8,6 +8,9 @@ import torch
 # Under pytest-xdist each worker gets its share of the cores; more threads than cores only adds contention.
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
+# The app under AppTest runs no browser, so nothing would report its first figure drawn: every view is drawn on the
+# first page in tests (tests/test_app.py and tests/test_app_browser.py set the wait where they test it).
+os.environ["LAYERS_FIRST_PAINT_S"] = "0"
 
 
 @pytest.fixture(scope="session")

@@ -12,8 +12,9 @@ from interp.views.synthetic import write_synthetic_run
 APP = str(Path(__file__).resolve().parents[1] / "apps" / "layers.py")
 
 
-def _app(monkeypatch, root: Path) -> AppTest:
+def _app(monkeypatch, root: Path, first_paint_s: str = "0") -> AppTest:
     monkeypatch.setenv("LAYERS_RUNS_DIR", str(root))
+    monkeypatch.setenv("LAYERS_FIRST_PAINT_S", first_paint_s)  # "0": every view at once (AppTest has no browser)
     return AppTest.from_file(APP, default_timeout=120)
 
 
@@ -54,6 +55,21 @@ def test_a_run_shows_every_view(monkeypatch, tmp_path):
     at.selectbox(key="run_head").set_value(2).run()
     _no_exception(at)
     assert "Layer 3, head 2" in at.tabs[2].get("plotly_chart")[1].proto.spec
+
+
+def test_the_first_page_draws_the_rest_once_the_first_figure_is_reported(monkeypatch, tmp_path):
+    write_synthetic_run(tmp_path / "runs" / "facts")
+    at = _app(monkeypatch, tmp_path / "runs", first_paint_s="15").run()
+    _no_exception(at)
+    # The first figure alone: no table, the hidden views marked as coming.
+    assert [len(t.get("plotly_chart")) for t in at.tabs] == [1, 0, 0, 0, 0]
+    assert len(at.dataframe) == 0
+    assert all("Drawing…" in [c.value for c in t.caption] for t in at.tabs[1:])
+    at.session_state["_first_page_drawn"] = True  # what the page's report (its trigger's callback) sets
+    at.run()
+    _no_exception(at)
+    assert [len(t.get("plotly_chart")) for t in at.tabs] == [1, 2, 2, 0, 1]
+    assert len(at.dataframe) == 4
 
 
 def test_layer_divergence_options(monkeypatch, tmp_path):

@@ -28,8 +28,10 @@ def chromium_or_skip() -> str:
 
 
 @pytest.mark.browser
-def test_app_draws_the_layer_divergence_figure(tmp_path):
+def test_app_draws_the_layer_divergence_figure(tmp_path, monkeypatch):
     chromium = chromium_or_skip()
+    # The first page's hidden views wait for the page to report the first figure drawn: the report must arrive.
+    monkeypatch.setenv("LAYERS_FIRST_PAINT_S", "60")
     runs_dir = tmp_path / "runs"
     write_synthetic_run(runs_dir / "facts")
     ARTIFACTS.mkdir(exist_ok=True)
