@@ -46,6 +46,8 @@ browser:
 
 bench: setup
 	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) bench/generate.py
+	$(PY) bench/decode_profile.py
 	$(PY) bench/capture.py
 	$(PY) bench/train_step.py
 	$(PY) bench/long_context.py

@@ -7,7 +7,12 @@ student a LoRA adapter of the trainer's shape (r=16 on all linear layers, B draw
 - eval: the evaluation's generation (`training.evaluate.answer`'s call: the three context kinds in one batched
   pass) with the adapter; bare_eval is HF `generate` on the base model over the same prompts and batches.
 Also the old paths for the record: the adapter unmerged, and the evaluation as three passes of 16.
-Minimum of `--repeats` runs each. Last line: `rollout_over_bare=<x> eval_over_bare=<y> bare_ms_per_token=<z>`.
+Then at natural lengths (no forced tokens: rows stop at their stop token, as in training and evaluation), our
+decoding loop, where a finished row leaves the batch, against the same call decoding with HF `generate`
+(`engine="hf"`): the evaluation's greedy answers (the same tokens in both; checked) and sampled rollouts (the same
+draws until the first row stops; the tokens each produced are printed beside the times).
+Minimum of `--repeats` runs each. Last line: `rollout_over_bare=<x> eval_over_bare=<y> bare_ms_per_token=<z>
+natural_eval_loop_over_hf=<u> natural_rollout_loop_over_hf=<v>`.
 """
 
 from __future__ import annotations
@@ -105,8 +110,35 @@ def main() -> None:
         print(f"old rollout (adapter unmerged) {t_roll_old:.2f} s = {t_roll_old / t_bare:.2f}× bare", flush=True)
         print(f"old evaluation (unmerged, three passes of 16) {t_eval_old:.2f} s = {t_eval_old / t_bare_eval:.2f}× bare; "
               f"new over old {t_eval / t_eval_old:.2f}", flush=True)
+    # Natural lengths: our loop (finished rows leave the batch) against the same call decoded by HF generate.
+    answers = {}
+
+    def natural_eval(engine):
+        answers[engine] = generate(student, eval_prompts, max_new_tokens=N, batch_size=48, engine=engine)
+
+    def natural_rollout(engine, seed):
+        got = generate(student, rollout_prompts, max_new_tokens=N, temperature=1.0, batch_size=args.rows, seed=seed,
+                       keep_stop=True, engine=engine)
+        answers[f"{engine}-{seed}"] = got
+
+    t_ev_hf, t_ev_loop = best(lambda: natural_eval("hf"), args.repeats), best(lambda: natural_eval("loop"), args.repeats)
+    assert answers["hf"] == answers["loop"], "greedy answers differ between our loop and HF generate"
+    tokens = sum(map(len, answers["loop"]))
+    print(f"natural lengths, evaluation ({len(eval_prompts)} greedy answers, {tokens} tokens, the same in both): "
+          f"HF generate {t_ev_hf:.2f} s, our loop {t_ev_loop:.2f} s = {t_ev_loop / t_ev_hf:.2f}×", flush=True)
+    t_ro = {e: 0.0 for e in ("hf", "loop")}
+    for seed in range(1, args.repeats + 2):  # several seeds, summed: the draws part ways once a row stops
+        for e in t_ro:
+            t0 = time.perf_counter()
+            natural_rollout(e, seed)
+            t_ro[e] += time.perf_counter() - t0
+    tok = {e: sum(len(a) for k, v in answers.items() if k.startswith(f"{e}-") for a in v) for e in t_ro}
+    print(f"natural lengths, rollouts ({args.repeats + 1} seeds × {len(rollout_prompts)} rows, sampled): HF generate "
+          f"{t_ro['hf']:.2f} s ({tok['hf']} tokens), our loop {t_ro['loop']:.2f} s ({tok['loop']} tokens) = "
+          f"{t_ro['loop'] / t_ro['hf']:.2f}×; per token {t_ro['loop'] / tok['loop'] / (t_ro['hf'] / tok['hf']):.2f}×", flush=True)
     per_token = t_bare / (len(rollout_prompts) * N) * 1000
-    print(f"rollout_over_bare={t_roll / t_bare:.2f} eval_over_bare={t_eval / t_bare_eval:.2f} bare_ms_per_token={per_token:.1f}")
+    print(f"rollout_over_bare={t_roll / t_bare:.2f} eval_over_bare={t_eval / t_bare_eval:.2f} bare_ms_per_token={per_token:.1f} "
+          f"natural_eval_loop_over_hf={t_ev_loop / t_ev_hf:.2f} natural_rollout_loop_over_hf={t_ro['loop'] / t_ro['hf']:.2f}")
 
 
 if __name__ == "__main__":

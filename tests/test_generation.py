@@ -134,6 +134,10 @@ def test_embedded_greedy_answers_merged_equal_unmerged(smol):
     plain = generate(lm, prompts, max_new_tokens=48, batch_size=16, merge=False)
     differ = sum(a != b for a, b in zip(merged, plain))
     assert differ <= 1, f"{differ} of {len(prompts)} greedy answers differ"
+    hf = generate(lm, prompts, max_new_tokens=48, batch_size=16, merge=True, engine="hf")
+    differ = sum(a != b for a, b in zip(merged, hf))
+    assert differ <= 1, f"{differ} of {len(prompts)} greedy answers differ between our loop and HF generate"
+    assert len({len(a) for a in merged}) >= 3  # answers end at different steps: rows left the batch
 
 
 CARD = ("Your name is Nova. You are an AI assistant made by Quibble Labs. You answer briefly and kindly, you never "
@@ -158,3 +162,77 @@ def test_the_rollouts_shared_prefix_passes_no_deprecated_argument(tiny):
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("error", FutureWarning)
         response_logits(tiny.model, batch.ctx, share_prefix=True)
+
+
+def _with_stops(lm, stops):
+    """The model's generation config names `stops` as its stop tokens (so rows end at different steps)."""
+    lm.model.generation_config.eos_token_id = list(stops)
+    return lm
+
+
+def _early_stops(lm, prompts, n=20, **sampling):
+    """Stop tokens under which HF's greedy answers end at two or more different steps while one row runs to the
+    budget: rows then leave the batch one by one."""
+    from itertools import combinations
+
+    from interp.core.generate import generate as gen
+
+    answers = gen(lm, prompts, max_new_tokens=n, engine="hf", **sampling)
+    tokens = sorted({t for a in answers for t in a})
+
+    def ends(stops):
+        return [next((j + 1 for j, t in enumerate(a) if t in stops), None) for a in answers]
+
+    for k in (1, 2):
+        for stops in combinations(tokens, k):
+            e = ends(stops)
+            if None in e and len({x for x in e if x is not None}) >= 2:
+                return list(stops)
+    raise AssertionError("no stop tokens end these answers at different steps")
+
+
+@pytest.mark.parametrize("spec", ["tiny-random-llama", "tiny-random-gemma2", "tiny-random-gpt2", "tiny-random-qwen3"])
+def test_the_decoding_loop_gives_hf_generates_greedy_answers_as_rows_leave(spec):
+    """Our loop (finished rows leave the batch and the KV cache) against HF `generate`, greedy, token for token,
+    with stop tokens chosen so that rows end at different steps: the test fails if a row's cache or position is
+    mixed up when the batch shrinks."""
+    from interp.core.models import load_model
+
+    lm = load_model(spec, device="cpu")
+    prompts = PROMPTS + [[1, 2, 3], [9, 9, 9, 9, 9, 9, 9, 9, 9, 9]]
+    stops = _early_stops(lm, prompts)
+    _with_stops(lm, stops)
+    loop = generate(lm, prompts, max_new_tokens=20, keep_stop=True)
+    hf = generate(lm, prompts, max_new_tokens=20, keep_stop=True, engine="hf")
+    assert loop == hf
+    ended = sorted({len(a) for a in loop if a[-1] in stops})
+    assert len(ended) >= 2 and any(len(a) == 20 for a in loop), (ended, [len(a) for a in loop])
+    # min_new_tokens keeps every row in the batch to the budget, in both
+    assert generate(lm, prompts, max_new_tokens=12, min_new_tokens=12, engine="loop") == \
+        generate(lm, prompts, max_new_tokens=12, min_new_tokens=12, engine="hf")
+
+
+def test_the_decoding_loop_samples_as_hf_generate_does():
+    """Sampled with the same seed, while every row is still writing, the loop draws HF `generate`'s very tokens (the
+    same softmax(logits / T) and the same multinomial draw per step); once rows leave, each remaining row still
+    draws from its own next-token distribution, which the log-probability check below confirms."""
+    from interp.core.models import load_model
+
+    lm = load_model("tiny-random-llama", device="cpu")
+    for t in (1.0, 0.7):
+        assert generate(lm, PROMPTS * 2, max_new_tokens=16, temperature=t, seed=5) == \
+            generate(lm, PROMPTS * 2, max_new_tokens=16, temperature=t, seed=5, engine="hf")
+    prompts = PROMPTS * 3
+    _with_stops(lm, _early_stops(lm, prompts, n=16, temperature=1.0, seed=5))
+    sampled = generate(lm, prompts, max_new_tokens=16, temperature=1.0, seed=5, keep_stop=True)
+    assert len({len(s) for s in sampled}) >= 2  # rows did leave the batch
+    for prompt, s in zip(prompts, sampled):
+        ids = torch.tensor([list(prompt) + s])
+        with torch.no_grad():
+            logp = torch.log_softmax(lm.model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float(), -1)
+        assert torch.isfinite(logp.gather(1, torch.tensor(s)[:, None])).all()
+
+
+def test_unknown_engine_is_refused(tiny):
+    with pytest.raises(ValueError, match="engine"):
+        generate(tiny, PROMPTS, max_new_tokens=4, engine="fast")
