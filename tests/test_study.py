@@ -261,3 +261,21 @@ def _refusal(path: Path, tmp_path: Path, lam: float) -> str:
                             cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     return result.stderr
+
+
+def test_the_estimate_prices_each_step_at_the_lambda_it_trains_with(tmp_path):
+    """A warm-up step (λ = 0) costs an unregularized step; only the steps with λ > 0 pay the anchor's forward."""
+    from training.study.plan import COST, estimate
+
+    study = load_study(ROOT / "studies" / "removability_calibrated.toml", tmp_path / "runs", tmp_path / "results")
+    unreg, reg, per_eval = COST[study.model]
+    cells = {c.student.name: c for c in study.cells() if c.suite == "persona_luna" and c.seed == 0}
+    for c in cells.values():
+        cfg = c.config()
+        assert (cfg.max_new_tokens, cfg.batch_size, cfg.grad_accum) == (96, 8, 1)
+        with_lam = study.steps - cfg.lam_warmup if cfg.lam > 0 else 0
+        assert estimate(study, [c]) == pytest.approx((study.steps - with_lam) * unreg + with_lam * reg + per_eval)
+    # by hand: 30 steps; reg_w03 has λ = 0 for its first 15 (the ramp's steps have λ > 0), lam1 none
+    assert estimate(study, [cells["unreg"]]) == pytest.approx(30 * 42.0 + 286.0)
+    assert estimate(study, [cells["reg_w03"]]) == pytest.approx(15 * 42.0 + 15 * 54.0 + 286.0)
+    assert estimate(study, [cells["lam1"]]) == pytest.approx(30 * 54.0 + 286.0)

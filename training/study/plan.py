@@ -14,16 +14,20 @@ from interp.core.store import check_name, check_out, read_json
 from training.checkpoints import list_checkpoints as checkpoints
 from training.config import TrainConfig
 from training.evaluate import EvalSettings, fingerprint, rescored
+from training.losses import lam_at
 from training.student_folder import config_conflict
 from training.study import records
 from training.study.seed_level import HEALTH_MARGIN
 from training.tasks import Example, load_task, trains_as
 
 # Seconds per step (λ=0, λ>0) at 96-token rollouts and per evaluated student (40 examples, three context kinds, 96
-# tokens, drift), for --dry-run's estimate. The embedded model's were measured on this toolkit's reference machine
-# (2 quiet cores, one process with one thread: one job of a `--jobs 2` study; batch 8, persona_luna; step time: the
-# rollout 25 s, forward and backward 23 s at λ=0). Steps scale with the rollout budget (`[train] max_new_tokens`).
-COST = {"smollm2-135m-instruct": (48.0, 62.0, 274.0), "tiny-random-llama": (0.1, 0.15, 2.0)}
+# tokens, drift, with loading the model), for --dry-run's estimate and --hours. The embedded model's are the means of
+# the calibrated removability study's quiet cells (2 quiet cores, one process with one thread: one job of a
+# `--jobs 2` study; batch 8, persona and persona_luna, 9 cells, 270 steps; our decoding loop, finished rows leaving
+# the batch): 41.9 s a step at λ=0 (41.5 s in a regularized student's warm-up), 53.9 s a step at λ>0, 286 s a
+# student's evaluation. A step at λ=0 during warm-up costs what an unregularized one does (no anchor forward), so a
+# cell's steps are priced by the λ each will have. Steps scale with the rollout budget (`[train] max_new_tokens`).
+COST = {"smollm2-135m-instruct": (42.0, 54.0, 286.0), "tiny-random-llama": (0.1, 0.15, 2.0)}
 COST_SOURCE = "measured on 2 quiet cores, 1 thread per job, 96-token rollouts, batch 8"
 DEFAULT_COST = (180.0, 240.0, 1200.0)
 
@@ -363,15 +367,16 @@ def check_results(study: Study) -> Path:
 
 
 def estimate(study: Study, cells: Sequence[Cell]) -> float:
-    """Seconds the cells still need, from rough per-step and per-evaluation costs on 2 CPU cores."""
+    """Seconds the cells still need, from measured per-step and per-evaluation costs on 2 CPU cores: each step left
+    at the cost of the λ it will train with (a warm-up step at λ=0 costs an unregularized one)."""
     unreg, reg, per_eval = COST.get(study.model, DEFAULT_COST)
     total = 0.0
     for c in cells:
         if not c.trained():
-            left = study.steps - c.trained_steps()
             cfg = c.config()
             scale = cfg.max_new_tokens / 96 * cfg.batch_size / 8 * cfg.grad_accum
-            total += left * (reg if c.student.lam > 0 else unreg) * scale
+            total += sum(reg if lam_at(s, cfg.lam, cfg.lam_warmup, cfg.ramp()) > 0 else unreg
+                         for s in range(c.trained_steps(), study.steps)) * scale
         if not c.evaluated():
             total += per_eval
     return total
