@@ -23,10 +23,12 @@ from training.tasks import Example, load_task, trains_as
 # Seconds per step (λ=0, λ>0) at 96-token rollouts and per evaluated student (40 examples, three context kinds, 96
 # tokens, drift, with loading the model), for --dry-run's estimate and --hours. The embedded model's are the means of
 # the calibrated removability study's quiet cells (2 quiet cores, one process with one thread: one job of a
-# `--jobs 2` study; batch 8, persona and persona_luna, 9 cells, 270 steps; our decoding loop, finished rows leaving
-# the batch): 41.9 s a step at λ=0 (41.5 s in a regularized student's warm-up), 53.9 s a step at λ>0, 286 s a
-# student's evaluation. A step at λ=0 during warm-up costs what an unregularized one does (no anchor forward), so a
-# cell's steps are priced by the λ each will have. Steps scale with the rollout budget (`[train] max_new_tokens`).
+# `--jobs 2` study; batch 8, persona and persona_luna, 9 cells, 270 steps; the study's pinned commit decodes with
+# HF `generate` on the merged adapter): 41.9 s a step at λ=0 (41.5 s in a regularized student's warm-up), 53.9 s a
+# step at λ>0, 286 s a student's evaluation. The decoding loop since (bench/generate.py: rollouts 0.74×, evaluation
+# 0.92× of `generate`) makes these an upper bound, which --hours corrects by the run's own finished cells. A step
+# at λ=0 during warm-up costs what an unregularized one does (no anchor forward), so a cell's steps are priced by
+# the λ each will have. Steps scale with the rollout budget (`[train] max_new_tokens`).
 COST = {"smollm2-135m-instruct": (42.0, 54.0, 286.0), "tiny-random-llama": (0.1, 0.15, 2.0)}
 COST_SOURCE = "measured on 2 quiet cores, 1 thread per job, 96-token rollouts, batch 8"
 DEFAULT_COST = (180.0, 240.0, 1200.0)
