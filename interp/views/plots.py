@@ -325,18 +325,37 @@ def frontier_figure(study: Mapping, x: str = "card_effect:loops", y: str = "foll
     return _layout(fig, f"Removability frontier: {study.get('name', '')} (mean over seeds, 95% interval; ◆ base)", 520)
 
 
-def write_plotlyjs(folder: Path) -> None:
-    """One plotly.js beside a study's figures (they load it by relative path and open offline), written once."""
-    from plotly.offline import get_plotlyjs  # plotly's bundled script (about 4.8 MB), read only when figures are written
+def write_plotlyjs(folder: str | os.PathLike) -> Path:
+    """`folder`/plotly.min.js: the plotly.js of the installed plotly package, written once (again only if it differs).
 
-    target = folder / "plotly.min.js"
+    The study figures of a results folder share this one copy (they load `../plotly.min.js` and so open offline);
+    it is written by the study command and by `make setup`, never committed (4.8 MB)."""
+    from plotly.offline import get_plotlyjs  # plotly's bundled script, read only when figures are written
+
+    target = Path(folder) / "plotly.min.js"
     js = get_plotlyjs()
-    if not target.exists() or target.stat().st_size != len(js.encode("utf-8")):
+    if not target.exists() or target.read_text(encoding="utf-8") != js:
         atomic_write_text(target, js)
+    return target
+
+
+def figure_html(fig: go.Figure, plotlyjs: str) -> str:
+    """A whole HTML page for `fig` that loads plotly.js from the relative path `plotlyjs`, and from plotly's CDN
+    (the same version) where that file is missing (a fresh clone before `make setup`, a folder copied alone)."""
+    from plotly.offline import get_plotlyjs_version
+
+    html = fig.to_html(include_plotlyjs=plotlyjs, full_html=True)
+    tag = f'<script charset="utf-8" src="{plotlyjs}"></script>'
+    if html.count(tag) != 1:
+        raise RuntimeError(f"plotly's HTML no longer has one {tag!r}; update figure_html")
+    cdn = f"https://cdn.plot.ly/plotly-{get_plotlyjs_version()}.min.js"
+    fallback = f"<script>window.Plotly || document.write('<script src=\"{cdn}\"><\\/script>')</script>"
+    return html.replace(tag, tag + fallback)
 
 
 def write_study_figures(folder: str | os.PathLike, data: Mapping) -> None:
-    """results/<study>/frontier.html (the frontier figure of study.json's `data`) and the plotly.js it loads."""
+    """results/<study>/frontier.html (the frontier figure of study.json's `data`) and the plotly.js it loads,
+    results/plotly.min.js: one copy for every study in the results folder."""
     folder = Path(folder)
-    write_plotlyjs(folder)
-    atomic_write_text(folder / "frontier.html", frontier_figure(data).to_html(include_plotlyjs="plotly.min.js", full_html=True))
+    write_plotlyjs(folder.parent)
+    atomic_write_text(folder / "frontier.html", figure_html(frontier_figure(data), "../plotly.min.js"))
