@@ -153,3 +153,20 @@ def test_figures_show_the_numbers_of_the_layer_divergence():
     assert np.allclose(attn.data[0].z, div.attn_ctx) and np.allclose(attn.data[1].z, div.attn_sink)
     assert np.allclose(plots.head_weights(div, 1, 2, 3).data[0].y, div.attn_ctx_tokens[1][1, 3])
     assert plots.format_value(0.12345) == "0.123" and plots.format_value(None) == "–"
+
+
+def test_frontier_draws_a_setting_on_fewer_seeds_small():
+    from interp.views import plots
+
+    def row(model, seeds):
+        return {"suite": "persona", "model": model, "budget": 96, "seeds": seeds, "health": {"verdict": "healthy", "loops": {"value": 0.0}},
+                "card_effect": {"loops": {"value": 0.1, "ci": [0.0, 0.2]}},
+                "follow_cf_clean": {"value": 0.5, "ci": [0.4, 0.6]}}
+
+    study = {"name": "s", "budgets": [96], "settings": [row("base", [0, 1, 2]), row("unreg", [0, 1, 2]), row("lam1", [0])]}
+    fig = plots.frontier_figure(study)
+    sizes = {t.name: t.marker.size for t in fig.data if t.x and t.x[0] is not None}
+    assert sizes == {"base": 13, "unreg": 13, "lam1": 8}
+    assert "small: fewer seeds" in {t.name for t in fig.data}
+    study["settings"] = study["settings"][:2]  # every setting on every seed: nothing small, no legend entry for it
+    assert "small: fewer seeds" not in {t.name for t in plots.frontier_figure(study).data}

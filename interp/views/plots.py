@@ -263,7 +263,9 @@ def frontier_figure(study: Mapping, x: str = "card_effect:loops", y: str = "foll
     x: the card's own effect on loops (`card_effect:loops`; 0 = the card changes the model's loops as it changes the
     base's), y: `follow_cf` among clean counterfactual answers (still listens). One colour per setting, named in the
     legend; the base is a black diamond; an unhealthy setting (no-card loops above the base's by more than the
-    study's margin) is drawn hollow. The goal is the top middle: listens, and the card adds nothing of its own."""
+    study's margin) is drawn hollow; a setting measured on fewer seeds than the suite's most is drawn small (its
+    interval is of fewer seeds, not only wider). The goal is the top middle: listens, and the card adds nothing of its
+    own."""
     rows = [r for r in study.get("settings", []) if r.get("budget") == (budget or (study.get("budgets") or [None])[-1])]
 
     def stat(r: Mapping, key: str):
@@ -280,8 +282,10 @@ def frontier_figure(study: Mapping, x: str = "card_effect:loops", y: str = "foll
     fig = make_subplots(rows=1, cols=len(suites), subplot_titles=suites, shared_yaxes=True, horizontal_spacing=0.05)
     names = list(dict.fromkeys(r["model"] for r in rows if r["model"] != "base"))
     colors = model_colors(names)
+    most = {s: max((len(r.get("seeds", [])) for r in rows if r["suite"] == s), default=0) for s in suites}
     shown: set[str] = set()
     xs: list[float] = []
+    few_seeds = False
     for col, suite in enumerate(suites, 1):
         for r in (r for r in rows if r["suite"] == suite):
             sx, sy = stat(r, x), stat(r, y)
@@ -292,6 +296,9 @@ def frontier_figure(study: Mapping, x: str = "card_effect:loops", y: str = "foll
             ref = r["model"] == "base"
             health = (r.get("health") or {}).get("verdict")
             hollow = health == "unhealthy"
+            n_seeds = len(r.get("seeds", []))
+            few = n_seeds < most[suite]
+            few_seeds |= few
             ex, ey = sx.get("ci") or [vx, vx], sy.get("ci") or [vy, vy]
             harm = r.get("harm") or {}
             hover = (f"<b>{r['model']}</b> ({suite}, {len(r.get('seeds', []))} seeds, budget {r.get('budget')})<br>"
@@ -304,7 +311,7 @@ def frontier_figure(study: Mapping, x: str = "card_effect:loops", y: str = "foll
                 x=[vx], y=[vy], mode="markers",
                 error_x=dict(type="data", symmetric=False, array=[ex[1] - vx], arrayminus=[vx - ex[0]], color=color, thickness=1),
                 error_y=dict(type="data", symmetric=False, array=[ey[1] - vy], arrayminus=[vy - ey[0]], color=color, thickness=1),
-                marker=dict(size=13, color=color, symbol=("diamond" if ref else "circle") + ("-open" if hollow else ""),
+                marker=dict(size=8 if few else 13, color=color, symbol=("diamond" if ref else "circle") + ("-open" if hollow else ""),
                             line=dict(width=2, color=color)),
                 name=name, legendgroup=name, showlegend=False, hovertemplate=hover,
             ), row=1, col=col)
@@ -317,6 +324,9 @@ def frontier_figure(study: Mapping, x: str = "card_effect:loops", y: str = "foll
         fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name="hollow: unhealthy",
                                  marker=dict(size=13, symbol="circle-open", color="#555", line=dict(width=2)), hoverinfo="skip"),
                       row=1, col=1)
+    if few_seeds:  # what a small marker means
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name="small: fewer seeds", hoverinfo="skip",
+                                 marker=dict(size=8, symbol="circle", color="#555")), row=1, col=1)
     span = max([0.3] + [abs(v) for v in xs]) * 1.15
     for col in range(1, len(suites) + 1):
         fig.update_xaxes(title_text=label(x), range=[-span, span], row=1, col=col)
