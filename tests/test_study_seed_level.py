@@ -3,6 +3,7 @@ verdicts at several budgets, the no-context turn, the loop detector's two rules 
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -10,17 +11,22 @@ import pytest
 
 from interp.core.errors import UserError
 from interp.core.runs import ExampleRow
-from training.study.seed_level import compare, measure_model, measure_setting
+from training import stats
+from training.study.seed_level import column, compare, measure_model, measure_setting, shared_examples
+
+_PROMPTS = itertools.count()
 
 
 def _row(i: int, *, a: bool, c: bool, la: bool = False, lc: bool = False, len_a: int = 5, len_c: int = 5,
-         follow: bool | None = None, loop_cf: bool | None = None, stubborn: bool | None = None) -> ExampleRow:
+         follow: bool | None = None, loop_cf: bool | None = None, stubborn: bool | None = None,
+         prompt: str | None = None) -> ExampleRow:
+    """A judged row; each row its own prompt unless `prompt` is given (seeds that share examples share prompts)."""
     judged = {"correct_noctx": a, "correct_ctx": c, "degenerate_noctx": la, "degenerate_ctx": lc, "truncated_noctx": False,
               "truncated_ctx": False, "len_noctx": len_a, "len_ctx": len_c, "loop_short_noctx": la, "loop_short_ctx": lc,
               "loop_clause_noctx": False, "loop_clause_ctx": False, "follow_cf": follow, "degenerate_cf": loop_cf,
               "stubborn_cf": stubborn, "truncated_cf": None if follow is None else False, "len_cf": None,
               "loop_short_cf": loop_cf, "loop_clause_cf": None if loop_cf is None else False}
-    return ExampleRow(model="m", example=i, context="c", prompt="p", reference="r", verifier="contains", response_noctx="",
+    return ExampleRow(model="m", example=i, context="c", prompt=prompt or f"p{next(_PROMPTS)}", reference="r", verifier="contains", response_noctx="",
                       response_ctx="", ids_noctx=[1] * len_a, ids_ctx=[1] * len_c, correct_noctx=a, correct_ctx=c,
                       degenerate_noctx=la, degenerate_ctx=lc, truncated_noctx=False, truncated_ctx=False,
                       follow_cf=follow, degenerate_cf=loop_cf, stubborn_cf=stubborn, budgets={"8": judged})
@@ -70,6 +76,49 @@ def test_comparison_pools_over_seeds():
     assert (c["a_only"], c["b_only"], c["n"]) == (3, 0, 8)
     assert c["p"] == pytest.approx(2 * 0.5**3)  # exact: 2·P(Bin(3, ½) ≤ 0)
     assert (c["a_better_seeds"], c["b_better_seeds"], c["tied_seeds"]) == (2, 0, 0)
+
+
+def test_seeds_that_share_their_examples_are_crossed_not_nested():
+    # A suite file with a fixed split judges every seed on the same prompts. A second seed identical to the first then
+    # adds no evidence: the comparison's p and the interval's width stay those of one seed, where treating the two
+    # seeds' examples as independent would halve p's evidence threshold and narrow the interval by about √2.
+    flags_a = [i % 3 != 0 for i in range(30)]
+    flags_b = [i % 5 == 0 for i in range(30)]
+    one_a = [_row(i, a=True, c=f, prompt=f"q{i}") for i, f in enumerate(flags_a)]
+    one_b = [_row(i, a=True, c=f, prompt=f"q{i}") for i, f in enumerate(flags_b)]
+    a, b = {0: one_a, 1: one_a}, {0: one_b, 1: one_b}
+    assert shared_examples(a, b) and not shared_examples({0: one_a}, {0: one_b})
+    other = {0: one_a, 1: [_row(i, a=True, c=f) for i, f in enumerate(flags_a)]}  # seed 1 judged on other prompts
+    assert not shared_examples(other)
+    single = compare({0: one_a}, {0: one_b}, "correct_ctx", 8, 8)
+    crossed = compare(a, b, "correct_ctx", 8, 8)
+    assert single["test"] == "mcnemar_pooled" and crossed["test"] == "sign_flip_per_example"
+    assert crossed["p"] == pytest.approx(single["p"])  # the same evidence, the same p
+    assert (crossed["a_only"], crossed["b_only"]) == (2 * single["a_only"], 2 * single["b_only"])
+    assert stats.mcnemar_pooled([column(one_a, "correct_ctx", 8, 8)] * 2, [column(one_b, "correct_ctx", 8, 8)] * 2).p < single["p"] / 2
+    # the interval: as wide as one seed's when crossed; about 1/√2 as wide when each seed's examples are redrawn apart
+    col = column(one_a, "correct_ctx", 8, 8)
+    width = lambda m: m.ci[1] - m.ci[0]  # noqa: E731
+    w1 = width(stats.seed_mean([col], samples=4000))
+    w_crossed = width(stats.seed_mean([col, col], samples=4000, shared=True))
+    w_nested = width(stats.seed_mean([col, col], samples=4000))
+    assert w_crossed == pytest.approx(w1, rel=0.12) and w_nested == pytest.approx(w1 / math.sqrt(2), rel=0.15)
+    # measure_model detects the sharing; values are the same either way, and an undefined example weighs nothing
+    crossed_rates = measure_model(a, 8, 8)
+    assert crossed_rates["acc_ctx"]["value"] == pytest.approx(sum(flags_a) / 30)
+    assert width_of(crossed_rates["acc_ctx"]) == pytest.approx(width_of(measure_model({0: one_a}, 8, 8)["acc_ctx"]), rel=0.12)
+    holes = col.copy()
+    holes[:10] = float("nan")
+    got = stats.seed_mean([holes, col], shared=True)
+    assert got.per_seed == pytest.approx([sum(flags_a[10:]) / 20, sum(flags_a) / 30])
+    setting = measure_setting(a, b, 8, 8)
+    # card effect on accuracy: (ctx − no ctx) of a minus that of b; every answer is right without the card
+    assert setting["shared_examples"] and setting["card_effect"]["acc"]["value"] == pytest.approx((sum(flags_a) - sum(flags_b)) / 30)
+    assert setting["health"]["verdict"] == "healthy" and setting["health"]["loops"]["value"] == 0
+
+
+def width_of(m: dict) -> float:
+    return m["ci"][1] - m["ci"][0]
 
 
 def test_rows_without_budgets_answer_at_the_full_budget_only():

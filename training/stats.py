@@ -215,8 +215,11 @@ def _ratio(v: np.ndarray, w: np.ndarray) -> float | None:
     return float((v * w).sum() / den) if den > 0 else None
 
 
-def _hierarchical(data: list[tuple[np.ndarray, np.ndarray] | None], samples: int, seed: int, level: float) -> SeedMean:
-    """The engine of `seed_mean`: per seed (values v, condition w), statistic Σ v·w / Σ w."""
+def _hierarchical(data: list[tuple[np.ndarray, np.ndarray] | None], samples: int, seed: int, level: float,
+                 shared: bool = False) -> SeedMean:
+    """The engine of `seed_mean`: per seed (values v, condition w), statistic Σ v·w / Σ w. `shared`: every seed's
+    arrays cover the same examples at the same positions, and each resample draws one set of example indices for
+    all its seeds."""
     _check_level(level)
     per = [None if d is None else _ratio(*d) for d in data]
     defined = [d for d, p in zip(data, per) if d is not None and p is not None]
@@ -229,7 +232,18 @@ def _hierarchical(data: list[tuple[np.ndarray, np.ndarray] | None], samples: int
     rng = np.random.default_rng(seed)
     choice = np.zeros((samples, S), dtype=np.int64) if S == 1 else rng.integers(0, S, size=(samples, S))
     stat = np.full((samples, S), np.nan)
-    for s, (v, w) in enumerate(defined):
+    if shared:
+        n = len(defined[0][0])
+        ratios = np.full((S, samples), np.nan)
+        step = max(1, _CHUNK // n)
+        for start in range(0, samples, step):
+            idx = rng.integers(0, n, size=(min(step, samples - start), n))
+            for s, (v, w) in enumerate(defined):
+                num, den = (v * w)[idx].sum(axis=1), w[idx].sum(axis=1)
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    ratios[s, start:start + len(idx)] = np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
+        stat = ratios[choice, np.arange(samples)[:, None]]
+    for s, (v, w) in enumerate([] if shared else defined):
         rows, cols = np.nonzero(choice == s)
         n = len(v)
         vw = v * w
@@ -251,7 +265,7 @@ def _hierarchical(data: list[tuple[np.ndarray, np.ndarray] | None], samples: int
 
 
 def seed_mean(values: PerSeed, where: PerSeed | None = None, *, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0,
-              level: float = LEVEL) -> SeedMean:
+              level: float = LEVEL, shared: bool = False) -> SeedMean:
     """A setting's rate or mean over seeds, with a hierarchical bootstrap interval.
 
     Per seed s with examples i: m_s = Σ_i v_si·w_si / Σ_i w_si (`where` w absent: every example, a plain rate or
@@ -267,10 +281,42 @@ def seed_mean(values: PerSeed, where: PerSeed | None = None, *, samples: int = B
     are put in a canonical order by their data first). With one seed this is `bootstrap_ci(rate(v, w), n, seed=seed)`
     draw for draw; with one example per seed, a bootstrap of the seeds' values. With few seeds (5) the seed level
     has only a handful of distinct resamples: read the interval as a rough one and show `n_seeds` beside it.
+
+    `shared=True`: every seed was judged on the same examples in the same order (a suite file with a fixed split),
+    so examples and seeds are crossed, not nested: each resample draws the seeds as above and ONE set of example
+    indices that every drawn seed uses. Resampling each seed's examples apart would count the same examples as new
+    ones in every seed and narrow the interval by up to √(seeds). An example undefined in a seed (NaN) has weight 0
+    there, which leaves m_s as above. Duplicating a seed then leaves the interval as wide as the one seed's.
     """
+    if shared:
+        return _hierarchical(_crossed(values, where), samples, seed, level, shared=True)
     data = [None if d is None else (d[0], d[1] != 0 if len(d) > 1 else np.ones(len(d[0]), dtype=bool))
             for d in _per_seed(values, where)]
     return _hierarchical(data, samples, seed, level)
+
+
+def _crossed(values: PerSeed, where: PerSeed | None) -> list[tuple[np.ndarray, np.ndarray] | None]:
+    """Each seed's (v, w) over every example position, for examples shared by the seeds: an example with a NaN in v
+    or w gets v = 0, w = False (it adds nothing to Σ v·w or Σ w), so positions stay aligned across seeds."""
+    if where is not None and len(where) != len(values):
+        raise ValueError(f"every input needs one entry per seed, got {sorted({len(values), len(where)})} seeds")
+    out: list[tuple[np.ndarray, np.ndarray] | None] = []
+    for i, entry in enumerate(values):
+        v = _arrays(entry)
+        w = None if where is None else _arrays(where[i])
+        if v is None or (where is not None and w is None):
+            out.append(None)
+            continue
+        if w is None:
+            w = np.ones(len(v))
+        if len(w) != len(v):
+            raise ValueError(f"arrays of one seed must cover the same examples, got lengths {sorted({len(v), len(w)})}")
+        keep = ~np.isnan(v) & ~np.isnan(w)
+        out.append((np.where(keep, v, 0.0), keep & (np.where(keep, w, 0.0) != 0)))
+    sizes = {len(d[0]) for d in out if d is not None}
+    if len(sizes) > 1:
+        raise ValueError(f"shared examples: every seed must cover the same examples, got lengths {sorted(sizes)}")
+    return out
 
 
 @dataclass(frozen=True)
@@ -305,7 +351,7 @@ def pooled_rate(flags: PerSeed, where: PerSeed | None = None, level: float = LEV
 
 
 def card_effect(student_ctx: PerSeed, student_noctx: PerSeed, base_ctx: PerSeed, base_noctx: PerSeed, *,
-                samples: int = BOOTSTRAP_SAMPLES, seed: int = 0, level: float = LEVEL) -> SeedMean:
+                samples: int = BOOTSTRAP_SAMPLES, seed: int = 0, level: float = LEVEL, shared: bool = False) -> SeedMean:
     """The card's own effect on a measure m, beyond what the card does to the base model:
 
         card_effect(m) = (m_ctx − m_noctx)_student − (m_ctx − m_noctx)_base
@@ -315,11 +361,24 @@ def card_effect(student_ctx: PerSeed, student_noctx: PerSeed, base_ctx: PerSeed,
     the formula above on the seed's means). value = mean over seeds; the interval is `seed_mean`'s hierarchical
     bootstrap of d, so the four arrays are resampled with the same example indices. m may be a flag (loops:
     `degenerate`, verdicts: accuracy) or a number (answer length in tokens: the paper's length inflation).
-    Exactly 0 when the student's arrays are the base's."""
+    Exactly 0 when the student's arrays are the base's. `shared`: the seeds share their examples (`seed_mean`)."""
     ds: list[Any] = []
+    if shared:  # positions kept: an example with a NaN anywhere is NaN in d, and weight 0 in `seed_mean`
+        ds = [_diff(_diff(sc, sn), _diff(bc, bn)) for sc, sn, bc, bn in zip(student_ctx, student_noctx, base_ctx, base_noctx)]
+        return seed_mean(ds, samples=samples, seed=seed, level=level, shared=True)
     for d in _per_seed(student_ctx, student_noctx, base_ctx, base_noctx):
         ds.append(None if d is None else (d[0] - d[1]) - (d[2] - d[3]))
     return seed_mean(ds, samples=samples, seed=seed, level=level)
+
+
+def _diff(a: Any, b: Any) -> np.ndarray | None:
+    """a − b per example with positions kept (NaN where either is NaN); None when either is None."""
+    x, y = _arrays(a), _arrays(b)
+    if x is None or y is None:
+        return None
+    if len(x) != len(y):
+        raise ValueError(f"arrays of one seed must cover the same examples, got lengths {sorted({len(x), len(y)})}")
+    return x - y
 
 
 @dataclass(frozen=True)
@@ -338,7 +397,7 @@ class Health:
 
 def health(student_loops: PerSeed, base_loops: PerSeed, student_truncated: PerSeed | None = None,
            base_truncated: PerSeed | None = None, *, margin: float = 0.05, samples: int = BOOTSTRAP_SAMPLES,
-           seed: int = 0, level: float = LEVEL) -> Health:
+           seed: int = 0, level: float = LEVEL, shared: bool = False) -> Health:
     """Is the student still a working model without the card? Per seed, on the same examples, the student's and
     the base's no-context loop flags (and truncation flags): the difference of rates
 
@@ -354,17 +413,22 @@ def health(student_loops: PerSeed, base_loops: PerSeed, student_truncated: PerSe
     upper end is below" would fail nearly everything. The point estimate is the best single guess; the interval
     is reported beside it so a reader sees how sure the verdict is. (The first study's students: +0.40 and more.)
     """
-    diff = [None if d is None else d[0] - d[1] for d in _per_seed(student_loops, base_loops)]
-    loops = seed_mean(diff, samples=samples, seed=seed, level=level)
+    def diffs(a: PerSeed, b: PerSeed) -> list:
+        if shared:
+            if len(a) != len(b):
+                raise ValueError(f"every input needs one entry per seed, got {sorted({len(a), len(b)})} seeds")
+            return [_diff(x, y) for x, y in zip(a, b)]
+        return [None if d is None else d[0] - d[1] for d in _per_seed(a, b)]
+
+    kw = dict(samples=samples, seed=seed, level=level, shared=shared)
+    loops = seed_mean(diffs(student_loops, base_loops), **kw)
     truncated = None
     if student_truncated is not None or base_truncated is not None:
         if student_truncated is None or base_truncated is None:
             raise ValueError("truncation needs both the student's and the base's flags")
-        tdiff = [None if d is None else d[0] - d[1] for d in _per_seed(student_truncated, base_truncated)]
-        truncated = seed_mean(tdiff, samples=samples, seed=seed, level=level)
+        truncated = seed_mean(diffs(student_truncated, base_truncated), **kw)
     verdict = None if loops.value is None else ("unhealthy" if loops.value > margin else "healthy")
-    return Health(loops, truncated, seed_mean(student_loops, samples=samples, seed=seed, level=level),
-                  seed_mean(base_loops, samples=samples, seed=seed, level=level), margin, verdict)
+    return Health(loops, truncated, seed_mean(student_loops, **kw), seed_mean(base_loops, **kw), margin, verdict)
 
 
 # --- comparing two settings pooled over seeds ---------------------------------------------------------------------------

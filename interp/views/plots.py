@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
@@ -351,10 +352,13 @@ def write_plotlyjs(folder: str | os.PathLike) -> Path:
 
 def figure_html(fig: go.Figure, plotlyjs: str) -> str:
     """A whole HTML page for `fig` that loads plotly.js from the relative path `plotlyjs`, and from plotly's CDN
-    (the same version) where that file is missing (a fresh clone before `make setup`, a folder copied alone)."""
+    (the same version) where that file is missing (a fresh clone before `make setup`, a folder copied alone). The
+    same figure gives the same page, byte for byte: its element id is a digest of the figure, not a random one, so a
+    rebuilt study's committed figure changes only when the figure does."""
     from plotly.offline import get_plotlyjs_version
 
-    html = fig.to_html(include_plotlyjs=plotlyjs, full_html=True)
+    div_id = "fig-" + hashlib.sha256(fig.to_json().encode("utf-8")).hexdigest()[:16]
+    html = fig.to_html(include_plotlyjs=plotlyjs, full_html=True, div_id=div_id)
     tag = f'<script charset="utf-8" src="{plotlyjs}"></script>'
     if html.count(tag) != 1:
         raise RuntimeError(f"plotly's HTML no longer has one {tag!r}; update figure_html")

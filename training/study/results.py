@@ -280,10 +280,14 @@ def markdown(data: dict) -> str:
     budgets = data.get("budgets") or [data.get("eval", {}).get("max_new_tokens")]
     full = budgets[-1]
     margin = data.get("health_margin", 0.05)
+    crossed = any(r.get("shared_examples") for r in settings)
+    boot = ("(seeds, then one draw of the examples for every seed: the seeds share their test examples)" if crossed
+            else "(seeds, then examples)")
     lines = [f"Budget {full} tokens (answers judged at {', '.join(map(str, budgets))}). Means over seeds with 95% "
-             f"hierarchical bootstrap intervals (seeds, then examples); `seeds` counts the seeds that define the row. "
+             f"hierarchical bootstrap intervals {boot}; `seeds` counts the seeds that define the row. "
              f"Health: no-card loops minus the base's, unhealthy above {margin:.2f}. card effect: (ctx − no ctx) of the "
-             "model minus the base's. harm: pooled over seeds, k/n.", ""]
+             "model minus the base's. harm: pooled over seeds, k/n" + (" (a count of (seed, example) pairs)" if crossed else "")
+             + ".", ""]
     regime = calibration_line(data)
     if regime:
         lines += [regime, ""]
@@ -313,9 +317,13 @@ def markdown(data: dict) -> str:
                   f"and absorbing (acc_noctx at least {calibration.ABSORB_SHARE:g} × the teacher's acc_ctx) on every suite:",
                   "", calibration.markdown(data)]
     if data.get("comparisons"):
-        lines += ["", f"Each setting against `{data['comparisons'][0]['vs']}` on the same examples, pooled over seeds (exact "
-                  "McNemar on the pooled discordant pairs = CMH for matched pairs), the seeds where each is ahead, and "
-                  f"Holm's correction across all {len(data['comparisons'])} comparisons of the study:", "",
+        flip = any(c.get("test") == "sign_flip_per_example" for c in data["comparisons"])
+        how = ("the exact sign-flip test with one sign per example on the sums over seeds, because the seeds share their "
+               "test examples and pairs of different seeds on one example are not independent" if flip else
+               "exact McNemar on the pooled discordant pairs = CMH for matched pairs")
+        lines += ["", f"Each setting against `{data['comparisons'][0]['vs']}` on the same examples, pooled over seeds ({how}), "
+                  f"the seeds where each is ahead, and Holm's correction across all {len(data['comparisons'])} comparisons "
+                  "of the study:", "",
                   "| suite | model | verdict | right/looping only for it | only for the other | p | p (Holm) | seeds ahead / behind / tied |",
                   "|---|---|---|---|---|---|---|---|"]
         for c in data["comparisons"]:

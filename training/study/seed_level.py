@@ -78,8 +78,20 @@ def _mean(m: stats.SeedMean) -> dict:
     return {"value": m.value, "ci": list(m.ci) if m.ci else None, "seeds": m.n_seeds, "of": m.seeds}
 
 
-def measure_model(per_seed: dict[int, Sequence[ExampleRow]], budget: int, full: int, *, seed: int = 0) -> dict:
-    """Every measure of one model (a student setting, or the base) at one budget, over its seeds."""
+def shared_examples(*per_seed: dict[int, Sequence[ExampleRow]]) -> bool:
+    """Were two or more seeds judged on the same examples in the same order? (A suite file with a fixed split: its
+    test prompts are the same for every seed.) Then the examples are crossed with the seeds, and the intervals
+    resample them once for all seeds and the comparisons flip signs per example (`stats.seed_mean`, `compare`)."""
+    seeds = {s for ps in per_seed for s in ps}
+    keys = {tuple((r.context, r.prompt, r.reference) for r in rows) for ps in per_seed for rows in ps.values()}
+    return len(seeds) > 1 and len(keys) == 1
+
+
+def measure_model(per_seed: dict[int, Sequence[ExampleRow]], budget: int, full: int, *, seed: int = 0,
+                  shared: bool | None = None) -> dict:
+    """Every measure of one model (a student setting, or the base) at one budget, over its seeds. `shared` (None:
+    detected by `shared_examples`) says whether the seeds share their examples."""
+    shared = shared_examples(per_seed) if shared is None else shared
     out: dict[str, Any] = {}
     for name, key, where in RATES:
         values = _seeds(per_seed, key, budget, full)
@@ -87,10 +99,10 @@ def measure_model(per_seed: dict[int, Sequence[ExampleRow]], budget: int, full: 
         if all(v is None for v in values):
             out[name] = None
             continue
-        out[name] = _mean(stats.seed_mean(values, cond, seed=seed))
+        out[name] = _mean(stats.seed_mean(values, cond, seed=seed, shared=shared))
     right = _seeds(per_seed, "correct_noctx", budget, full)
     wrong_ctx = [None if c is None else 1.0 - c for c in _seeds(per_seed, "correct_ctx", budget, full)]
-    harm = stats.seed_mean(wrong_ctx, right, seed=seed)
+    harm = stats.seed_mean(wrong_ctx, right, seed=seed, shared=shared)
     pooled = stats.pooled_rate(wrong_ctx, right)
     out["harm"] = {**_mean(harm), "k": pooled.k, "n": pooled.n, "pooled": pooled.value,
                    "wilson": list(pooled.wilson) if pooled.wilson else None}
@@ -106,44 +118,60 @@ def measure_setting(student: dict[int, Sequence[ExampleRow]], base: dict[int, Se
     seeds = sorted(set(student) & set(base))
     s = {k: student[k] for k in seeds}
     b = {k: base[k] for k in seeds}
-    out = measure_model(s, budget, full, seed=seed)
+    shared = shared_examples(s, b)
+    out = measure_model(s, budget, full, seed=seed, shared=shared)
     effects = {}
     for name, (ctx_key, noctx_key) in CARD_EFFECT.items():
         cols = [_seeds(s, ctx_key, budget, full), _seeds(s, noctx_key, budget, full), _seeds(b, ctx_key, budget, full),
                 _seeds(b, noctx_key, budget, full)]
-        effects[name] = _mean(stats.card_effect(*cols, seed=seed))
+        effects[name] = _mean(stats.card_effect(*cols, seed=seed, shared=shared))
     out["card_effect"] = effects
     teacher = _seeds(b, "correct_ctx", budget, full)
     mine = _seeds(s, "correct_ctx", budget, full)
     drop = [None if t is None or m is None else t - m for t, m in zip(teacher, mine)]
-    out["ctx_drop"] = _mean(stats.seed_mean(drop, seed=seed))
+    out["ctx_drop"] = _mean(stats.seed_mean(drop, seed=seed, shared=shared))
     h = stats.health(_seeds(s, "degenerate_noctx", budget, full), _seeds(b, "degenerate_noctx", budget, full),
                      _seeds(s, "truncated_noctx", budget, full), _seeds(b, "truncated_noctx", budget, full),
-                     margin=margin, seed=seed)
+                     margin=margin, seed=seed, shared=shared)
     health = asdict(h)
     if drift is not None:
         d = [drift.get(k) for k in seeds]
         defined = [x for x in d if x is not None]
         health["drift"] = {"value": float(np.mean(defined)) if defined else None, "seeds": len(defined), "per_seed": d}
     out["health"] = health
-    mine_f, base_f = out.get("follow_cf_clean"), measure_model(b, budget, full, seed=seed).get("follow_cf_clean")
+    mine_f, base_f = out.get("follow_cf_clean"), measure_model(b, budget, full, seed=seed, shared=shared).get("follow_cf_clean")
     out["follow_cf_vs_base"] = (mine_f["value"] / base_f["value"]
                                 if mine_f and base_f and mine_f["value"] is not None and base_f["value"] else None)
     out["seeds"] = seeds
+    out["shared_examples"] = shared
     return out
 
 
 def compare(a: dict[int, Sequence[ExampleRow]], b: dict[int, Sequence[ExampleRow]], key: str, budget: int, full: int,
             *, higher_is_better: bool = True) -> dict:
     """Two settings on the same examples, pooled over the seeds both have: the pooled exact McNemar (CMH for matched
-    pairs), the seed-level direction (k of n seeds), and the discordant counts."""
+    pairs), the seed-level direction (k of n seeds), and the discordant counts.
+
+    When the seeds share their examples (`shared_examples`), pairs of different seeds on one example are not
+    independent, and the pooled McNemar would count each example once per seed. `p` is then the exact sign-flip
+    test with one sign per example (`stats.permutation_paired` on the per-example sums over seeds: d_i = Σ_s
+    (a_si − b_si), T = Σ_i d_i, the same T as McNemar's a_only − b_only); `test` says which. The discordant counts
+    stay per (seed, example) pair."""
     seeds = sorted(set(a) & set(b))
     xa = [column(a[s], key, budget, full) for s in seeds]
     xb = [column(b[s], key, budget, full) for s in seeds]
     m = stats.mcnemar_pooled(xa, xb)
     d = stats.seed_direction(xa, xb, higher_is_better=higher_is_better)
-    return {"key": key, "budget": budget, "seeds": seeds, "a_only": m.a_only, "b_only": m.b_only, "n": m.n, "p": m.p,
-            "a_better_seeds": d.a_better, "b_better_seeds": d.b_better, "tied_seeds": d.ties, "p_sign": d.p_sign}
+    p, test = m.p, "mcnemar_pooled"
+    defined = [(x, y) for x, y in zip(xa, xb) if x is not None and y is not None]
+    if shared_examples({s: a[s] for s in seeds}, {s: b[s] for s in seeds}) and len(defined) > 1:
+        bad = [np.isnan(x) | np.isnan(y) for x, y in defined]
+        sum_a = np.sum([np.where(u, 0.0, x) for (x, _), u in zip(defined, bad)], axis=0)
+        sum_b = np.sum([np.where(u, 0.0, y) for (_, y), u in zip(defined, bad)], axis=0)
+        p, test = stats.permutation_paired([sum_a], [sum_b]).p, "sign_flip_per_example"
+    return {"key": key, "budget": budget, "seeds": seeds, "a_only": m.a_only, "b_only": m.b_only, "n": m.n, "p": p,
+            "test": test, "a_better_seeds": d.a_better, "b_better_seeds": d.b_better, "tied_seeds": d.ties,
+            "p_sign": d.p_sign}
 
 
 def holm_family(comparisons: list[dict]) -> None:
@@ -153,5 +181,5 @@ def holm_family(comparisons: list[dict]) -> None:
         c["p_holm"] = p
 
 
-__all__ = ["measure_model", "measure_setting", "compare", "holm_family", "row_value", "column", "RATES", "CARD_EFFECT",
+__all__ = ["shared_examples", "measure_model", "measure_setting", "compare", "holm_family", "row_value", "column", "RATES", "CARD_EFFECT",
            "COMPARED", "HEALTH_MARGIN"]
