@@ -420,15 +420,17 @@ def health(student_loops: PerSeed, base_loops: PerSeed, student_truncated: PerSe
             return [_diff(x, y) for x, y in zip(a, b)]
         return [None if d is None else d[0] - d[1] for d in _per_seed(a, b)]
 
-    kw = dict(samples=samples, seed=seed, level=level, shared=shared)
-    loops = seed_mean(diffs(student_loops, base_loops), **kw)
+    def mean(values: PerSeed) -> SeedMean:
+        return seed_mean(values, samples=samples, seed=seed, level=level, shared=shared)
+
+    loops = mean(diffs(student_loops, base_loops))
     truncated = None
     if student_truncated is not None or base_truncated is not None:
         if student_truncated is None or base_truncated is None:
             raise ValueError("truncation needs both the student's and the base's flags")
-        truncated = seed_mean(diffs(student_truncated, base_truncated), **kw)
+        truncated = mean(diffs(student_truncated, base_truncated))
     verdict = None if loops.value is None else ("unhealthy" if loops.value > margin else "healthy")
-    return Health(loops, truncated, seed_mean(student_loops, **kw), seed_mean(base_loops, **kw), margin, verdict)
+    return Health(loops, truncated, mean(student_loops), mean(base_loops), margin, verdict)
 
 
 # --- comparing two settings pooled over seeds ---------------------------------------------------------------------------
