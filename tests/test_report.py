@@ -170,6 +170,11 @@ def test_frontier_draws_a_setting_on_fewer_seeds_small():
     assert "small: fewer seeds" in {t.name for t in fig.data}
     study["settings"] = study["settings"][:2]  # every setting on every seed: nothing small, no legend entry for it
     assert "small: fewer seeds" not in {t.name for t in plots.frontier_figure(study).data}
+    # a study without counterfactuals (experience): empty panels that say why
+    for r in study["settings"]:
+        r["follow_cf_clean"] = None
+    assert "No point to draw" in plots.frontier_figure(study).layout.annotations[-1].text
+    assert not any("No point" in a.text for a in fig.layout.annotations)
     # a rebuilt figure is the same page byte for byte (a committed figure changes only with its data)
     page = plots.figure_html(plots.frontier_figure(study), "../plotly.min.js")
     assert page == plots.figure_html(plots.frontier_figure(study), "../plotly.min.js")

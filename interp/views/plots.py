@@ -328,6 +328,10 @@ def frontier_figure(study: Mapping, x: str = "card_effect:loops", y: str = "foll
     if few_seeds:  # what a small marker means
         fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name="small: fewer seeds", hoverinfo="skip",
                                  marker=dict(size=8, symbol="circle", color="#555")), row=1, col=1)
+    if rows and not xs:  # results, but none with both measures: say why the panels are empty
+        fig.add_annotation(text=f"No point to draw: no setting of this study has both {label(x)} and {y} "
+                                "(a study without counterfactual cards measures no follow_cf).",
+                           xref="paper", yref="paper", x=0.5, y=0.5, showarrow=False, font=dict(size=14))
     span = max([0.3] + [abs(v) for v in xs]) * 1.15
     for col in range(1, len(suites) + 1):
         fig.update_xaxes(title_text=label(x), range=[-span, span], row=1, col=col)
