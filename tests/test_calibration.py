@@ -22,7 +22,7 @@ def _data(rows):
     base = [{"suite": s, "model": "base", "budget": 96, "seeds": [100, 101], "acc_ctx": {"value": 0.8},
              "acc_noctx": {"value": 0.0}, "health": None} for s in ("a", "b")]
     short = [{**r, "budget": 32} for r in rows]  # another budget: ignored
-    return {"suites": ["a", "b"], "eval": {"max_new_tokens": 96}, "settings": base + rows + short}
+    return {"role": "calibration", "suites": ["a", "b"], "eval": {"max_new_tokens": 96}, "settings": base + rows + short}
 
 
 def test_the_healthiest_setting_that_absorbs_on_every_suite_is_chosen():
@@ -52,15 +52,25 @@ def test_a_calibrated_study_reports_the_gate_and_chooses_nothing():
     never says that a main study will run at one of its own settings."""
     rows = [_row("a", "lr1", 0.01, 0.5), _row("b", "lr1", 0.04, 0.45), _row("a", "lr2", 0.00, 0.6),
             _row("b", "lr2", 0.02, 0.41), _row("a", "lr4", 0.30, 0.9), _row("b", "lr4", 0.0, 0.9)]
-    main = {**_data(rows), "calibrated_by": {"name": "cal", "choice": "fkl", "passes": False}}
+    main = {**_data(rows), "role": "study", "calibrated_by": {"name": "cal", "choice": "fkl", "passes": False}}
     text = markdown(main)
     assert "Healthy and absorbing on every suite: **lr2**, **lr1**." in text
     assert "Chosen" not in text and "main study runs at" not in text
-    failing = {**_data([_row("a", "x", 0.2, 0.1), _row("b", "x", 0.3, 0.9)]), "calibrated_by": {"name": "cal"},
+    failing = {**_data([_row("a", "x", 0.2, 0.1), _row("b", "x", 0.3, 0.9)]), "role": "study", "calibrated_by": {"name": "cal"},
                "gate": {"complete": False, "cells": [2, 60]}}
     text = markdown(failing)
     assert "Healthy and absorbing on every suite: **none**." in text and "**Partial: 2 of 60 cells evaluated.**" in text
     assert "refuses a partial calibration" not in text and "No setting passes" not in text
+
+
+def test_only_a_calibration_chooses():
+    """A study that is not a calibration (no `role = "calibration"`: the experience study, say) reports who passes
+    the gate and chooses nothing, even without `calibrated_by`; and its results folder cannot calibrate a study."""
+    rows = [_row("a", "lr1", 0.01, 0.5), _row("b", "lr1", 0.04, 0.45)]
+    for data in ({**_data(rows), "role": "study"}, {k: v for k, v in _data(rows).items() if k != "role"}):
+        text = markdown(data)
+        assert "Healthy and absorbing on every suite: **lr1**. This study is not a calibration" in text
+        assert "Chosen" not in text and "main study runs at" not in text
 
 
 def test_a_setting_missing_a_suite_does_not_pass():
@@ -73,7 +83,7 @@ def test_a_setting_missing_a_suite_does_not_pass():
 
 def _calibration(folder, choice="lr2_mask", passes=True, model="tiny-random-llama", cells=(4, 4)):
     folder.mkdir(parents=True, exist_ok=True)
-    data = {"name": "cal", "model": model, "steps": 7, "train": {"batch_size": 2, "max_new_tokens": 8, "no_context": "neutral"},
+    data = {"name": "cal", "role": "calibration", "model": model, "steps": 7, "train": {"batch_size": 2, "max_new_tokens": 8, "no_context": "neutral"},
             "students": [{"name": "lr1", "settings": {"lr": 1e-4}, "seeds": None},
                          {"name": "lr2_mask", "settings": {"lr": 2e-4, "loop_mask": True}, "seeds": None}],
             "gate": {"choice": choice, "passes": passes, "absorb_share": 0.5, "cells": list(cells),
@@ -119,6 +129,25 @@ def test_a_calibration_without_results_or_choice_or_of_another_model_is_one_line
         load_study(_main(tmp_path, _calibration(tmp_path / "a", choice=None)))
     with pytest.raises(UserError, match="the calibration trained 'other'"):
         load_study(_main(tmp_path, _calibration(tmp_path / "b", model="other")))
+    for role, says in (("study", "role = 'study'"), (None, "no role: written before studies declared one")):
+        folder = _calibration(tmp_path / f"r{role}")
+        data = json.loads((folder / "study.json").read_text())
+        data.pop("role") if role is None else data.update(role=role)
+        (folder / "study.json").write_text(json.dumps(data))
+        with pytest.raises(UserError, match=re.escape(f"is not a calibration's results ({says}); name the results")):
+            load_study(_main(tmp_path, folder))
+
+
+def test_a_role_is_calibration_or_study(tmp_path):
+    path = tmp_path / "s.toml"
+    for role, ok in (('"calibration"', True), ('"study"', True), ('"main"', False), ("true", False)):
+        path.write_text(f'name = "s"\nmodel = "tiny-random-llama"\nrole = {role}\nsuites = ["facts"]\nseeds = [0]\n'
+                        f'steps = 2\n[[students]]\nname = "a"\n')
+        if ok:
+            assert load_study(path).role == role.strip('"')
+        else:
+            with pytest.raises(UserError, match="'role' must be \"calibration\""):
+                load_study(path)
 
 
 def test_a_partial_calibration_is_refused_and_marked(tmp_path):

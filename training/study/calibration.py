@@ -85,8 +85,9 @@ def markdown(data: dict) -> str:
         lines.append(f"| {v.student} | {v.suite} | {f(v.excess_loops)}{ci} | {'yes' if v.healthy else '**no**'} | "
                      f"{g(v.acc_noctx)} | {g(v.teacher_acc_ctx)} | {'yes' if v.absorbs else '**no**'} | {v.seeds} |")
     gate = data.get("gate") or {}
-    # A study that takes its regime from a calibration (`calibrated_by`) chooses nothing: it only reports the gate.
-    main = bool(data.get("calibrated_by"))
+    # Only a calibration (role = "calibration" in its study file) chooses; any other study, one that takes its regime
+    # from a calibration (`calibrated_by`) among them, only reports the gate.
+    main = data.get("role") != "calibration"
     if pick is not None and gate.get("complete") is False:
         done, planned = gate["cells"]
         lines.append(f"\n**Partial: {done} of {planned} cells evaluated.**" + ("" if main else
@@ -96,8 +97,10 @@ def markdown(data: dict) -> str:
         lines.append("\nNo evaluated cell yet.")
     elif main:
         good = passing(data, vs)
+        why = ("This study's regime was fixed by its calibration" if data.get("calibrated_by") else
+               "This study is not a calibration (no role = \"calibration\" in its file)")
         lines.append("\nHealthy and absorbing on every suite: " + (", ".join(f"**{s}**" for s in good) if good else "**none**")
-                     + ". This study's regime was fixed by its calibration; the gate here is a report, not a choice.")
+                     + f". {why}; the gate here is a report, not a choice.")
     elif ok:
         lines.append(f"\nChosen: **{pick}**, healthy and absorbing on every suite, the smallest worst-suite excess of loops.")
     else:

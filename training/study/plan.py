@@ -78,6 +78,7 @@ class Study:
     health_margin: float = HEALTH_MARGIN  # a cell is unhealthy when its no-card loops exceed the base's by more than this
     allow_longer_eval: bool = False  # answers judged past the rollout budget (tokens no loss ever saw) only if asked
     calibration: dict | None = None  # the calibration whose chosen regime [train] starts from (study_file._calibration)
+    role: str = "study"  # "calibration": its gate chooses a regime for main studies; "study": the gate is a report
     _examples: dict = field(default_factory=dict, repr=False, compare=False)
     _judged: dict = field(default_factory=dict, repr=False, compare=False)
     _tokenizer: Any = field(default=None, repr=False, compare=False)

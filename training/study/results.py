@@ -57,7 +57,7 @@ def collect(study: Study) -> dict:
                 summary.append({"suite": suite, "student": name, "lam": None, "settings": {}, "seeds": [r["seed"] for r in refs],
                                 **_over_seeds([_as_teacher(r["scores"]) if name == "teacher" else r["scores"] for r in refs])})
     settings, comparisons = seed_level(study)
-    data = {**study.fingerprint(), "suites": study.suites, "suite_settings": suite_settings(study), "seeds": study.seeds,
+    data = {**study.fingerprint(), "role": study.role, "suites": study.suites, "suite_settings": suite_settings(study), "seeds": study.seeds,
             "steps": study.steps, "train": study.train,
             "eval": asdict(study.eval), "budgets": study.eval.cuts, "n_test": study.n_test, "health_margin": study.health_margin,
             "students": [{"name": s.name, "settings": s.settings, "seeds": s.seeds} for s in study.students],
@@ -65,6 +65,8 @@ def collect(study: Study) -> dict:
             "settings": settings, "comparisons": comparisons}
     pick, passes, _ = calibration.choose(data)
     planned = len(study.cells())
+    if study.role != "calibration":  # only a calibration chooses; a study's gate reports who passes
+        pick, passes = None, bool(calibration.passing(data))
     data["gate"] = {"choice": pick, "passes": passes, "absorb_share": calibration.ABSORB_SHARE,
                     "cells": [len(cells), planned], "complete": len(cells) == planned}
     if study.calibration is not None:

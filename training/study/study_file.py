@@ -20,7 +20,10 @@ from training.study.seed_level import HEALTH_MARGIN
 from training.tasks import SUITES
 
 STUDY_KEYS = ("name", "model", "suites", "seeds", "steps", "train", "eval", "students", "runs_dir", "results_dir",
-              "health_margin", "allow_longer_eval", "calibrated_by")
+              "health_margin", "allow_longer_eval", "calibrated_by", "role")
+# What a study is for: a "calibration" chooses, by its gate, the regime a main study takes (`calibrated_by`); a
+# "study" (the default) answers a question, and its gate is only a report of who is healthy and absorbs.
+ROLES = ("study", "calibration")
 STUDENT_ONLY = ("name", "seeds")
 SUITE_ONLY = ("suite", "name")
 # Settings that belong to the grid (suite, seed, model, steps, where) rather than to a student.
@@ -135,6 +138,10 @@ def _calibration(folder: str, model: str) -> dict:
         raise UserError(f"calibrated_by: {path} does not exist; run the calibration study first (python -m training "
                         f"study studies/<calibration>.toml), or name the folder its results are in")
     data = read_json(path, expect=dict)
+    if data.get("role") != "calibration":
+        said = f"role = {data['role']!r}" if isinstance(data.get("role"), str) else "no role: written before studies declared one"
+        raise UserError(f"calibrated_by: {path} is not a calibration's results ({said}); name the results folder of a "
+                        f"study file with role = \"calibration\", or rerun that study to rebuild its tables")
     gate = data.get("gate")
     choice = gate.get("choice") if isinstance(gate, dict) else None
     chosen = next((s for s in data.get("students") or [] if isinstance(s, dict) and s.get("name") == choice), None)
@@ -259,6 +266,10 @@ def _parse(data: dict, runs_dir: str | os.PathLike | None, results_dir: str | os
     longer = data.get("allow_longer_eval", False)
     if not isinstance(longer, bool):
         raise UserError(f"'allow_longer_eval' must be true or false (got {shown_name(longer)})")
+    role = data.get("role", "study")
+    if role not in ROLES:
+        raise UserError(f"'role' must be \"calibration\" (its gate chooses the regime a main study takes) or \"study\" "
+                        f"(the default: the gate is a report); got {shown_name(role)}")
     if calibration is not None:
         train, steps = _calibrated(calibration, train, students, steps)
     assert steps is not None  # required above unless a calibration gives it
@@ -269,7 +280,8 @@ def _parse(data: dict, runs_dir: str | os.PathLike | None, results_dir: str | os
                 raise UserError(f"suite '{spec.key}' and student '{student.name}' both set '{both}'; set it in one place")
     study = Study(name=name, model=model, suites=[spec.key for spec in specs], specs={spec.key: spec for spec in specs}, seeds=seeds, steps=steps, train=train, eval=eval_settings,
                   n_test=n_test, students=students, runs_dir=Path(where_runs), results_dir=Path(where_results), source=source,
-                  health_margin=float(margin), allow_longer_eval=longer, calibration=calibration)
+                  health_margin=float(margin), allow_longer_eval=longer, calibration=calibration,
+                  role=role)
     bad_seed = next((x for x in seeds if not 0 <= x <= MAX_SEED), None)
     if bad_seed is not None:
         raise UserError(f"seeds: {bad_seed} is out of range; seeds are 0..{MAX_SEED}")
