@@ -7,9 +7,11 @@ The comparisons were fixed before the study's results (the study file's comments
   teacher's `acc_ctx` (how much of the in-context accuracy is internalized);
 - RQ2, accuracy with the context: each student's `acc_ctx` against the teacher's (the base with the experience);
 - the regularizer: each `*_reg` student against its twin, with and without the context; on- against off-policy.
-Every seed answers the same 40 test prompts (the suite file fixes the split), so the prompt is the unit: per prompt
-the mean over seeds of (a − b), a bootstrap over prompts for the 95% interval, a sign-flip permutation test over
-prompts for p (`training.study.seed_level` does the same for the study's own tables), Holm over this family.
+Every seed answers the same 40 test prompts (the suite file fixes the split), so seeds and prompts are crossed: the
+95% interval is the toolkit's crossed bootstrap (`stats.seed_mean(..., shared=True)`: seeds drawn, then one set of
+prompts for every drawn seed) and p the exact sign-flip test with one sign per prompt on the sums over seeds
+(`stats.permutation_paired`), as `training.study.seed_level.compare` computes the study's own tables; Holm over
+this family.
 
 Then a descriptive reading of the answers (chosen after reading seed 0's answers, so not a test): how often an answer
 copies the junk sentence of the experience's first worked example, how often it goes on to write questions of its
@@ -34,24 +36,23 @@ RESAMPLES = 20_000
 JUNK = "finite constructible"  # from the experience's first worked example (studies/experience/arith/experience.txt)
 
 
-def prompt_level(xa: list[np.ndarray], xb: list[np.ndarray], rng: np.random.Generator) -> tuple[float, float, float, float]:
-    """Mean over prompts of d_i = mean over seeds of (a − b); its bootstrap interval over prompts; the two-sided
-    sign-flip p over prompts."""
-    d = np.nanmean(np.vstack(xa) - np.vstack(xb), axis=0)
-    d = d[~np.isnan(d)]
-    n = len(d)
-    boots = d[rng.integers(0, n, size=(RESAMPLES, n))].mean(axis=1)
-    lo, hi = np.percentile(boots, [2.5, 97.5])
-    null = np.abs((rng.choice([-1.0, 1.0], size=(RESAMPLES, n)) * d).mean(axis=1))
-    p = (1 + np.sum(null >= abs(d.mean()) - 1e-12)) / (RESAMPLES + 1)
-    return float(d.mean()), float(lo), float(hi), float(p)
+def prompt_level(xa: list[np.ndarray], xb: list[np.ndarray]) -> tuple[float, float, float, float]:
+    """a − b over seeds that share their prompts: the mean over seeds of each seed's mean difference, its crossed
+    bootstrap interval, and the exact sign-flip p with one sign per prompt on the sums over seeds (a prompt
+    undefined in a seed adds nothing there)."""
+    m = stats.seed_mean([x - y for x, y in zip(xa, xb)], shared=True, samples=RESAMPLES)
+    bad = [np.isnan(x) | np.isnan(y) for x, y in zip(xa, xb)]
+    sum_a = np.sum([np.where(u, 0.0, x) for x, u in zip(xa, bad)], axis=0)
+    sum_b = np.sum([np.where(u, 0.0, y) for y, u in zip(xb, bad)], axis=0)
+    p = stats.permutation_paired([sum_a], [sum_b]).p
+    lo, hi = m.ci if m.ci is not None else (float("nan"), float("nan"))
+    return float(m.value if m.value is not None else float("nan")), float(lo), float(hi), float(p)
 
 
-def rate(per_seed: dict, key: str, full: int, rng: np.random.Generator) -> str:
-    m = np.nanmean(np.vstack([column(per_seed[s], key, full, full) for s in sorted(per_seed)]), axis=0)
-    boots = m[rng.integers(0, len(m), size=(RESAMPLES, len(m)))].mean(axis=1)
-    lo, hi = np.percentile(boots, [2.5, 97.5])
-    return f"{m.mean():.2f} [{lo:.2f}, {hi:.2f}]"
+def rate(per_seed: dict, key: str, full: int) -> str:
+    m = stats.seed_mean([column(per_seed[s], key, full, full) for s in sorted(per_seed)], shared=True, samples=RESAMPLES)
+    lo, hi = m.ci if m.ci is not None else (float("nan"), float("nan"))
+    return f"{m.value:.2f} [{lo:.2f}, {hi:.2f}]"
 
 
 def reading(rows: list, suite_sum) -> Counter:
@@ -80,7 +81,6 @@ def main() -> None:
     suite = study.suites[0]
     b = base[suite]
     names = [s.name for s in study.students if (suite, s.name) in students]
-    rng = np.random.default_rng(0)
     tests = []
     for n in names:
         tests.append((f"RQ1  {n} acc_noctx vs base acc_noctx", students[(suite, n)], "correct_noctx", b, "correct_noctx"))
@@ -102,18 +102,18 @@ def main() -> None:
         xa = [column(a[s], ka, full, full) for s in seeds]
         xb = [column(bb[s], kb, full, full) for s in seeds]
         out.append((label, seeds, np.mean([np.nanmean(x) for x in xa]), np.mean([np.nanmean(x) for x in xb]),
-                    *prompt_level(xa, xb, rng)))
+                    *prompt_level(xa, xb)))
     adjusted = stats.holm([o[-1] for o in out])
-    print(f"{'comparison':<46} seeds    a     b     a − b [95% over prompts]   p       Holm ({len(out)})")
+    print(f"{'comparison':<48} seeds    a     b     a − b [95% crossed]        p       Holm ({len(out)})")
     for (label, seeds, ma, mb, d, lo, hi, p), ph in zip(out, adjusted):
-        print(f"{label:<46} {','.join(map(str, seeds)):<6} {ma:.3f} {mb:.3f} {d:+.3f} [{lo:+.3f}, {hi:+.3f}]      "
+        print(f"{label:<48} {','.join(map(str, seeds)):<6} {ma:.3f} {mb:.3f} {d:+.3f} [{lo:+.3f}, {hi:+.3f}]      "
               f"{p:.4f}  {ph:.3f}")
-    print("\nrates, mean over seeds [95% bootstrap over prompts]:")
-    print(f"{'base':<14} without {rate(b, 'correct_noctx', full, rng)}  with (teacher) {rate(b, 'correct_ctx', full, rng)}")
+    print("\nrates, mean over seeds [95% crossed bootstrap, seeds and prompts]:")
+    print(f"{'base':<14} without {rate(b, 'correct_noctx', full)}  with (teacher) {rate(b, 'correct_ctx', full)}")
     for n in names:
         st = students[(suite, n)]
-        print(f"{n:<14} without {rate(st, 'correct_noctx', full, rng)}  with {rate(st, 'correct_ctx', full, rng)}  "
-              f"loops with {rate(st, 'degenerate_ctx', full, rng)}  seeds {sorted(st)}")
+        print(f"{n:<14} without {rate(st, 'correct_noctx', full)}  with {rate(st, 'correct_ctx', full)}  "
+              f"loops with {rate(st, 'degenerate_ctx', full)}  seeds {sorted(st)}")
 
     def suite_sum(prompt: str) -> str:
         return str(sum(int(x) for x in re.findall(r"\d+", prompt)))
