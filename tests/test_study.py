@@ -200,6 +200,18 @@ def test_main_students_run_before_the_one_seed_settings():
     assert sum(main) == len(study.suites) * len(study.seeds) * sum(s.seeds is None for s in study.students)
 
 
+def test_settings_on_more_seeds_run_before_those_on_fewer(tmp_path, monkeypatch):
+    """The calibrated study's 3-seed λ values run before its one-seed anchors, on every suite: cut short, it loses
+    the anchors first (the grid's "cut these first") and keeps the λ values' seeds."""
+    monkeypatch.chdir(ROOT)  # its calibrated_by names the committed results/calibration_confirm
+    study = load_study(ROOT / "studies" / "removability_calibrated.toml", tmp_path / "runs", tmp_path / "results")
+    cells = study.cells()
+    widths = [len(c.student.seeds or study.seeds) for c in cells]
+    assert widths == sorted(widths, reverse=True) and set(widths) == {5, 3, 1}
+    three = [(c.suite, c.seed) for c in cells if len(c.student.seeds or ()) == 3]
+    assert three == sorted(three, key=lambda k: (study.suites.index(k[0]), k[1]))  # suite by suite, seed by seed
+
+
 def _small_study(path: Path, steps: int, reg_lam: float = 1.0) -> Path:
     path.write_text(f"name = 'grow'\nmodel = 'tiny-random-llama'\nsuites = ['persona']\nseeds = [0]\nsteps = {steps}\n"
                     "[train]\nbatch_size = 2\nmax_new_tokens = 8\ncheckpoint_every = 1\nlr = 1e-2\n"

@@ -86,13 +86,16 @@ class Study:
 
     def cells(self) -> list["Cell"]:
         """Every (suite, seed, student) in the order they run: first the main students (those on every seed), suite
-        by suite as the file lists them and seed by seed within a suite; then the one-seed settings, suite by suite.
-        A study cut short thus loses one-seed settings first, never a main student's seed."""
+        by suite as the file lists them and seed by seed within a suite; then the settings on fewer seeds, those on
+        the most seeds first, each group suite by suite and seed by seed. A study cut short thus loses the settings on
+        the fewest seeds first (a one-seed anchor before a 3-seed λ's third seed), never a main student's seed."""
         main = [s for s in self.students if s.seeds is None]
         extra = [s for s in self.students if s.seeds is not None]
         out = [Cell(self, suite, seed, s) for suite in self.suites for seed in self.seeds for s in main]
-        out += [Cell(self, suite, seed, s) for suite in self.suites for seed in self.seeds for s in extra
-                if seed in (s.seeds or ())]
+        for n in sorted({len(s.seeds or ()) for s in extra}, reverse=True):
+            group = [s for s in extra if len(s.seeds or ()) == n]
+            out += [Cell(self, suite, seed, s) for suite in self.suites for seed in self.seeds for s in group
+                    if seed in (s.seeds or ())]
         return out
 
     def trained_cells(self) -> list[int]:
