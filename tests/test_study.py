@@ -296,3 +296,20 @@ def test_the_estimate_prices_each_step_at_the_lambda_it_trains_with(tmp_path):
     assert estimate(study, [cells["unreg"]]) == pytest.approx(30 * 42.0 + 286.0)
     assert estimate(study, [cells["reg_w03"]]) == pytest.approx(15 * 42.0 + 15 * 54.0 + 286.0)
     assert estimate(study, [cells["lam1"]]) == pytest.approx(30 * 54.0 + 286.0)
+
+
+def test_a_study_started_on_a_busy_machine_says_so(monkeypatch):
+    """Cells beside another study oversubscribe the cores: a study that starts while the 1-minute load is at least
+    half the usable cores says so in one line, and says nothing on a quiet machine."""
+    from training.study import runner
+
+    monkeypatch.setattr(runner.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(runner.os, "getloadavg", lambda: (1.9, 1.0, 0.5))
+    note = runner.busy_note()
+    assert note is not None and "load 1.9 on 2 cores" in note and "\n" not in note
+    assert runner.usable_cores() == 2
+    monkeypatch.setattr(runner.os, "getloadavg", lambda: (0.4, 1.0, 0.5))
+    assert runner.busy_note() is None
+    assert runner.busy_note(cores=16) is None
+    monkeypatch.setattr(runner.os, "getloadavg", lambda: (8.0, 8.0, 8.0))
+    assert "load 8.0 on 16 cores" in runner.busy_note(cores=16)

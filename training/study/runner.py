@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -104,6 +105,30 @@ class Budget:
         self.spent += seconds
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a container's or `taskset`'s share), else all."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def busy_note(cores: int | None = None) -> str | None:
+    """A line when the machine is already busy as the study starts (the 1-minute load at least half the usable
+    cores), else None. Cells beside another study's, or a test run's, oversubscribe the cores: each job takes its
+    share of the cores as threads, and a 135M cell's step went from about 40 s to 500 s beside another study."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+    n = cores or usable_cores()
+    if load < n / 2:
+        return None
+    return (f"note: the machine is already busy (load {load:.1f} on {n} cores): the cells will be slower than "
+            "estimated and record slower times; run one study at a time, or pause the other (SIGSTOP, then SIGCONT, "
+            "to its process group)")
+
+
 def _run_study(study: Study, jobs: int, progress: bool, on_results, hours: float | None = None) -> dict:
     def results() -> dict:
         data = write_results(study)
@@ -124,6 +149,9 @@ def _run_study(study: Study, jobs: int, progress: bool, on_results, hours: float
     eval_steps = max(1, study.steps // 5)
     total = sum(study.steps + eval_steps for _ in units)
     done = sum(study.steps + eval_steps if i not in todo else cells[i].trained_steps() for i in units)
+    note = busy_note() if todo and progress else None
+    if note:
+        print(note, file=sys.stderr)
     bar = tqdm(total=total, initial=done, desc=f"study {study.name}", unit="step", disable=not progress, smoothing=0.05)
     times: dict[str, float] = {}
     t_start = time.perf_counter()
@@ -172,7 +200,7 @@ def record_time(study: Study, cell: Cell, seconds: float, expected: float, jobs:
     data = read_json(path, expect=dict) if path.exists() else {}
     data[cell.label()] = {"seconds": round(seconds, 1), "estimate": round(expected, 1), "jobs": jobs,
                           "threads": torch.get_num_threads() if threads is None else threads,
-                          "cpus": os.cpu_count(), "device": "cuda" if torch.cuda.is_available() else "cpu",
+                          "cpus": usable_cores(), "device": "cuda" if torch.cuda.is_available() else "cpu",
                           "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     atomic_write_json(path, dict(sorted(data.items())))
 
@@ -198,7 +226,7 @@ def _run_parallel(study: Study, todo: list[int], jobs: int, bar, eval_steps: int
         if read_model_eval(run_dir, "base") is None and (run_dir / RUN_FILE).exists():
             evaluate_run(run_dir, settings=study.eval, models=[], layers=False)
     ctx = mp.get_context("spawn")
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = max(1, usable_cores() // jobs)
     from multiprocessing.managers import SyncManager
 
     # The manager process, like the cells, ends with the study process (killed or not): an orphaned manager would
