@@ -10,7 +10,7 @@ The comparisons were fixed before the study's results (the study file's comments
 Every seed answers the same 40 test prompts (the suite file fixes the split), so seeds and prompts are crossed: the
 95% interval is the toolkit's crossed bootstrap (`stats.seed_mean(..., shared=True)`: seeds drawn, then one set of
 prompts for every drawn seed) and p the exact sign-flip test with one sign per prompt on the sums over seeds
-(`stats.permutation_paired`), as `training.study.seed_level.compare` computes the study's own tables; Holm over
+(`seed_level.sign_flip_per_example`), as `training.study.seed_level.compare` computes the study's own tables; Holm over
 this family.
 
 Then a descriptive reading of the answers (chosen after reading seed 0's answers, so not a test): how often an answer
@@ -29,7 +29,7 @@ import numpy as np
 
 from training import stats
 from training.study.results import _rows
-from training.study.seed_level import column
+from training.study.seed_level import column, sign_flip_per_example
 from training.study.study_file import load_study
 
 RESAMPLES = 20_000
@@ -41,10 +41,7 @@ def prompt_level(xa: list[np.ndarray], xb: list[np.ndarray]) -> tuple[float, flo
     bootstrap interval, and the exact sign-flip p with one sign per prompt on the sums over seeds (a prompt
     undefined in a seed adds nothing there)."""
     m = stats.seed_mean([x - y for x, y in zip(xa, xb)], shared=True, samples=RESAMPLES)
-    bad = [np.isnan(x) | np.isnan(y) for x, y in zip(xa, xb)]
-    sum_a = np.sum([np.where(u, 0.0, x) for x, u in zip(xa, bad)], axis=0)
-    sum_b = np.sum([np.where(u, 0.0, y) for y, u in zip(xb, bad)], axis=0)
-    p = stats.permutation_paired([sum_a], [sum_b]).p
+    p = sign_flip_per_example(xa, xb)
     lo, hi = m.ci if m.ci is not None else (float("nan"), float("nan"))
     return float(m.value if m.value is not None else float("nan")), float(lo), float(hi), float(p)
 

@@ -63,10 +63,11 @@ def collect(study: Study) -> dict:
             "students": [{"name": s.name, "settings": s.settings, "seeds": s.seeds} for s in study.students],
             "cells": cells, "references": references, "summary": summary, "paired": _paired(study),
             "settings": settings, "comparisons": comparisons}
-    pick, passes, _ = calibration.choose(data)
-    planned = len(study.cells())
-    if study.role != "calibration":  # only a calibration chooses; a study's gate reports who passes
+    if study.role == "calibration":
+        pick, passes, _ = calibration.choose(data)
+    else:  # only a calibration chooses; a study's gate reports whether any setting passes
         pick, passes = None, bool(calibration.passing(data))
+    planned = len(study.cells())
     data["gate"] = {"choice": pick, "passes": passes, "absorb_share": calibration.ABSORB_SHARE,
                     "cells": [len(cells), planned], "complete": len(cells) == planned}
     if study.calibration is not None:

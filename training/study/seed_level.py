@@ -165,13 +165,20 @@ def compare(a: dict[int, Sequence[ExampleRow]], b: dict[int, Sequence[ExampleRow
     p, test = m.p, "mcnemar_pooled"
     defined = [(x, y) for x, y in zip(xa, xb) if x is not None and y is not None]
     if shared_examples({s: a[s] for s in seeds}, {s: b[s] for s in seeds}) and len(defined) > 1:
-        bad = [np.isnan(x) | np.isnan(y) for x, y in defined]
-        sum_a = np.sum([np.where(u, 0.0, x) for (x, _), u in zip(defined, bad)], axis=0)
-        sum_b = np.sum([np.where(u, 0.0, y) for (_, y), u in zip(defined, bad)], axis=0)
-        p, test = stats.permutation_paired([sum_a], [sum_b]).p, "sign_flip_per_example"
+        p, test = sign_flip_per_example([x for x, _ in defined], [y for _, y in defined]), "sign_flip_per_example"
     return {"key": key, "budget": budget, "seeds": seeds, "a_only": m.a_only, "b_only": m.b_only, "n": m.n, "p": p,
             "test": test, "a_better_seeds": d.a_better, "b_better_seeds": d.b_better, "tied_seeds": d.ties,
             "p_sign": d.p_sign}
+
+
+def sign_flip_per_example(xa: Sequence[np.ndarray], xb: Sequence[np.ndarray]) -> float:
+    """Two-sided exact p of a against b over seeds that share their examples (one array per seed, aligned by example):
+    `stats.permutation_paired` on the per-example sums over seeds, one sign per example; an example undefined (NaN)
+    in either for a seed adds nothing for that seed."""
+    bad = [np.isnan(x) | np.isnan(y) for x, y in zip(xa, xb)]
+    sum_a = np.sum([np.where(u, 0.0, x) for x, u in zip(xa, bad)], axis=0)
+    sum_b = np.sum([np.where(u, 0.0, y) for y, u in zip(xb, bad)], axis=0)
+    return stats.permutation_paired([sum_a], [sum_b]).p
 
 
 def holm_family(comparisons: list[dict]) -> None:
@@ -181,5 +188,5 @@ def holm_family(comparisons: list[dict]) -> None:
         c["p_holm"] = p
 
 
-__all__ = ["shared_examples", "measure_model", "measure_setting", "compare", "holm_family", "row_value", "column", "RATES", "CARD_EFFECT",
+__all__ = ["shared_examples", "sign_flip_per_example", "measure_model", "measure_setting", "compare", "holm_family", "row_value", "column", "RATES", "CARD_EFFECT",
            "COMPARED", "HEALTH_MARGIN"]
