@@ -215,3 +215,20 @@ def test_the_confirming_calibration_reads_only_cells_no_screening_saw():
     assert len(cells) == len(confirm.students) * 4
     assert cells[-1].student.name == "rkl"  # the reference runs last: a session cut short loses it first
     assert all(c.config().max_new_tokens == 96 and c.config().steps == 30 for c in cells)
+
+
+def test_every_committed_result_records_its_study_files_role():
+    """A committed results/<study>/study.json says the role its study file declares (a calibration's results written
+    before roles existed would be refused by `calibrated_by`, and would read as a study's)."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    checked = 0
+    for toml in sorted((root / "studies").glob("*.toml")):
+        data = tomllib.loads(toml.read_text())
+        result = root / "results" / data.get("name", toml.stem) / "study.json"
+        if result.exists():
+            assert json.loads(result.read_text()).get("role", "study") == data.get("role", "study"), toml.name
+            checked += 1
+    assert checked >= 4
