@@ -12,7 +12,7 @@ import pytest
 from interp.core.errors import UserError
 from interp.core.runs import ExampleRow
 from training import stats
-from training.study.seed_level import column, compare, measure_model, measure_setting, shared_examples
+from training.study.seed_level import align, column, compare, measure_model, measure_setting, shared_examples, sign_flip_per_example
 
 _PROMPTS = itertools.count()
 
@@ -115,6 +115,50 @@ def test_seeds_that_share_their_examples_are_crossed_not_nested():
     # card effect on accuracy: (ctx − no ctx) of a minus that of b; every answer is right without the card
     assert setting["shared_examples"] and setting["card_effect"]["acc"]["value"] == pytest.approx((sum(flags_a) - sum(flags_b)) / 30)
     assert setting["health"]["verdict"] == "healthy" and setting["health"]["loops"]["value"] == 0
+
+
+def test_seeds_that_share_part_of_their_examples_are_crossed_over_the_union():
+    # A suite drawn per seed from a finite pool: seeds 0 and 1 share 20 of their 30 prompts (in another order), seed 2
+    # shares 10 with seed 0. The union has 30 + 10 + 20 = 60 examples; each seed's rows sit at their prompt's position.
+    rng = __import__("random").Random(3)
+    flags = {f"q{i}": (rng.random() < 0.6, rng.random() < 0.4) for i in range(60)}
+    prompts = {0: [f"q{i}" for i in range(30)], 1: [f"q{i}" for i in range(39, 9, -1)], 2: [f"q{i}" for i in (*range(20, 30), *range(40, 60))]}
+
+    def rows(model: int) -> dict:
+        return {s: [_row(j, a=True, c=flags[q][model], prompt=q) for j, q in enumerate(qs)] for s, qs in prompts.items()}
+
+    a, b = rows(0), rows(1)
+    assert shared_examples(a) and shared_examples(a, b)
+    assert not shared_examples({0: a[0], 1: [_row(j, a=True, c=True) for j in range(30)]})  # other prompts: nested
+    la, lb = align(a, b)
+    assert {len(v) for v in (*la.values(), *lb.values())} == {60}
+    assert [r.prompt for r in la[0][:30]] == prompts[0]  # the first seed keeps its order
+    assert {r.prompt for r in la[1] if r is not None} == set(prompts[1]) and sum(r is None for r in la[1]) == 30
+    assert align(la, lb) == [la, lb]  # aligning aligned rows changes nothing
+    # values are the per-seed means, as nested
+    m = measure_model(a, 8, 8)
+    assert m["acc_ctx"]["value"] == pytest.approx(sum(sum(flags[q][0] for q in qs) / 30 for qs in prompts.values()) / 3)
+    assert m["acc_ctx"]["value"] == measure_model(a, 8, 8, shared=False)["acc_ctx"]["value"]
+    # the comparison: one sign per example of the union, on the per-example sums over the seeds that have it
+    sums = {q: [0, 0] for q in flags}
+    for qs in prompts.values():
+        for q in qs:
+            sums[q][0] += flags[q][0]
+            sums[q][1] += flags[q][1]
+    by_hand = stats.permutation_paired([[v[0] for v in sums.values()]], [[v[1] for v in sums.values()]]).p
+    c = compare(a, b, "correct_ctx", 8, 8)
+    assert c["test"] == "sign_flip_per_example" and c["p"] == pytest.approx(by_hand)
+    ya = [column(la[s], "correct_ctx", 8, 8) for s in sorted(la)]
+    yb = [column(lb[s], "correct_ctx", 8, 8) for s in sorted(lb)]
+    assert c["p"] == sign_flip_per_example(ya, yb)
+    # a later seed judged on the first seed's examples in another order is laid out in the first seed's: the same
+    # draws, the same interval as the same order
+    same = {0: a[0], 1: [_row(j, a=True, c=flags[q][0], prompt=q) for j, q in enumerate(prompts[0])]}
+    other_order = {0: a[0], 1: list(reversed(same[1]))}
+    assert measure_model(other_order, 8, 8)["acc_ctx"]["ci"] == measure_model(same, 8, 8)["acc_ctx"]["ci"]
+    # the interval lies between the nested one (every (seed, example) pair new) and one seed repeated three times
+    nested = measure_model(a, 8, 8, shared=False)["acc_ctx"]
+    assert width_of(m["acc_ctx"]) > width_of(nested)
 
 
 def width_of(m: dict) -> float:

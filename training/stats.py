@@ -282,10 +282,11 @@ def seed_mean(values: PerSeed, where: PerSeed | None = None, *, samples: int = B
     draw for draw; with one example per seed, a bootstrap of the seeds' values. With few seeds (5) the seed level
     has only a handful of distinct resamples: read the interval as a rough one and show `n_seeds` beside it.
 
-    `shared=True`: every seed was judged on the same examples in the same order (a suite file with a fixed split),
-    so examples and seeds are crossed, not nested: each resample draws the seeds as above and ONE set of example
-    indices that every drawn seed uses. Resampling each seed's examples apart would count the same examples as new
-    ones in every seed and narrow the interval by up to √(seeds). An example undefined in a seed (NaN) has weight 0
+    `shared=True`: the seeds' arrays are aligned by example (the same examples in the same order, as a suite file
+    with a fixed split judges them; or laid over the union of overlapping test sets, NaN where a seed lacks an
+    example: `training.study.seed_level.align`), so examples and seeds are crossed, not nested: each resample draws
+    the seeds as above and ONE set of example indices that every drawn seed uses. Resampling each seed's examples
+    apart would count the same examples as new ones in every seed and narrow the interval by up to √(seeds). An example undefined in a seed (NaN) has weight 0
     there, which leaves m_s as above. Duplicating a seed then leaves the interval as wide as the one seed's.
     """
     if shared:

@@ -284,7 +284,8 @@ def markdown(data: dict) -> str:
     full = budgets[-1]
     margin = data.get("health_margin", 0.05)
     crossed = any(r.get("shared_examples") for r in settings)
-    boot = ("(seeds, then one draw of the examples for every seed: the seeds share their test examples)" if crossed
+    boot = ("(seeds, then one draw of the examples for every seed, over the union of their examples: the seeds share test "
+            "examples)" if crossed
             else "(seeds, then examples)")
     lines = [f"Budget {full} tokens (answers judged at {', '.join(map(str, budgets))}). Means over seeds with 95% "
              f"hierarchical bootstrap intervals {boot}; `seeds` counts the seeds that define the row. "
@@ -321,8 +322,8 @@ def markdown(data: dict) -> str:
                   "", calibration.markdown(data)]
     if data.get("comparisons"):
         flip = any(c.get("test") == "sign_flip_per_example" for c in data["comparisons"])
-        how = ("the exact sign-flip test with one sign per example on the sums over seeds, because the seeds share their "
-               "test examples and pairs of different seeds on one example are not independent" if flip else
+        how = ("the exact sign-flip test with one sign per example on the sums over the seeds that have it, because the "
+               "seeds share test examples and pairs of different seeds on one example are not independent" if flip else
                "exact McNemar on the pooled discordant pairs = CMH for matched pairs")
         lines += ["", f"Each setting against `{data['comparisons'][0]['vs']}` on the same examples, pooled over seeds ({how}), "
                   f"the seeds where each is ahead, and Holm's correction across all {len(data['comparisons'])} comparisons "

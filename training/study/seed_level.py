@@ -62,9 +62,10 @@ def row_value(row: ExampleRow, key: str, budget: int, full: int):
     return getattr(row, key, None)
 
 
-def column(rows: Sequence[ExampleRow], key: str, budget: int, full: int) -> np.ndarray | None:
-    """One verdict over a seed's examples as floats (NaN where undefined), or None when no example defines it."""
-    values = [row_value(r, key, budget, full) for r in rows]
+def column(rows: Sequence[ExampleRow | None], key: str, budget: int, full: int) -> np.ndarray | None:
+    """One verdict over a seed's examples as floats (NaN where undefined, and where the row is None: an example
+    of the union this seed was not judged on, see `align`), or None when no example defines it."""
+    values = [None if r is None else row_value(r, key, budget, full) for r in rows]
     if all(v is None for v in values):
         return None
     return np.array([np.nan if v is None else float(v) for v in values])
@@ -78,20 +79,69 @@ def _mean(m: stats.SeedMean) -> dict:
     return {"value": m.value, "ci": list(m.ci) if m.ci else None, "seeds": m.n_seeds, "of": m.seeds}
 
 
-def shared_examples(*per_seed: dict[int, Sequence[ExampleRow]]) -> bool:
-    """Were two or more seeds judged on the same examples in the same order? (A suite file with a fixed split: its
-    test prompts are the same for every seed.) Then the examples are crossed with the seeds, and the intervals
-    resample them once for all seeds and the comparisons flip signs per example (`stats.seed_mean`, `compare`)."""
-    seeds = {s for ps in per_seed for s in ps}
-    keys = {tuple((r.context, r.prompt, r.reference) for r in rows) for ps in per_seed for rows in ps.values()}
-    return len(seeds) > 1 and len(keys) == 1
+def example_keys(rows: Sequence[ExampleRow | None]) -> list[tuple | None]:
+    """Each row's identity: (context, prompt, reference) and its occurrence among equal rows of the seed (a prompt
+    drawn twice is two examples); None for a None row."""
+    seen: dict[tuple, int] = {}
+    out: list[tuple | None] = []
+    for r in rows:
+        if r is None:
+            out.append(None)
+            continue
+        k = (r.context, r.prompt, r.reference)
+        out.append((k, seen.get(k, 0)))
+        seen[k] = seen.get(k, 0) + 1
+    return out
+
+
+def shared_examples(*per_seed: dict[int, Sequence[ExampleRow | None]]) -> bool:
+    """Were two or more seeds judged on some of the same examples? (A suite file with a fixed split judges every
+    seed on the same prompts; a suite drawn per seed from a finite pool shares a part of them: the removability
+    suites' seeds share 57 of their 121 prompts.) Then the examples are crossed with the seeds, not nested in them:
+    the intervals resample the examples once for all seeds and the comparisons flip signs per example, over the
+    union of the seeds' examples (`align`, `stats.seed_mean`, `compare`)."""
+    owner: dict[tuple, int] = {}
+    for ps in per_seed:
+        for s, rows in ps.items():
+            for k in example_keys(rows):
+                if k is not None and owner.setdefault(k, s) != s:
+                    return True
+    return False
+
+
+def align(*per_seed: dict[int, Sequence[ExampleRow | None]]) -> list[dict[int, list[ExampleRow | None]]]:
+    """Each seed's rows laid out over the union of the examples of every seed (and every model given: a student and
+    the base are judged on the same examples per seed): one position per example, in the order examples first
+    appear (seeds in ascending order, models in the order given), None where a seed was not judged on it. Seeds
+    judged on the same examples in the same order keep that order; aligning aligned rows changes nothing."""
+    union: dict[tuple, int] = {}
+    for s in sorted({s for ps in per_seed for s in ps}):
+        for ps in per_seed:
+            for k in example_keys(ps.get(s, ())):
+                if k is not None:
+                    union.setdefault(k, len(union))
+    out = []
+    for ps in per_seed:
+        laid: dict[int, list[ExampleRow | None]] = {}
+        for s, rows in ps.items():
+            row_at: list[ExampleRow | None] = [None] * len(union)
+            for k, r in zip(example_keys(rows), rows):
+                if k is not None:
+                    row_at[union[k]] = r
+            laid[s] = row_at
+        out.append(laid)
+    return out
 
 
 def measure_model(per_seed: dict[int, Sequence[ExampleRow]], budget: int, full: int, *, seed: int = 0,
                   shared: bool | None = None) -> dict:
     """Every measure of one model (a student setting, or the base) at one budget, over its seeds. `shared` (None:
-    detected by `shared_examples`) says whether the seeds share their examples."""
+    detected by `shared_examples`) says whether the seeds share examples; their rows are then laid over the union
+    (`align`)."""
     shared = shared_examples(per_seed) if shared is None else shared
+    pooled_rows = per_seed
+    if shared:
+        (per_seed,) = align(per_seed)
     out: dict[str, Any] = {}
     for name, key, where in RATES:
         values = _seeds(per_seed, key, budget, full)
@@ -103,7 +153,8 @@ def measure_model(per_seed: dict[int, Sequence[ExampleRow]], budget: int, full: 
     right = _seeds(per_seed, "correct_noctx", budget, full)
     wrong_ctx = [None if c is None else 1.0 - c for c in _seeds(per_seed, "correct_ctx", budget, full)]
     harm = stats.seed_mean(wrong_ctx, right, seed=seed, shared=shared)
-    pooled = stats.pooled_rate(wrong_ctx, right)
+    pooled = stats.pooled_rate([None if c is None else 1.0 - c for c in _seeds(pooled_rows, "correct_ctx", budget, full)],
+                               _seeds(pooled_rows, "correct_noctx", budget, full))
     out["harm"] = {**_mean(harm), "k": pooled.k, "n": pooled.n, "pooled": pooled.value,
                    "wilson": list(pooled.wilson) if pooled.wilson else None}
     return out
@@ -119,6 +170,8 @@ def measure_setting(student: dict[int, Sequence[ExampleRow]], base: dict[int, Se
     s = {k: student[k] for k in seeds}
     b = {k: base[k] for k in seeds}
     shared = shared_examples(s, b)
+    if shared:
+        s, b = align(s, b)
     out = measure_model(s, budget, full, seed=seed, shared=shared)
     effects = {}
     for name, (ctx_key, noctx_key) in CARD_EFFECT.items():
@@ -152,11 +205,11 @@ def compare(a: dict[int, Sequence[ExampleRow]], b: dict[int, Sequence[ExampleRow
     """Two settings on the same examples, pooled over the seeds both have: the pooled exact McNemar (CMH for matched
     pairs), the seed-level direction (k of n seeds), and the discordant counts.
 
-    When the seeds share their examples (`shared_examples`), pairs of different seeds on one example are not
-    independent, and the pooled McNemar would count each example once per seed. `p` is then the exact sign-flip
-    test with one sign per example (`stats.permutation_paired` on the per-example sums over seeds: d_i = Σ_s
-    (a_si − b_si), T = Σ_i d_i, the same T as McNemar's a_only − b_only); `test` says which. The discordant counts
-    stay per (seed, example) pair."""
+    When seeds share examples (`shared_examples`: all of them, or some), pairs of different seeds on one example are
+    not independent, and the pooled McNemar would count each example once per seed that has it. `p` is then the exact
+    sign-flip test with one sign per example of the union (`align`; `stats.permutation_paired` on the per-example
+    sums over the seeds that have it: d_i = Σ_s (a_si − b_si), T = Σ_i d_i, the same T as McNemar's a_only −
+    b_only); `test` says which. The discordant counts stay per (seed, example) pair."""
     seeds = sorted(set(a) & set(b))
     xa = [column(a[s], key, budget, full) for s in seeds]
     xb = [column(b[s], key, budget, full) for s in seeds]
@@ -164,15 +217,21 @@ def compare(a: dict[int, Sequence[ExampleRow]], b: dict[int, Sequence[ExampleRow
     d = stats.seed_direction(xa, xb, higher_is_better=higher_is_better)
     p, test = m.p, "mcnemar_pooled"
     defined = [(x, y) for x, y in zip(xa, xb) if x is not None and y is not None]
-    if shared_examples({s: a[s] for s in seeds}, {s: b[s] for s in seeds}) and len(defined) > 1:
-        p, test = sign_flip_per_example([x for x, _ in defined], [y for _, y in defined]), "sign_flip_per_example"
+    on_a, on_b = {s: a[s] for s in seeds}, {s: b[s] for s in seeds}
+    if shared_examples(on_a, on_b) and len(defined) > 1:
+        on_a, on_b = align(on_a, on_b)
+        ya = [column(on_a[s], key, budget, full) for s in seeds]
+        yb = [column(on_b[s], key, budget, full) for s in seeds]
+        both = [(x, y) for x, y in zip(ya, yb) if x is not None and y is not None]
+        p, test = sign_flip_per_example([x for x, _ in both], [y for _, y in both]), "sign_flip_per_example"
     return {"key": key, "budget": budget, "seeds": seeds, "a_only": m.a_only, "b_only": m.b_only, "n": m.n, "p": p,
             "test": test, "a_better_seeds": d.a_better, "b_better_seeds": d.b_better, "tied_seeds": d.ties,
             "p_sign": d.p_sign}
 
 
 def sign_flip_per_example(xa: Sequence[np.ndarray], xb: Sequence[np.ndarray]) -> float:
-    """Two-sided exact p of a against b over seeds that share their examples (one array per seed, aligned by example):
+    """Two-sided exact p of a against b over seeds that share examples (one array per seed, aligned by example, NaN
+    where a seed lacks one: `align`):
     `stats.permutation_paired` on the per-example sums over seeds, one sign per example; an example undefined (NaN)
     in either for a seed adds nothing for that seed."""
     bad = [np.isnan(x) | np.isnan(y) for x, y in zip(xa, xb)]
@@ -188,5 +247,5 @@ def holm_family(comparisons: list[dict]) -> None:
         c["p_holm"] = p
 
 
-__all__ = ["shared_examples", "sign_flip_per_example", "measure_model", "measure_setting", "compare", "holm_family", "row_value", "column", "RATES", "CARD_EFFECT",
+__all__ = ["example_keys", "shared_examples", "align", "sign_flip_per_example", "measure_model", "measure_setting", "compare", "holm_family", "row_value", "column", "RATES", "CARD_EFFECT",
            "COMPARED", "HEALTH_MARGIN"]
