@@ -10,7 +10,7 @@ Pure functions of the evaluations' per-example rows: `measure_setting` for one s
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -43,6 +43,8 @@ CARD_EFFECT = {"loops": ("degenerate_ctx", "degenerate_noctx"), "acc": ("correct
 # Verdicts on which two settings are compared (paired on the same examples within a seed).
 COMPARED = ("correct_ctx", "degenerate_ctx", "correct_noctx")
 HEALTH_MARGIN = 0.05
+# Each seed's judged rows; None where a seed was not judged on an example of the union (`align`).
+Rows = Mapping[int, Sequence[ExampleRow | None]]
 
 
 def row_value(row: ExampleRow, key: str, budget: int, full: int):
@@ -71,7 +73,7 @@ def column(rows: Sequence[ExampleRow | None], key: str, budget: int, full: int) 
     return np.array([np.nan if v is None else float(v) for v in values])
 
 
-def _seeds(per_seed: dict[int, Sequence[ExampleRow]], key: str, budget: int, full: int) -> list:
+def _seeds(per_seed: Rows, key: str, budget: int, full: int) -> list:
     return [column(per_seed[s], key, budget, full) for s in sorted(per_seed)]
 
 
@@ -94,7 +96,7 @@ def example_keys(rows: Sequence[ExampleRow | None]) -> list[tuple | None]:
     return out
 
 
-def shared_examples(*per_seed: dict[int, Sequence[ExampleRow | None]]) -> bool:
+def shared_examples(*per_seed: Rows) -> bool:
     """Were two or more seeds judged on some of the same examples? (A suite file with a fixed split judges every
     seed on the same prompts; a suite drawn per seed from a finite pool shares a part of them: the removability
     suites' seeds share 57 of their 121 prompts.) Then the examples are crossed with the seeds, not nested in them:
@@ -109,7 +111,7 @@ def shared_examples(*per_seed: dict[int, Sequence[ExampleRow | None]]) -> bool:
     return False
 
 
-def align(*per_seed: dict[int, Sequence[ExampleRow | None]]) -> list[dict[int, list[ExampleRow | None]]]:
+def align(*per_seed: Rows) -> list[dict[int, list[ExampleRow | None]]]:
     """Each seed's rows laid out over the union of the examples of every seed (and every model given: a student and
     the base are judged on the same examples per seed): one position per example, in the order examples first
     appear (seeds in ascending order, models in the order given), None where a seed was not judged on it. Seeds
@@ -133,7 +135,7 @@ def align(*per_seed: dict[int, Sequence[ExampleRow | None]]) -> list[dict[int, l
     return out
 
 
-def measure_model(per_seed: dict[int, Sequence[ExampleRow]], budget: int, full: int, *, seed: int = 0,
+def measure_model(per_seed: Rows, budget: int, full: int, *, seed: int = 0,
                   shared: bool | None = None) -> dict:
     """Every measure of one model (a student setting, or the base) at one budget, over its seeds. `shared` (None:
     detected by `shared_examples`) says whether the seeds share examples; their rows are then laid over the union
@@ -160,15 +162,14 @@ def measure_model(per_seed: dict[int, Sequence[ExampleRow]], budget: int, full: 
     return out
 
 
-def measure_setting(student: dict[int, Sequence[ExampleRow]], base: dict[int, Sequence[ExampleRow]], budget: int,
-                    full: int, *, margin: float = HEALTH_MARGIN, drift: dict[int, float | None] | None = None,
-                    seed: int = 0) -> dict:
+def measure_setting(student: Rows, base: Rows, budget: int, full: int, *, margin: float = HEALTH_MARGIN,
+                    drift: dict[int, float | None] | None = None, seed: int = 0) -> dict:
     """A student setting against the base on the seeds both have: its measures, the card's own effect on loops,
     accuracy and length, `ctx_drop` (the teacher's with-context accuracy minus the student's), its health, and
     `follow_cf_vs_base` (its clean follow rate over the base's)."""
     seeds = sorted(set(student) & set(base))
-    s = {k: student[k] for k in seeds}
-    b = {k: base[k] for k in seeds}
+    s: Rows = {k: student[k] for k in seeds}
+    b: Rows = {k: base[k] for k in seeds}
     shared = shared_examples(s, b)
     if shared:
         s, b = align(s, b)
@@ -200,7 +201,7 @@ def measure_setting(student: dict[int, Sequence[ExampleRow]], base: dict[int, Se
     return out
 
 
-def compare(a: dict[int, Sequence[ExampleRow]], b: dict[int, Sequence[ExampleRow]], key: str, budget: int, full: int,
+def compare(a: Rows, b: Rows, key: str, budget: int, full: int,
             *, higher_is_better: bool = True) -> dict:
     """Two settings on the same examples, pooled over the seeds both have: the pooled exact McNemar (CMH for matched
     pairs), the seed-level direction (k of n seeds), and the discordant counts.
@@ -217,7 +218,8 @@ def compare(a: dict[int, Sequence[ExampleRow]], b: dict[int, Sequence[ExampleRow
     d = stats.seed_direction(xa, xb, higher_is_better=higher_is_better)
     p, test = m.p, "mcnemar_pooled"
     defined = [(x, y) for x, y in zip(xa, xb) if x is not None and y is not None]
-    on_a, on_b = {s: a[s] for s in seeds}, {s: b[s] for s in seeds}
+    on_a: Rows = {s: a[s] for s in seeds}
+    on_b: Rows = {s: b[s] for s in seeds}
     if shared_examples(on_a, on_b) and len(defined) > 1:
         on_a, on_b = align(on_a, on_b)
         ya = [column(on_a[s], key, budget, full) for s in seeds]
@@ -247,5 +249,5 @@ def holm_family(comparisons: list[dict]) -> None:
         c["p_holm"] = p
 
 
-__all__ = ["example_keys", "shared_examples", "align", "sign_flip_per_example", "measure_model", "measure_setting", "compare", "holm_family", "row_value", "column", "RATES", "CARD_EFFECT",
+__all__ = ["Rows", "example_keys", "shared_examples", "align", "sign_flip_per_example", "measure_model", "measure_setting", "compare", "holm_family", "row_value", "column", "RATES", "CARD_EFFECT",
            "COMPARED", "HEALTH_MARGIN"]
