@@ -286,8 +286,8 @@ def seed_mean(values: PerSeed, where: PerSeed | None = None, *, samples: int = B
     with a fixed split judges them; or laid over the union of overlapping test sets, NaN where a seed lacks an
     example: `training.study.seed_level.align`), so examples and seeds are crossed, not nested: each resample draws
     the seeds as above and ONE set of example indices that every drawn seed uses. Resampling each seed's examples
-    apart would count the same examples as new ones in every seed and narrow the interval by up to √(seeds). An example undefined in a seed (NaN) has weight 0
-    there, which leaves m_s as above. Duplicating a seed then leaves the interval as wide as the one seed's.
+    apart would count the same examples as new ones in every seed and narrow the interval by up to √(seeds). An
+    example undefined in a seed (NaN) has weight 0 there, which leaves m_s as above. Duplicating a seed then leaves the interval as wide as the one seed's.
     """
     if shared:
         return _hierarchical(_crossed(values, where), samples, seed, level, shared=True)

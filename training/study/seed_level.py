@@ -141,7 +141,6 @@ def measure_model(per_seed: Rows, budget: int, full: int, *, seed: int = 0,
     detected by `shared_examples`) says whether the seeds share examples; their rows are then laid over the union
     (`align`)."""
     shared = shared_examples(per_seed) if shared is None else shared
-    pooled_rows = per_seed
     if shared:
         (per_seed,) = align(per_seed)
     out: dict[str, Any] = {}
@@ -155,8 +154,7 @@ def measure_model(per_seed: Rows, budget: int, full: int, *, seed: int = 0,
     right = _seeds(per_seed, "correct_noctx", budget, full)
     wrong_ctx = [None if c is None else 1.0 - c for c in _seeds(per_seed, "correct_ctx", budget, full)]
     harm = stats.seed_mean(wrong_ctx, right, seed=seed, shared=shared)
-    pooled = stats.pooled_rate([None if c is None else 1.0 - c for c in _seeds(pooled_rows, "correct_ctx", budget, full)],
-                               _seeds(pooled_rows, "correct_noctx", budget, full))
+    pooled = stats.pooled_rate(wrong_ctx, right)  # positions a seed was not judged on are NaN: left out
     out["harm"] = {**_mean(harm), "k": pooled.k, "n": pooled.n, "pooled": pooled.value,
                    "wilson": list(pooled.wilson) if pooled.wilson else None}
     return out
