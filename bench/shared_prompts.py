@@ -10,7 +10,9 @@ seed's test split `n` prompts of the pool without replacement, each seed a small
 each answer a Bernoulli draw. The quantity the interval is for is the population's mean. Printed: how often the 95%
 interval holds it, and its mean width, for the nested bootstrap (seeds, then each seed's examples: a prompt in two
 seeds counts as two independent examples) and the crossed one over the union of the seeds' prompts
-(`training.study.seed_level.align` + `stats.seed_mean(shared=True)`: seeds, then one draw of the prompts for all).
+(`stats.seed_mean(shared=True)` on each seed's answers laid over the union in first-appearance order, NaN where the
+seed lacks a prompt: the layout `training.study.seed_level.align` gives judged rows; seeds, then one draw of the
+prompts for all).
 """
 
 from __future__ import annotations

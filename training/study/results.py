@@ -284,9 +284,8 @@ def markdown(data: dict) -> str:
     full = budgets[-1]
     margin = data.get("health_margin", 0.05)
     crossed = any(r.get("shared_examples") for r in settings)
-    boot = ("(seeds, then one draw of the examples for every seed, over the union of their examples: the seeds share test "
-            "examples)" if crossed
-            else "(seeds, then examples)")
+    boot = ("(seeds, then one draw of the examples for every seed, over the union of their examples: the seeds share "
+            "test examples)" if crossed else "(seeds, then examples)")
     lines = [f"Budget {full} tokens (answers judged at {', '.join(map(str, budgets))}). Means over seeds with 95% "
              f"hierarchical bootstrap intervals {boot}; `seeds` counts the seeds that define the row. "
              f"Health: no-card loops minus the base's, unhealthy above {margin:.2f}. card effect: (ctx − no ctx) of the "
