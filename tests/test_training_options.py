@@ -35,7 +35,7 @@ class Accel:
 
 @pytest.fixture(scope="module")
 def setup():
-    lm = load_model("tiny-random-llama")  # its own copy: LoRA is injected in place
+    lm = load_model("tiny-random-llama", device="cpu")  # its own copy (LoRA is injected in place), on the CPU as Accel
     cfg = TrainConfig(model="tiny-random-llama", out="never/s", placement="system", batch_size=4, max_new_tokens=5)
     peft = lora_model(lm, cfg)
     torch.manual_seed(1)

@@ -7,7 +7,7 @@ from typing import Sequence, cast
 
 import torch
 
-from interp.core.generate import generate
+from interp.core.generate import cache_argument, generate
 from interp.core.models import LoadedModel
 from interp.core.pairs import Pair, PromptPair, pair_from_ids
 
@@ -140,7 +140,10 @@ MIN_SHARED_PREFIX = 32
 def prefix_cache(model, side: Side) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Keys and values of every layer for the side's shared prefix, encoded once: [(k, v)], each [1, heads, P, d]."""
     out = model(input_ids=side.input_ids[:1, : side.prefix], use_cache=True)
-    return [(layer.keys, layer.values) for layer in out.cache.layers]
+    # Newer transformers 5 releases name the returned cache `cache` (and deprecate `past_key_values`); earlier 5.x
+    # releases, which pyproject.toml also allows, have only `past_key_values`.
+    cache = out.cache if "cache" in out else out.past_key_values
+    return [(layer.keys, layer.values) for layer in cache.layers]
 
 
 def response_logits(model, side: Side, *, share_prefix: bool = False, kv: list | None = None) -> torch.Tensor:
@@ -159,7 +162,7 @@ def response_logits(model, side: Side, *, share_prefix: bool = False, kv: list |
         P, L = side.prefix, side.input_ids.shape[1]
         position_ids = torch.arange(P, L, device=side.input_ids.device).expand(B, -1)
         out = model(input_ids=side.input_ids[:, P:], attention_mask=side.attention_mask, position_ids=position_ids,
-                    cache=cache, logits_to_keep=side.keep, use_cache=False)
+                    logits_to_keep=side.keep, use_cache=False, **{cache_argument(model) or "cache": cache})
     else:
         out = model(input_ids=side.input_ids, attention_mask=side.attention_mask, logits_to_keep=side.keep, use_cache=False)
     logits = out.logits

@@ -75,7 +75,10 @@ def _train(cfg: TrainConfig, *, resume: bool, overwrite: bool, progress: bool, l
     out = Path(cfg.out)
     check_tracker(cfg.report_to)
     # Trackers (tensorboard, wandb, trackio) mirror metrics.jsonl, which stays the record the app reads.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=cfg.report_to, project_dir=str(out / "logs") if cfg.report_to else None)
+    # A model passed in (`lm`: the study's and the tests' shared copy) trains where it already is; otherwise on the GPU
+    # when there is one.
+    on_cpu = lm.device.type == "cpu" if lm is not None else not torch.cuda.is_available()
+    accelerator = Accelerator(cpu=on_cpu, log_with=cfg.report_to, project_dir=str(out / "logs") if cfg.report_to else None)
     rank, world = accelerator.process_index, accelerator.num_processes
     per_step = cfg.batch_size * cfg.grad_accum
     if len(task.train) < per_step * world:
@@ -116,7 +119,12 @@ def _train(cfg: TrainConfig, *, resume: bool, overwrite: bool, progress: bool, l
     peft_model = lora_model(lm, cfg)
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing needs no inputs that require grad, so frozen embeddings are fine with LoRA.
-        peft_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        # Current transformers 5 releases call it activation checkpointing (the old name is deprecated); earlier 5.x
+        # releases, which pyproject.toml also allows, have only the old name.
+        if hasattr(peft_model.get_base_model(), "activation_checkpointing_enable"):
+            peft_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     # Only now, with every setting checked, is the folder touched.
     accelerator.wait_for_everyone()

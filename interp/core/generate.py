@@ -152,13 +152,20 @@ def _decoder(model):
     return get() if callable(get) else model
 
 
+def cache_argument(model) -> str | None:
+    """The name under which the model's forward takes a KV cache: `cache` in current transformers 5 releases,
+    `past_key_values` in the earlier 5.x ones (pyproject.toml allows both), or None where it takes neither."""
+    params = inspect.signature(_decoder(model).forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
+
+
 def _loop_supported(model) -> bool:
     inner = _decoder(model)
     config = getattr(inner, "config", None)
     if config is None or getattr(config, "is_encoder_decoder", False):
         return False
     params = inspect.signature(inner.forward).parameters
-    if not {"cache", "attention_mask", "position_ids"} <= params.keys():
+    if cache_argument(inner) is None or not {"attention_mask", "position_ids"} <= params.keys():
         return False
     gen = getattr(inner, "generation_config", None)
     return all(getattr(gen, k, default) in (default, None) for k, default in _PROCESSORS.items())
@@ -179,14 +186,15 @@ def decode(model, ids: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: int,
     cache = DynamicCache(config=inner.config.get_text_config(decoder=True))
     keep_logits = "logits_to_keep" in inspect.signature(inner.forward).parameters
     extra = {"logits_to_keep": 1} if keep_logits else {}
+    cache_name = cache_argument(inner) or "cache"
     stop_t = torch.tensor(list(stops), device=ids.device)
     pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
     out: list[list[int]] = [[] for _ in range(ids.shape[0])]
     live = torch.arange(ids.shape[0], device=ids.device)  # the original row of each row still in the batch
     step_ids = ids
     for step in range(max_new_tokens):
-        logits = inner(input_ids=step_ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
-                       **extra).logits[:, -1].float()
+        logits = inner(input_ids=step_ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                       **{cache_name: cache}, **extra).logits[:, -1].float()
         if step < min_new_tokens and len(stops):
             logits[:, stop_t] = -float("inf")
         if temperature > 0:
