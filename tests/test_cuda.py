@@ -137,19 +137,15 @@ def test_the_decoding_loop_gives_hf_generates_greedy_tokens_on_the_gpu():
 
 
 def test_capture_in_bf16_on_the_gpu_is_close_to_cpu_fp32(records):
+    from test_archs import assert_bf16_statistics_close
+
     from interp import analyze, make_pairs
     from interp.core.models import load_model
 
     cpu = load_model("tiny-random-llama", device="cpu", dtype="fp32")
     gpu = load_model("tiny-random-llama", device="cuda")
     pairs = make_pairs(cpu.tokenizer, records)
-    a = analyze(cpu, pairs, backend="torch")
-    b = analyze(gpu, pairs, backend="torch")
-    for name in ("cos", "cka", "cka_debiased", "attn_ctx"):
-        x, y = getattr(a, name), getattr(b, name)
-        assert np.isfinite(y).all(), name
-        np.testing.assert_allclose(y, x, atol=5e-3, err_msg=name)  # the bound tests/test_archs.py uses for bf16 on CPU
-    np.testing.assert_allclose(b.layer_mean("lens_kl_noctx_ctx"), a.layer_mean("lens_kl_noctx_ctx"), atol=1e-3, rtol=1e-2)
+    assert_bf16_statistics_close(analyze(gpu, pairs, backend="torch"), analyze(cpu, pairs, backend="torch"))
 
 
 def test_pair_then_eval_on_the_gpu(tmp_path):
