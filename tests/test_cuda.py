@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+from test_generation import PROMPTS, _student
 
-PROMPTS = [[1, 5, 9, 33, 7], [1, 8, 2], [1, 4, 4, 4, 4, 4, 19], [1, 300, 301, 302]]
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def test_auto_precision_is_bf16_on_the_gpu():
@@ -81,21 +81,6 @@ def test_two_training_steps_in_bf16_on_the_gpu_and_the_adapter_loads_on_cpu(tmp_
     assert 0 < (on_gpu - on_cpu).abs().max() <= 2 * base_gap
 
 
-def _gpu_student(dtype):
-    """The tiny model on the GPU with a LoRA adapter on every linear layer whose B is far from zero."""
-    from peft import LoraConfig, get_peft_model
-
-    from interp.core.models import LoadedModel, load_model
-
-    base = load_model("tiny-random-llama", device="cuda", dtype=dtype)
-    peft_model = get_peft_model(base.model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
-    torch.manual_seed(1)
-    for name, p in peft_model.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, 0.5)
-    return LoadedModel(model=peft_model, tokenizer=base.tokenizer, spec="tiny-random-llama"), peft_model
-
-
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_merged_generation_on_the_gpu_restores_the_weights_and_keeps_the_logits(dtype):
     """fp32: merged equals unmerged to float tolerance. bf16: merging rounds W + s·BA to bf16 once, where the unmerged
@@ -105,7 +90,7 @@ def test_merged_generation_on_the_gpu_restores_the_weights_and_keeps_the_logits(
 
     from interp.core.generate import generate, merged_lora
 
-    lm, peft_model = _gpu_student(dtype)
+    lm, peft_model = _student(None, device="cuda", dtype=dtype)
     before = {n: (p.detach().clone(), p.data_ptr()) for n, p in peft_model.named_parameters()}
     ids = torch.tensor([PROMPTS[0]], device="cuda")
     with torch.no_grad():

@@ -14,13 +14,14 @@ from interp.core.generate import generate, merged_lora
 from interp.core.models import LoadedModel
 
 
-def _student(tiny, seed: int = 1, scale: float = 0.5):
-    """The tiny model with a LoRA adapter on every linear layer whose B is far from zero (a trained-looking adapter)."""
+def _student(tiny, seed: int = 1, scale: float = 0.5, device: str = "cpu", dtype: str = "auto"):
+    """The tiny model with a LoRA adapter on every linear layer whose B is far from zero (a trained-looking adapter);
+    tests/test_cuda.py builds it on the GPU."""
     from peft import LoraConfig, get_peft_model
 
     from interp.core.models import load_model
 
-    base = load_model("tiny-random-llama", device="cpu")
+    base = load_model("tiny-random-llama", device=device, dtype=dtype)
     peft_model = get_peft_model(base.model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
     torch.manual_seed(seed)
     for name, p in peft_model.named_parameters():
